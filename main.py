@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Train or resume an ldm model: ``python main.py --base configs/inpaint.yaml --train``.
+
+The ldm command line (SPEC B.3.1): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
+``-t/--train``, ``-r/--resume`` (a run dir or a checkpoint), ``-n/--name``, ``-l/--logdir``, ``-s/--seed``,
+``--scale_lr`` (off by default here; the formula is logged). Trainer settings live in ``lightning.trainer``
+(e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run`` and ``ldm.callbacks``; the
+names below are re-exported so ``main.ImageLogger`` & co. resolve as config targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: F401 - config targets main.*
+from ldm.checkpoint import CheckpointError
+from ldm.run import (
+    build_trainer,
+    check_overrides,
+    check_sections,
+    count_devices,
+    effective_lr,
+    preflight,
+    resolve_run_dirs,
+)
+from ldm.util import ConfigError, instantiate_from_config, load_config
+
+log = logging.getLogger("main")
+
+
+def str2bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-b", "--base", nargs="*", default=[], metavar="base_config.yaml",
+                   help="config yamls, merged left to right")
+    p.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
+    p.add_argument("--no-test", type=str2bool, nargs="?", const=True, default=True,
+                   help="skip trainer.test after fit (default: skip; pass --no-test false to run it)")
+    p.add_argument("-r", "--resume", default="", help="resume from a run directory or a checkpoint file")
+    p.add_argument("-n", "--name", default="", help="run name postfix (default: first config's stem)")
+    p.add_argument("-p", "--project", default=None, help="accepted for ldm compatibility; unused")
+    p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False, help="debug logging")
+    p.add_argument("-s", "--seed", type=int, default=23, help="global seed (ldm default 23)")
+    p.add_argument("-f", "--postfix", default="", help="suffix appended to the run name")
+    p.add_argument("-l", "--logdir", default="logs", help="root directory of runs")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
+                   help="scale base_learning_rate by accumulate * devices * nodes * batch size (default off)")
+    return p
+
+
+def run(argv: list[str]) -> int:
+    opt, unknown = get_parser().parse_known_args(argv)
+    bad = [u for u in unknown if "=" not in u]
+    if bad:
+        raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value")
+    if opt.name and opt.resume:
+        raise ConfigError("-n/--name and -r/--resume cannot be used together (a resumed run keeps its name)")
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    dirs = resolve_run_dirs(now, opt.logdir, opt.name or None, opt.postfix, opt.base, opt.resume or None)
+    cfg = load_config([*dirs.resume_configs, *opt.base], unknown)
+    check_sections(cfg)
+    check_overrides(cfg, unknown)
+    if "model" not in cfg:
+        raise ConfigError("no 'model' section: pass a config with --base")
+    lightning_cfg = cfg.pop("lightning", OmegaConf.create())
+    if dirs.resume_ckpt is None:
+        preflight(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
+    else:
+        cfg.model.params.ckpt_path = None  # the resume checkpoint supersedes the init checkpoint
+    pl.seed_everything(opt.seed, workers=True)
+
+    trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
+    model = instantiate_from_config(cfg.model)
+    data = instantiate_from_config(cfg.data) if "data" in cfg else None
+    tcfg = lightning_cfg.get("trainer", {}) or {}
+    bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
+    model.learning_rate, formula = effective_lr(
+        float(cfg.model.get("base_learning_rate", 1e-4)), bs, count_devices(tcfg.get("devices", "auto")),
+        int(tcfg.get("num_nodes", 1)), int(tcfg.get("accumulate_grad_batches", 1)), opt.scale_lr)
+    log.info("run directory: %s", dirs.logdir)
+    log.info("%s", formula)
+    if opt.train:
+        ckpt = str(dirs.resume_ckpt) if dirs.resume_ckpt else None
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    if not opt.no_test and not trainer.interrupted:
+        trainer.test(model, datamodule=data)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = any(a in ("-d", "--debug") for a in argv)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(argv)
+    except (ConfigError, CheckpointError) as e:  # user mistakes: one clear line, no traceback
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

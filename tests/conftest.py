@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests run on CPU with tiny models; the environment is forced offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
+
+
+def read_reference_tsv(name: str) -> dict[str, tuple[int, ...]]:
+    """Parse a ../shared/reference/*.tsv manifest into {key: shape}."""
+    path = REFERENCE / name
+    if not path.is_file():
+        raise FileNotFoundError(f"reference manifest {path} is missing (it ships in ../shared/reference)")
+    out = {}
+    for line in path.read_text().splitlines()[1:]:
+        if not line.strip():
+            continue
+        key, _, shape = line.partition("\t")
+        out[key] = tuple(int(d) for d in shape.split(",")) if shape else ()
+    return out

@@ -1,0 +1,41 @@
+"""Small builders shared by tests: tiny models from configs/tiny and synthetic batches in the data layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(name: str = "inpaint", **params: Any):
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{name}.yaml")
+    for k, v in params.items():
+        OmegaConf.update(cfg, f"model.params.{k}", v, force_add=True)
+    return cfg
+
+
+def build_tiny(name: str = "inpaint", **params: Any):
+    cfg = tiny_config(name, **params)
+    model = instantiate_from_config(cfg.model)
+    model.learning_rate = float(cfg.model.base_learning_rate)
+    return model
+
+
+def synthetic_batch(b: int = 2, size: int = 64, seed: int = 0) -> dict[str, Any]:
+    """A batch with the exact keys and layouts of the LAION pipeline (SPEC B.4.1): B,H,W,C in [-1,1]."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(b, size, size, 3, generator=g) * 2 - 1
+    mask = torch.zeros(b, size, size, 1)
+    mask[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
+    return {
+        "jpg": img,
+        "txt": [f"a photo number {i}" for i in range(b)],
+        "mask": mask,
+        "masked_image": img * (mask < 0.5),
+    }
