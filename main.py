@@ -17,6 +17,7 @@ import sys
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: F401 - config targets main.*
 from ldm.checkpoint import CheckpointError
@@ -44,6 +45,21 @@ def str2bool(v: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
+BOOL_FLAGS = ("-t", "--train", "-d", "--debug", "--no-test", "--scale_lr")
+BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+
+
+def explicit_bools(argv: list[str]) -> list[str]:
+    """Make ``--train a.b=c`` mean ``--train true a.b=c``: an optional-value flag must not eat an override."""
+    out = []
+    for i, tok in enumerate(argv):
+        out.append(tok)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if tok in BOOL_FLAGS and (nxt is None or nxt.lower() not in BOOL_WORDS):
+            out.append("true")
+    return out
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="base_config.yaml",
@@ -64,7 +80,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str]) -> int:
-    opt, unknown = get_parser().parse_known_args(argv)
+    opt, unknown = get_parser().parse_known_args(explicit_bools(argv))
     bad = [u for u in unknown if "=" not in u]
     if bad:
         raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value")
@@ -96,7 +112,12 @@ def run(argv: list[str]) -> int:
     log.info("%s", formula)
     if opt.train:
         ckpt = str(dirs.resume_ckpt) if dirs.resume_ckpt else None
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+        try:
+            trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+        except SIGTERMException:  # preempted: GracefulStop has saved last.ckpt
+            log.warning("stopped by SIGTERM at step %d; resume with: python main.py -r %s", trainer.global_step,
+                        dirs.logdir)
+            return 0
     if not opt.no_test and not trainer.interrupted:
         trainer.test(model, datamodule=data)
     return 0

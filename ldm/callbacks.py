@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import time
 from pathlib import Path
@@ -239,20 +240,21 @@ def _batch_size(batch: Any) -> int:
 
 
 class GracefulStop(pl.Callback):
-    """On SIGUSR1 or SIGTERM: save ``last.ckpt`` at the end of the current step, then stop cleanly.
+    """Preemption: save ``last.ckpt`` at a step boundary, then stop cleanly; the next launch resumes from it.
 
-    The signal may reach ranks at different steps, so the decision is reduced across ranks every step (one
-    tiny all-reduce) and all ranks save and stop at the same step. Under SLURM, Lightning's own SIGUSR1
-    requeue handling is left in place and only SIGTERM is taken here.
+    * SIGTERM: Lightning's own handler (broadcast from rank 0, so every rank agrees) raises
+      ``SIGTERMException`` at the end of the current batch; :meth:`on_exception` saves the checkpoint then.
+    * SIGUSR1 (outside SLURM, whose requeue handler Lightning installs itself): a flag reduced across ranks
+      every step (one tiny all-reduce), so all ranks save and stop at the same optimizer step.
 
     Args:
         ckpt_path: where the checkpoint is written (``<ckptdir>/last.ckpt``).
-        signals: signal names to handle.
+        signals: extra signals that request "save and stop" (default SIGUSR1).
     """
 
-    def __init__(self, ckpt_path: str, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM")) -> None:
+    def __init__(self, ckpt_path: str, signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
         super().__init__()
-        self.ckpt_path, self.signals = ckpt_path, signals
+        self.ckpt_path, self.signals = ckpt_path, tuple(signals)
         self.requested = False
         self.stopped_at: int | None = None
 
@@ -265,16 +267,25 @@ class GracefulStop(pl.Callback):
         for name in self.signals:
             signal.signal(getattr(signal, name), self._handler)
 
+    def _save_and_stop(self, trainer: pl.Trainer, why: str) -> None:
+        trainer.save_checkpoint(self.ckpt_path)
+        self.stopped_at = trainer.global_step
+        log.warning("%s: saved %s at step %d. Resume with: python main.py -r <logdir>", why, self.ckpt_path,
+                    trainer.global_step)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.fit_loop._should_accumulate():  # save only at optimizer-step boundaries
             return
         if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            trainer.save_checkpoint(self.ckpt_path)
-            self.stopped_at = trainer.global_step
+            self._save_and_stop(trainer, "stop requested by signal")
             trainer.should_stop = True
-            log.warning("saved %s at step %d; stopping. Resume with: python main.py -r <logdir>",
-                        self.ckpt_path, trainer.global_step)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and self.stopped_at is None:
+            self._save_and_stop(trainer, "SIGTERM")
 
 
 class FiniteLossGuard(pl.Callback):
@@ -309,9 +320,24 @@ class StepSeed(pl.Callback):
         # batch_idx modulo accumulation: a resumed epoch restarts batch_idx at 0 but always at a step boundary
         micro = batch_idx % max(1, trainer.accumulate_grad_batches)
         seq = np.random.SeedSequence([self.seed, trainer.global_rank, trainer.global_step, micro])
-        s = int(seq.generate_state(1, dtype=np.uint64)[0] % (2**63))
-        pl.seed_everything(s, workers=False, verbose=False)
+        s = int(seq.generate_state(1, dtype=np.uint32)[0])
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)  # seeds every CUDA device too
 
 
 def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def weight_snapshot_checkpoint(**params: Any) -> pl.Callback:
+    """A weights-only ``ModelCheckpoint`` (``metrics_over_trainsteps_checkpoint``) with its own state key, so it
+    can share every_n_train_steps with the full-state checkpoint without Lightning refusing the pair."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    class WeightSnapshots(ModelCheckpoint):
+        @property
+        def state_key(self) -> str:
+            return "WeightSnapshots" + super().state_key
+
+    return WeightSnapshots(**params)

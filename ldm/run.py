@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.callbacks import weight_snapshot_checkpoint
 from ldm.checkpoint import atomic_checkpoint_io
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -179,8 +180,9 @@ def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: D
 
 
 def _signals() -> list[str]:
-    # Under SLURM, Lightning's SLURMEnvironment owns SIGUSR1 (checkpoint + requeue); we take SIGTERM only.
-    return ["SIGTERM"] if "SLURM_JOB_ID" in os.environ else ["SIGUSR1", "SIGTERM"]
+    # Under SLURM, Lightning's SLURMEnvironment owns SIGUSR1 (checkpoint + requeue). SIGTERM always goes
+    # through Lightning's handler (GracefulStop.on_exception saves).
+    return [] if "SLURM_JOB_ID" in os.environ else ["SIGUSR1"]
 
 
 def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
@@ -188,6 +190,7 @@ def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     params = {"dirpath": str(dirs.ckptdir), "filename": "{step:09}", "save_last": True, "save_top_k": 1,
+              "enable_version_counter": False,  # last.ckpt is overwritten in place, also after a resume
               "verbose": True}
     user = lightning_cfg.get("modelcheckpoint", {}) or {}
     params.update(OmegaConf.to_container(user.get("params", {}) or {}, resolve=True))
@@ -197,7 +200,7 @@ def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
         snap = {"dirpath": str(dirs.ckptdir / "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",
                 "save_top_k": -1, "every_n_train_steps": 10000, "save_weights_only": True, "verbose": True}
         snap.update(OmegaConf.to_container(extra.get("params", {}) or {}, resolve=True))
-        callbacks.append(ModelCheckpoint(**snap))
+        callbacks.append(weight_snapshot_checkpoint(**snap))
     return callbacks
 
 

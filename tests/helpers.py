@@ -39,3 +39,22 @@ def synthetic_batch(b: int = 2, size: int = 64, seed: int = 0) -> dict[str, Any]
         "mask": mask,
         "masked_image": img * (mask < 0.5),
     }
+
+
+class SignalAtStep:
+    """A Lightning callback (config target ``tests.helpers.SignalAtStep``) that sends a real signal to its own
+    process once ``global_step`` reaches ``step``: a deterministic stand-in for a scheduler's SIGTERM."""
+
+    def __new__(cls, step: int, signal_name: str = "SIGTERM"):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Sender(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == step and not getattr(self, "sent", False):
+                    self.sent = True
+                    os.kill(os.getpid(), getattr(signal, signal_name))
+
+        return _Sender()

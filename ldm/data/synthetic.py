@@ -30,7 +30,13 @@ def synthetic_sample(rng: np.random.Generator, size: int, mask_mode: str, p_drop
     freq = rng.uniform(1, 3, size=2)
     wave = 0.25 * np.sin(2 * np.pi * (freq[0] * xx + freq[1] * yy + rng.uniform()))[..., None]  # H x W x 1
     img = np.clip(base[None, None, :] + wave, -1, 1).astype(np.float32)  # H x W x 3 in [-1, 1]
-    mask = full_mask(size, size) if rng.random() < p_drop else get_mask_generator(mask_mode)(rng, size, size)
+    if rng.random() < p_drop:
+        mask = full_mask(size, size)
+    else:  # masks are drawn at the resolution their mode's pixel sizes are meant for, then resized (nearest)
+        native = 256 if "256" in mask_mode else 512
+        mask = get_mask_generator(mask_mode)(rng, native, native)
+        idx = (np.arange(size) * native) // size
+        mask = mask[idx][:, idx]
     mask = (mask >= 0.5).astype(np.float32)[..., None]  # H x W x 1, 1 = hole
     return {"jpg": img, "txt": f"a {name} wavy pattern", "mask": mask, "masked_image": img * (mask < 0.5)}
 

@@ -1,0 +1,103 @@
+"""main.py end to end on the tiny config: train, checkpoint, images, metrics, resume, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs/tiny/inpaint.yaml")
+
+
+def run_dir(root: Path) -> Path:
+    dirs = [d for d in root.iterdir() if d.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_train_writes_checkpoint_images_metrics_and_resumes(tmp_path):
+    assert main.main(["--base", TINY, "--train", "-l", str(tmp_path), "lightning.trainer.max_steps=20"]) == 0
+    run = run_dir(tmp_path)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 20
+    assert any(k.startswith("model_ema.") for k in ckpt["state_dict"])
+    assert (run / "checkpoints/trainstep_checkpoints").is_dir()
+    snaps = sorted((run / "checkpoints/trainstep_checkpoints").glob("*.ckpt"))
+    assert len(snaps) == 2 and "optimizer_states" not in torch.load(snaps[-1], weights_only=False)
+    assert sorted(p.name.split("-")[-1] for p in (run / "configs").glob("*.yaml")) == ["lightning.yaml",
+                                                                                       "project.yaml"]
+    images = {p.name.split("_gs-")[0] for p in (run / "images/train").glob("*.png")}
+    assert {"inputs", "mask", "masked_image", "samples", "samples_cfg_scale_3.00"} <= images
+    rows = list(csv.DictReader(open(next((run / "csv").rglob("metrics.csv")))))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses and all(map(lambda x: x == x, losses))  # finite, logged
+    assert any(r.get("lr-AdamW") for r in rows)  # LearningRateMonitor
+
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=30"]) == 0
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 30
+    # the LR schedule continued (warm-up of 10 steps is over; no restart at f_start)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 30
+
+
+def _state(path: Path):
+    ck = torch.load(path, weights_only=False)
+    return ck["global_step"], ck["state_dict"], ck["optimizer_states"][0]["state"]
+
+
+def test_sigterm_then_resume_is_exact(tmp_path):
+    """A: 2N steps straight. B: N steps, SIGTERM, resume to 2N. Weights, EMA and Adam state match."""
+    n = 6
+    common = ["--base", TINY, "--train", "lightning.callbacks.image_logger.params.disabled=true",
+              "lightning.modelcheckpoint.params.every_n_train_steps=1000"]
+    a_root, b_root = tmp_path / "a", tmp_path / "b"
+    assert main.main([*common, "-l", str(a_root), f"lightning.trainer.max_steps={2 * n}"]) == 0
+    assert main.main([*common, "-l", str(b_root), f"lightning.trainer.max_steps={2 * n}",
+                      "lightning.callbacks.kill.target=tests.helpers.SignalAtStep",
+                      f"lightning.callbacks.kill.params.step={n}"]) == 0
+    b_run = run_dir(b_root)
+    step_b, _, _ = _state(b_run / "checkpoints/last.ckpt")
+    assert step_b == n  # SIGTERM -> saved at step n and stopped
+    assert main.main(["-r", str(b_run), "--train", "lightning.callbacks.kill=null"]) == 0
+    step_a, sd_a, opt_a = _state(run_dir(a_root) / "checkpoints/last.ckpt")
+    step_b, sd_b, opt_b = _state(b_run / "checkpoints/last.ckpt")
+    assert step_a == step_b == 2 * n
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        if k.startswith(("model.", "model_ema.")):
+            torch.testing.assert_close(sd_a[k], sd_b[k], msg=k)
+    for idx in opt_a:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt_a[idx][name], opt_b[idx][name])
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "main.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_full_config_fails_fast_and_clearly(tmp_path):
+    r = _cli("--base", "configs/inpaint.yaml", "--train", "-l", str(tmp_path))
+    assert r.returncode == 2
+    assert "512-base-ema.ckpt" in r.stderr and "model.params.ckpt_path" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.params.unet_config.params.num_res_blockz=1", "num_res_blockz"),
+        ("lightning.trainer.max_stepz=3", "max_stepz"),
+        ("modle.params.x=1", "modle"),
+    ],
+)
+def test_bad_input_names_the_key(tmp_path, override, expected, caplog):
+    rc = main.main(["--base", TINY, "--train", "-l", str(tmp_path), override])
+    assert rc == 2
+    assert expected in caplog.text
