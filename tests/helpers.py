@@ -58,3 +58,20 @@ class SignalAtStep:
                     os.kill(os.getpid(), getattr(signal, signal_name))
 
         return _Sender()
+
+
+class RecordKeys:
+    """Callback (config target ``tests.helpers.RecordKeys``) appending each training batch's ``__key__`` values
+    to ``<out_dir>/rank<global_rank>.txt``, so a test can check which samples each rank read."""
+
+    def __new__(cls, out_dir: str):
+        import pytorch_lightning as pl
+
+        class _Recorder(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                path = Path(out_dir) / f"rank{trainer.global_rank}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a") as f:
+                    f.write("\n".join(str(k) for k in batch["__key__"]) + "\n")
+
+        return _Recorder()
