@@ -1,0 +1,350 @@
+"""Inpainting inference: load a checkpoint for sampling, fit image and mask to the model, condition, sample.
+
+The steps follow the SD2 inpainting scripts (SPEC B.6.3) with the project's fixes made explicit:
+
+* :func:`load_model` builds the model from its yaml and loads a ``.ckpt``/``.safetensors`` in the official layout,
+  with or without ``model_ema.*`` (EMA chosen when present unless told otherwise), and rejects files that are not
+  checkpoints, do not fit the architecture, or record a different parameterization than the config.
+* :func:`fit_to_multiple` / :func:`restore_size` pad (edge) or resize to multiples of 64 and undo it afterwards.
+* :func:`inpaint_conditioning`: ``cond = {c_concat: [mask | z(masked image)], c_crossattn: [text]}``; the
+  unconditional branch shares ``c_concat`` and only the text becomes ``""`` (as SD2 does).
+* :func:`inpaint`: every random draw comes from a seeded generator (x_T and eta noise from a CPU generator, the VAE
+  posterior sample from its own stream), so one seed reproduces bit-identically on CPU. Optional paste-back of the
+  known pixels, which SD2's scripts do not do.
+
+Left out: SD2's invisible watermark and safety checker, and non-inpainting (text-to-image) sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file
+from ldm.interop.ldm_format import read_parameterization, select_weights
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.util import instantiate_from_config, load_config
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+FitMode = Literal["pad", "resize"]
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAMPLERS = ("ddim", "dpm")
+#: buffers recomputed from the config when a checkpoint lacks them (diffusion schedule, SPEC B.2.2)
+SCHEDULE_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+})
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    """A model ready for sampling and where its weights came from.
+
+    Args:
+        model: the LatentDiffusion / LatentInpaintDiffusion, in eval mode, without an EMA copy.
+        used_ema: True if the UNet holds the checkpoint's EMA weights.
+        parameterization: what the UNet predicts ("eps", "v" or "x0"), from the config.
+        source: the checkpoint path.
+        global_step: the checkpoint's training step, if recorded.
+    """
+
+    model: Any
+    used_ema: bool
+    parameterization: str
+    source: str
+    global_step: int | None = None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@contextmanager
+def _quiet_text_encoder_init():
+    # The text encoder warns loudly that it is randomly initialised; here its weights come from the checkpoint.
+    logger = logging.getLogger("ldm.modules.encoders.modules")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _model_section(config: str | Path | DictConfig) -> dict[str, Any]:
+    cfg = load_config([config]) if isinstance(config, (str, Path)) else config
+    if "model" not in cfg:
+        raise ValueError(f"config {config}: no 'model' section")
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def build_model(config: str | Path | DictConfig) -> Any:
+    """Instantiate the config's ``model`` for inference: no EMA copy, no checkpoint loading in the constructor."""
+    model_cfg = _model_section(config)
+    params = model_cfg.setdefault("params", {})
+    params["use_ema"] = False  # select_weights already put the chosen UNet weights in place
+    params.pop("ckpt_path", None)
+    with _quiet_text_encoder_init():
+        model = instantiate_from_config(model_cfg)
+    return model
+
+
+def _split_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str | None, int | None]:
+    obj = load_checkpoint_file(path)
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping")
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} contains no tensors; is it a model checkpoint?")
+    step = obj.get("global_step")
+    return tensors, read_parameterization(path, obj), int(step) if isinstance(step, int) else None
+
+
+def load_model(
+    config: str | Path | DictConfig,
+    checkpoint: str | Path,
+    use_ema: bool | None = None,
+    device: str | torch.device = "auto",
+) -> LoadedModel:
+    """Build the model of ``config`` and load ``checkpoint`` (official layout, ``.ckpt`` or ``.safetensors``).
+
+    Args:
+        config: yaml path or loaded config with a ``model`` section.
+        checkpoint: weights file; ``model_ema.*`` tensors are optional.
+        use_ema: True = EMA UNet weights (error if absent), False = raw weights, None = EMA when present.
+        device: "auto", "cpu", "cuda", ... .
+
+    Raises:
+        CheckpointError: not a checkpoint, wrong architecture (names the mismatching tensors), missing or extra
+            tensors, or a recorded parameterization that differs from the config's.
+    """
+    path = Path(checkpoint)
+    model_cfg = _model_section(config)
+    sd, recorded, step = _split_checkpoint(path)
+    expected = model_cfg.get("params", {}).get("parameterization", "eps")  # LatentDiffusion's default
+    if recorded is not None and recorded != expected:
+        raise CheckpointError(
+            f"{path} records parameterization '{recorded}' but the config has '{expected}'; "
+            f"sampling would be wrong. Use a config with model.params.parameterization: {recorded}"
+        )
+    sd, used_ema = select_weights(sd, use_ema, source=str(path))
+    model = build_model(OmegaConf.create({"model": model_cfg}))
+    own = model.state_dict()
+    check_shapes(sd, {k: v.shape for k, v in own.items()}, str(path))
+    if "alphas_cumprod" in sd and not torch.allclose(sd["alphas_cumprod"].float(), own["alphas_cumprod"], atol=1e-6):
+        log.warning("%s: its noise schedule differs from the config's; the checkpoint's schedule is used", path)
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if k not in SCHEDULE_BUFFERS]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not match the config's architecture: {len(missing)} missing tensors "
+            f"{missing[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}"
+        )
+    model.eval().requires_grad_(False).to(resolve_device(str(device)))
+    log.info("loaded %s (%s weights, parameterization %s, step %s)", path, "EMA" if used_ema else "raw",
+             model.parameterization, step)
+    return LoadedModel(model, used_ema, model.parameterization, str(path), step)
+
+
+# ------------------------------------------------------------------------------------------- image geometry
+@dataclass(frozen=True)
+class Geometry:
+    """How an input was fitted to the model, so the output can be brought back to the input size.
+
+    Args:
+        size: original (height, width).
+        work: fitted (height, width), multiples of ``multiple``.
+        mode: "pad" (edge padding right/bottom, undone by cropping) or "resize" (undone by resizing back).
+    """
+
+    size: tuple[int, int]
+    work: tuple[int, int]
+    mode: FitMode
+
+
+def fit_to_multiple(
+    image: np.ndarray, mask: np.ndarray, multiple: int = 64, mode: FitMode = "pad"
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Pad (edge) or resize an ``H x W x 3`` uint8 image and its ``H x W`` mask to multiples of ``multiple``."""
+    if image.shape[:2] != mask.shape[:2]:
+        raise ValueError(f"mask size {mask.shape[1]}x{mask.shape[0]} differs from image size "
+                         f"{image.shape[1]}x{image.shape[0]} (width x height); they must match")
+    if mode not in ("pad", "resize"):
+        raise ValueError(f"fit mode {mode!r}: expected 'pad' or 'resize'")
+    h, w = image.shape[:2]
+    if mode == "pad":
+        th, tw = -(-h // multiple) * multiple, -(-w // multiple) * multiple  # round up
+        image = np.pad(image, ((0, th - h), (0, tw - w), (0, 0)), mode="edge")
+        mask = np.pad(mask, ((0, th - h), (0, tw - w)), mode="edge")
+    else:
+        th, tw = (max(multiple, round(s / multiple) * multiple) for s in (h, w))
+        image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BICUBIC))
+        mask = np.asarray(Image.fromarray(mask.astype(np.float32), mode="F").resize((tw, th), Image.BILINEAR))
+    return image, mask, Geometry((h, w), (th, tw), mode)
+
+
+def restore_size(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Undo :func:`fit_to_multiple` on an ``H x W x 3`` uint8 output."""
+    h, w = geometry.size
+    if geometry.mode == "pad":
+        return image[:h, :w]
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+
+
+def image_tensors(image: np.ndarray, mask: np.ndarray, n: int, device: torch.device):
+    """``(image, mask, masked_image)`` as ``n x C x H x W`` float tensors (SPEC B.6.3).
+
+    The image goes to [-1, 1]; the mask is binarised at 0.5 (white = 1 = inpaint); ``masked_image = image *
+    (mask < 0.5)``, i.e. the hole is 0 (mid grey), as in training.
+    """
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).div(127.5).sub(1.0)  # H x W x 3 in [-1, 1]
+    x = x.permute(2, 0, 1)[None].repeat(n, 1, 1, 1).to(device)  # n x 3 x H x W
+    m = torch.from_numpy((np.asarray(mask) >= 0.5).astype(np.float32))[None, None].repeat(n, 1, 1, 1).to(device)
+    return x, m, x * (m < 0.5)
+
+
+# ------------------------------------------------------------------------------------- conditioning, sampling
+def inpaint_conditioning(
+    model: Any, mask: torch.Tensor, masked_image: torch.Tensor, prompts: Sequence[str],
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """Conditional and unconditional conditioning of an inpainting model (SPEC B.6.3).
+
+    ``c_concat`` follows ``model.concat_keys``: the mask nearest-resized to the latent grid and the masked image's
+    VAE posterior *sample* (drawn from ``generator``) times ``scale_factor`` -- the same tensors
+    ``LatentInpaintDiffusion.concat_conditioning`` builds in training, but with a seeded draw. The unconditional
+    branch shares ``c_concat``; only its text is the encoding of "".
+    """
+    concat_keys = getattr(model, "concat_keys", None)
+    if not concat_keys:
+        raise ValueError(f"{type(model).__name__} is not an inpainting model (no concat_keys)")
+    z_masked = model.get_first_stage_encoding(model.encode_first_stage(masked_image), generator=generator)
+    parts = []
+    for key in concat_keys:
+        if key == model.masked_image_key:
+            parts.append(z_masked)
+        elif key == "mask":  # COMPAT: nearest, i.e. pixel (8i, 8j), as the reference
+            parts.append(F.interpolate(mask, size=tuple(z_masked.shape[-2:])))
+        else:
+            raise ValueError(f"concat key {key!r} is not one this script can build (mask, {model.masked_image_key})")
+    c_cat = torch.cat(parts, dim=1)  # B x (1 + 4) x h x w
+    text = model.get_learned_conditioning(list(prompts))
+    empty = model.get_unconditional_conditioning(len(prompts), [""])
+    return {"c_concat": [c_cat], "c_crossattn": [text]}, {"c_concat": [c_cat], "c_crossattn": [empty]}
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Sampler settings.
+
+    Args:
+        sampler: "ddim" or "dpm" (DPM-Solver++ 2M, deterministic: eta must be 0).
+        steps: sampler steps.
+        scale: classifier-free guidance scale (1 = no guidance).
+        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
+        precision: "fp32", or autocast to "bf16" / "fp16".
+        paste_back: replace the known pixels of the output by the input's.
+    """
+
+    sampler: Literal["ddim", "dpm"] = "ddim"
+    steps: int = 50
+    scale: float = 10.0
+    eta: float = 0.0
+    precision: Precision = "fp32"
+    paste_back: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler {self.sampler!r}: expected one of {SAMPLERS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {sorted(PRECISIONS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.sampler == "dpm" and self.eta != 0:
+            raise ValueError("eta must be 0 with the DPM-Solver++ sampler (it is deterministic); use --sampler ddim")
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """Independent 63-bit seeds per random stream of one user seed (x_T, VAE sample, ... must not coincide)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _autocast(device: torch.device, precision: Precision):
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """``B x 3 x H x W`` in [-1, 1] -> ``B x H x W x 3`` uint8 (SD2's clamp and rounding-down conversion)."""
+    x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255.0).astype(np.uint8)
+
+
+@torch.no_grad()
+def sample_latents(model: Any, cond: Any, uncond: Any, shape: Sequence[int], seed: int,
+                   options: SamplingOptions) -> torch.Tensor:
+    """Sample ``shape`` (B, C, h, w) latents from x_T ~ N(0, I) drawn by a CPU generator seeded with ``seed``."""
+    device = next(model.parameters()).device
+    noise_gen = torch.Generator("cpu").manual_seed(stream_seed(seed, 0))
+    x_T = torch.randn(tuple(shape), generator=noise_gen).to(device)  # CPU draw: identical on every device
+    sampler = DDIMSampler(model) if options.sampler == "ddim" else DPMSolverSampler(model)
+    kwargs = {"eta": options.eta, "generator": noise_gen} if options.sampler == "ddim" else {}
+    samples, _ = sampler.sample(
+        S=options.steps, batch_size=shape[0], shape=tuple(shape[1:]), conditioning=cond, x_T=x_T,
+        unconditional_guidance_scale=options.scale, unconditional_conditioning=uncond, verbose=False, **kwargs,
+    )
+    return samples
+
+
+@torch.no_grad()
+def inpaint(
+    model: Any,
+    image: np.ndarray,
+    mask: np.ndarray,
+    prompt: str,
+    seed: int,
+    num_samples: int = 1,
+    options: SamplingOptions | None = None,
+    fit: FitMode = "pad",
+    multiple: int = 64,
+) -> list[np.ndarray]:
+    """Inpaint ``image`` (``H x W x 3`` uint8) where ``mask`` (``H x W``, white/1 = hole) is set.
+
+    Returns ``num_samples`` uint8 images of the input's size. The same ``(seed, num_samples, options)`` gives
+    bit-identical results on CPU.
+    """
+    options = options or SamplingOptions()
+    device = next(model.parameters()).device
+    work_img, work_mask, geometry = fit_to_multiple(image, mask, multiple, fit)
+    _, m, masked = image_tensors(work_img, work_mask, num_samples, device)
+    vae_gen = torch.Generator(device).manual_seed(stream_seed(seed, 1))
+    with _autocast(device, options.precision):
+        cond, uncond = inpaint_conditioning(model, m, masked, [prompt] * num_samples, vae_gen)
+        c_cat = cond["c_concat"][0]
+        shape = (num_samples, model.channels, *c_cat.shape[-2:])
+        samples = sample_latents(model, cond, uncond, shape, seed, options)
+        decoded = model.decode_first_stage(samples)
+    outputs = [restore_size(img, geometry) for img in _to_uint8(decoded)]
+    if options.paste_back:
+        known = (np.asarray(mask) < 0.5)[..., None]
+        outputs = [np.where(known, image, out) for out in outputs]
+    return outputs

@@ -1,0 +1,276 @@
+"""Inference: checkpoint loading (EMA or raw, wrong files), input preparation, SD2 conditioning, seeded sampling,
+and scripts/inpaint.py end to end on a tiny model (CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.checkpoint import CheckpointError
+from ldm.inference import (
+    SamplingOptions,
+    fit_to_multiple,
+    image_tensors,
+    inpaint,
+    inpaint_conditioning,
+    load_model,
+    restore_size,
+)
+from ldm.interop.ldm_format import ema_key, save_ldm_checkpoint
+from tests.helpers import REPO, build_tiny
+
+
+def _load_script(name: str):
+    """Import scripts/NAME.py under a private module name (script names like 'inpaint' are too generic)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+inpaint_script = _load_script("inpaint")
+
+CONFIG = str(REPO / "configs" / "tiny" / "inpaint.yaml")
+UNET_KEY = "model.diffusion_model.out.2.weight"  # zero-initialised in a fresh UNet: perturbed below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny convolutions gain nothing from threads, and on a shared 2-core box spinning OpenMP threads make
+    # this file several times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _perturbed_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """Tiny inpainting state dict with non-trivial raw weights and a *different* EMA copy."""
+    model = build_tiny("inpaint")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in [*model.parameters(), *(b for n, b in model.named_buffers() if n.startswith("model_ema.diffusion"))]:
+            t.add_(torch.randn(t.shape, generator=g) * 0.05)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpts")
+    sd = _perturbed_state_dict(0)
+    no_ema = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
+    base = dict(no_ema)
+    base["model.diffusion_model.input_blocks.0.0.weight"] = sd["model.diffusion_model.input_blocks.0.0.weight"][:, :4]
+    paths = {"ema": d / "with_ema.ckpt", "raw": d / "no_ema.ckpt", "base": d / "base.ckpt"}
+    torch.save({"state_dict": sd, "global_step": 7}, paths["ema"])
+    torch.save({"state_dict": no_ema}, paths["raw"])
+    torch.save({"state_dict": base}, paths["base"])
+    paths["eps"] = save_ldm_checkpoint(no_ema, d / "eps.safetensors", parameterization="eps")
+    paths["junk"] = d / "notes.ckpt"
+    paths["junk"].write_text("not a checkpoint")
+    torch.save(sd, d / "sd.pt")
+    paths["sd"] = d / "sd.pt"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def raw_model(ckpts):
+    return load_model(CONFIG, ckpts["raw"], device="cpu").model
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A 40 x 52 photo crop (not a multiple of 64) and a mask with a white rectangle."""
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("pair")
+    img = data.astronaut()[100:140:1, 200:252]  # 40 x 52 x 3
+    mask = np.zeros(img.shape[:2], np.uint8)
+    mask[10:30, 15:40] = 255
+    Image.fromarray(img).save(d / "astro.png")
+    Image.fromarray(mask).save(d / "astro_mask.png")
+    return d / "astro.png", d / "astro_mask.png"
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def test_ema_chosen_when_present_and_raw_on_request(ckpts):
+    sd = torch.load(ckpts["ema"], weights_only=True)["state_dict"]
+    ema, raw = sd[ema_key(UNET_KEY)], sd[UNET_KEY]
+    assert not torch.equal(ema, raw)
+
+    auto = load_model(CONFIG, ckpts["ema"], device="cpu")
+    assert auto.used_ema and auto.global_step == 7
+    assert torch.equal(auto.model.state_dict()[UNET_KEY], ema)
+    assert not hasattr(auto.model, "model_ema")
+
+    forced_raw = load_model(CONFIG, ckpts["ema"], use_ema=False, device="cpu")
+    assert not forced_raw.used_ema
+    assert torch.equal(forced_raw.model.state_dict()[UNET_KEY], raw)
+    # the rest of the model is the same either way
+    key = "first_stage_model.decoder.conv_out.weight"
+    assert torch.equal(auto.model.state_dict()[key], forced_raw.model.state_dict()[key])
+
+
+def test_checkpoint_without_ema_loads_raw_weights(ckpts):
+    loaded = load_model(CONFIG, ckpts["raw"], device="cpu")
+    sd = torch.load(ckpts["raw"], weights_only=True)["state_dict"]
+    assert not loaded.used_ema
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in sd.items())
+    with pytest.raises(CheckpointError, match="no model_ema"):
+        load_model(CONFIG, ckpts["raw"], use_ema=True, device="cpu")
+
+
+def test_bare_state_dict_file_loads(ckpts):
+    assert load_model(CONFIG, ckpts["sd"], device="cpu").used_ema
+
+
+def test_wrong_architecture_and_non_checkpoint_files_raise(ckpts, tmp_path):
+    with pytest.raises(CheckpointError, match=r"input_blocks\.0\.0\.weight"):
+        load_model(CONFIG, ckpts["base"], device="cpu")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load_model(CONFIG, ckpts["junk"], device="cpu")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(CONFIG, tmp_path / "missing.ckpt", device="cpu")
+    partial = tmp_path / "partial.ckpt"
+    sd = torch.load(ckpts["raw"], weights_only=True)["state_dict"]
+    torch.save({"state_dict": {k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}}, partial)
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        load_model(CONFIG, partial, device="cpu")
+
+
+def test_recorded_parameterization_must_match_config(ckpts):
+    with pytest.raises(CheckpointError, match="parameterization 'eps'.*'v'"):
+        load_model(CONFIG, ckpts["eps"], device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- inputs, geometry
+def test_fit_pad_and_resize_restore_original_size():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    mask = (rng.random((70, 90)) > 0.5).astype(np.float32)
+    padded, pmask, geo = fit_to_multiple(img, mask, 64, "pad")
+    assert padded.shape == (128, 128, 3) and pmask.shape == (128, 128)
+    assert np.array_equal(padded[:70, :90], img) and np.array_equal(padded[100, 120], img[69, 89])  # edge pad
+    assert np.array_equal(restore_size(padded, geo), img)
+    resized, rmask, geo = fit_to_multiple(img, mask, 64, "resize")
+    assert resized.shape == (64, 64, 3) and rmask.shape == (64, 64)
+    assert restore_size(resized, geo).shape == img.shape
+    with pytest.raises(ValueError, match="differs from image size"):
+        fit_to_multiple(img, mask[:60], 64, "pad")
+
+
+def test_image_tensors_binarise_and_zero_the_hole():
+    img = np.full((8, 8, 3), 255, np.uint8)
+    mask = np.zeros((8, 8), np.float32)
+    mask[:, :4] = 0.5  # exactly 0.5 counts as hole
+    mask[:, 4:6] = 0.49
+    x, m, masked = image_tensors(img, mask, 2, torch.device("cpu"))
+    assert x.shape == (2, 3, 8, 8) and m.shape == (2, 1, 8, 8)
+    assert torch.equal(m[0, 0, 0], torch.tensor([1.0] * 4 + [0.0] * 4))
+    assert torch.all(masked[:, :, :, :4] == 0) and torch.all(masked[:, :, :, 4:] == 1.0)
+
+
+def test_conditioning_matches_training_and_uncond_shares_concat(raw_model):
+    model = raw_model
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[8:40, 16:48] = 1
+    x, m, masked = image_tensors(img, mask, 2, torch.device("cpu"))
+    with torch.no_grad():
+        cond, uncond = inpaint_conditioning(model, m, masked, ["a red car", "a red car"],
+                                            torch.Generator().manual_seed(5))
+        torch.manual_seed(5)  # the training path draws the posterior sample from the global RNG
+        batch = {"mask": m.permute(0, 2, 3, 1), "masked_image": masked.permute(0, 2, 3, 1)}
+        reference = model.concat_conditioning(batch, (8, 8))
+        empty = model.get_learned_conditioning([""])
+    assert cond["c_concat"][0].shape == (2, 5, 8, 8)
+    assert torch.equal(cond["c_concat"][0], reference)
+    assert uncond["c_concat"][0] is cond["c_concat"][0]
+    assert torch.equal(uncond["c_crossattn"][0], empty.expand(2, -1, -1))
+    assert not torch.equal(cond["c_crossattn"][0], uncond["c_crossattn"][0])
+
+
+def test_paste_back_keeps_known_pixels_exactly(raw_model):
+    model = raw_model
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    mask = np.zeros((40, 50), np.float32)
+    mask[5:25, 10:30] = 1
+    opts = SamplingOptions(steps=2, scale=3.0, paste_back=True)
+    out = inpaint(model, img, mask, "x", seed=3, options=opts)[0]
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.array_equal(out[mask < 0.5], img[mask < 0.5])
+    assert not np.array_equal(out[mask >= 0.5], img[mask >= 0.5])
+
+
+def test_dpm_sampler_runs_and_rejects_eta(raw_model):
+    model = raw_model
+    img = np.zeros((64, 64, 3), np.uint8)
+    mask = np.ones((64, 64), np.float32)
+    a = inpaint(model, img, mask, "", seed=0, options=SamplingOptions(sampler="dpm", steps=2, scale=1.0))[0]
+    b = inpaint(model, img, mask, "", seed=0, options=SamplingOptions(sampler="dpm", steps=2, scale=1.0))[0]
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="eta must be 0"):
+        SamplingOptions(sampler="dpm", eta=1.0)
+
+
+# ------------------------------------------------------------------------------------------- scripts/inpaint.py
+def _run(ckpt: Path, pair: tuple[Path, Path], out: Path, *extra: str) -> int:
+    img, mask = pair
+    return inpaint_script.main(["--config", CONFIG, "--ckpt", str(ckpt), "--image", str(img), "--mask", str(mask),
+                                "--prompt", "an astronaut", "--outdir", str(out), "--steps", "2", "--scale", "4",
+                                *extra])
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_script_is_reproducible_per_seed_and_keeps_size(ckpts, pair, tmp_path):
+    # eta > 0 so the DDIM noise and the VAE posterior sample are exercised as well as x_T
+    assert _run(ckpts["ema"], pair, tmp_path / "a", "--seed", "11", "12", "--eta", "1.0") == 0
+    assert _run(ckpts["ema"], pair, tmp_path / "b", "--seed", "11", "--eta", "1.0") == 0
+    first, again, other = (_png(tmp_path / d / f"astro_seed{s}_0.png") for d, s in (("a", 11), ("b", 11), ("a", 12)))
+    assert first.shape == (40, 52, 3)  # input size restored from the 64 x 64 working size
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert (tmp_path / "a" / "astro_grid.png").is_file()
+
+
+def test_script_folder_mode_resize_and_num_samples(ckpts, pair, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a helmet\n")
+    img, _ = pair
+    rc = inpaint_script.main(["--config", CONFIG, "--ckpt", str(ckpts["raw"]), "--input-dir", str(img.parent),
+                              "--prompts-file", str(prompts), "--outdir", str(tmp_path / "o"), "--steps", "2",
+                              "--num-samples", "2", "--resize", "--sampler", "dpm", "--no-ema"])
+    assert rc == 0
+    outs = sorted((tmp_path / "o").glob("astro_seed0_*.png"))
+    assert [p.name for p in outs] == ["astro_seed0_0.png", "astro_seed0_1.png"]
+    assert all(_png(p).shape == (40, 52, 3) for p in outs)
+    assert not np.array_equal(_png(outs[0]), _png(outs[1]))  # two different samples of one batch
+
+
+def test_script_reports_bad_input(ckpts, pair, tmp_path, caplog):
+    img, mask = pair
+    small = tmp_path / "small_mask.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(small)
+    base = ["--config", CONFIG, "--ckpt", str(ckpts["raw"]), "--outdir", str(tmp_path / "o"), "--steps", "2"]
+    cases = [
+        (["--image", str(img), "--mask", str(tmp_path / "nope.png"), "--prompt", "x"], "mask file not found"),
+        (["--image", str(img), "--mask", str(small), "--prompt", "x"], "differs from image size"),
+        (["--image", str(img), "--mask", str(mask)], "no prompt"),
+        (["--image", str(img), "--prompt", "x"], "needs --mask"),
+    ]
+    for extra, message in cases:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert inpaint_script.main(base + extra) == 2
+        assert message in caplog.text
