@@ -57,11 +57,17 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
         if not path.exists():
             raise ConfigError(f"--resume {resume}: no such run directory or checkpoint")
         if path.is_file():
-            ckpt, logdir = path, path.parent.parent  # <logdir>/checkpoints/<file>.ckpt
+            ckpt = path  # <logdir>/checkpoints/x.ckpt, <logdir>/checkpoints/trainstep_checkpoints/x.ckpt or
+            logdir = next((p.parent for p in path.parents if p.name == "checkpoints"), path.parent)  # hpc_ckpt
         else:
-            logdir, ckpt = path, path / "checkpoints" / "last.ckpt"
-            if not ckpt.is_file():
-                raise ConfigError(f"--resume {resume}: {ckpt} does not exist; pass a checkpoint file instead")
+            logdir = path
+            # newest of last.ckpt and Lightning's SLURM-requeue checkpoints (hpc_ckpt_<n>.ckpt in the run dir)
+            candidates = [p for p in [path / "checkpoints" / "last.ckpt", *path.glob("hpc_ckpt_*.ckpt")]
+                          if p.is_file()]
+            if not candidates:
+                raise ConfigError(f"--resume {resume}: no checkpoints/last.ckpt or hpc_ckpt_*.ckpt in that "
+                                  "directory; pass a checkpoint file instead")
+            ckpt = max(candidates, key=lambda p: p.stat().st_mtime)
         configs = sorted((logdir / "configs").glob("*.yaml"))
         return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs)
     stem = name or (Path(base[0]).stem if base else "run")
