@@ -26,7 +26,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -234,19 +233,9 @@ def inpaint_conditioning(
     ``LatentInpaintDiffusion.concat_conditioning`` builds in training, but with a seeded draw. The unconditional
     branch shares ``c_concat``; only its text is the encoding of "".
     """
-    concat_keys = getattr(model, "concat_keys", None)
-    if not concat_keys:
+    if not getattr(model, "concat_keys", None):
         raise ValueError(f"{type(model).__name__} is not an inpainting model (no concat_keys)")
-    z_masked = model.get_first_stage_encoding(model.encode_first_stage(masked_image), generator=generator)
-    parts = []
-    for key in concat_keys:
-        if key == model.masked_image_key:
-            parts.append(z_masked)
-        elif key == "mask":  # COMPAT: nearest, i.e. pixel (8i, 8j), as the reference
-            parts.append(F.interpolate(mask, size=tuple(z_masked.shape[-2:])))
-        else:
-            raise ValueError(f"concat key {key!r} is not one this script can build (mask, {model.masked_image_key})")
-    c_cat = torch.cat(parts, dim=1)  # B x (1 + 4) x h x w
+    c_cat = model.build_c_concat({"mask": mask, model.masked_image_key: masked_image}, generator=generator)
     text = model.get_learned_conditioning(list(prompts))
     empty = model.get_unconditional_conditioning(len(prompts), [""])
     return {"c_concat": [c_cat], "c_crossattn": [text]}, {"c_concat": [c_cat], "c_crossattn": [empty]}

@@ -557,15 +557,31 @@ class LatentInpaintDiffusion(LatentDiffusion):
         self.masked_image_key = masked_image_key
         self.c_concat_log_start, self.c_concat_log_end = c_concat_log_start, c_concat_log_end
 
-    def concat_conditioning(self, batch: Mapping[str, Any], latent_hw: tuple[int, int], bs: int | None = None):
-        """Build ``c_concat`` (B x 5 x h x w for SD2) from the batch's mask and masked image."""
-        parts = []
-        for key in self.concat_keys:
-            x = self.image_from_batch(batch, key)[:bs].to(self.device)  # B x C x H x W
-            if key == self.masked_image_key:
-                parts.append(self.get_first_stage_encoding(self.encode_first_stage(x)))
-            else:  # COMPAT: nearest picks pixel (8i, 8j) of the mask, as the reference
-                parts.append(torch.nn.functional.interpolate(x, size=latent_hw))
+    def concat_conditioning(self, batch: Mapping[str, Any], latent_hw: tuple[int, int], bs: int | None = None,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """Build ``c_concat`` (B x 5 x h x w for SD2) from the batch's mask and masked image (B,H,W,C layout)."""
+        tensors = {key: self.image_from_batch(batch, key)[:bs].to(self.device) for key in self.concat_keys}
+        return self.build_c_concat(tensors, latent_hw, generator=generator)
+
+    def build_c_concat(self, tensors: Mapping[str, torch.Tensor], latent_hw: tuple[int, int] | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """``c_concat`` from B,C,H,W tensors keyed like ``concat_keys``; shared by training and sampling.
+
+        The masked image is VAE-encoded (posterior *sample*, from ``generator`` when given); other keys (the
+        mask) are resized to the latent grid with nearest, i.e. pixel (8i, 8j) as the reference (COMPAT).
+        ``latent_hw`` defaults to the masked-image latent's size.
+        """
+        missing = [k for k in self.concat_keys if k not in tensors]
+        if missing:
+            raise ValueError(f"concat conditioning needs {missing} (concat_keys={list(self.concat_keys)})")
+        encoded = {k: self.get_first_stage_encoding(self.encode_first_stage(tensors[k]), generator=generator)
+                   for k in self.concat_keys if k == self.masked_image_key}
+        if latent_hw is None:
+            if not encoded:
+                raise ValueError("latent_hw is required when no concat key is VAE-encoded")
+            latent_hw = tuple(next(iter(encoded.values())).shape[-2:])
+        parts = [encoded[k] if k in encoded else torch.nn.functional.interpolate(tensors[k], size=latent_hw)
+                 for k in self.concat_keys]
         return torch.cat(parts, dim=1).detach()  # B x (1 + 4) x h x w
 
     def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None, **legacy: Any):
