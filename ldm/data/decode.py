@@ -1,0 +1,200 @@
+"""Turning one raw shard sample (bytes per member) into a model-ready sample, or a counted skip.
+
+Order, cheapest checks first: image/caption/json present -> json parses -> metadata and caption filters ->
+JPEG decode -> seeded resize/crop -> float H x W x 3 in [-1, 1] -> postprocess (e.g. ``AddMask``).
+Every failure becomes one counted skip (``ldm.data.stats``), never an exception that reaches training.
+
+Output sample keys: ``<image_key>`` (H x W x 3 float32 numpy array in [-1, 1]; uint8 in [0, 255] with the uint8
+transport, see :func:`finalize_batch`), ``txt`` (str, stripped, never empty),
+``json`` (dict; ``{}`` if the shard has none and no filter needs it), ``__key__``, ``__url__``, ``__seed__``
+(seed words, dropped before collation), plus whatever the postprocess adds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.data.filters import MetadataFilter
+from ldm.data.rng import SEED_KEY, Stream, make_rng
+from ldm.data.stats import BadDataMonitor
+from ldm.data.transforms import ImageOp, Resize, TooSmall, to_float_hwc
+
+log = logging.getLogger(__name__)
+
+
+def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; raises on any corruption (truncated data included).
+
+    ``draft_size`` lets libjpeg decode at a reduced scale (1/2, 1/4, 1/8) that is still at least this big.
+    """
+    img = Image.open(io.BytesIO(data))
+    if draft_size is not None and img.format == "JPEG":
+        img.draft("RGB", draft_size)
+    with warnings.catch_warnings():
+        # Palette images with transparency warn on every conversion; going through RGBA is the documented way.
+        warnings.simplefilter("ignore", UserWarning)
+        img.load()  # forces the full decode, so broken data raises here
+        if img.mode in ("P", "LA", "PA"):
+            img = img.convert("RGBA")
+        return img if img.mode == "RGB" else img.convert("RGB")
+
+
+@dataclass
+class SampleProcessor:
+    """Decode, filter, transform and postprocess one raw sample.
+
+    Args:
+        image_key: Member extension holding the image (``jpg`` for img2dataset shards).
+        metadata_filter: Thresholds on json fields and captions.
+        image_ops: Seeded image operations (see ``ldm.data.transforms``).
+        postprocess: Called on the finished sample (``AddMask``), or None.
+        key_transforms: Callables applied to other decoded members by key (ldm's per-split ``transforms``).
+        jpeg_draft: Let libjpeg downscale by a power of two before a leading ``Resize`` (faster on large
+            originals; pixels differ slightly from a full-resolution resize).
+        uint8_images: Keep the image as H x W x 3 uint8 (see :func:`finalize_batch`) instead of float [-1, 1].
+    """
+
+    image_key: str
+    metadata_filter: MetadataFilter
+    image_ops: list[ImageOp]
+    postprocess: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    key_transforms: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+    jpeg_draft: bool = False
+    uint8_images: bool = False
+
+    def _draft_size(self, data: bytes) -> tuple[int, int] | None:
+        if not self.jpeg_draft or not self.image_ops or not isinstance(self.image_ops[0], Resize):
+            return None
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            return self.image_ops[0].output_size(*probe.size)
+
+    def _parse_json(self, data: bytes | None) -> tuple[dict | None, str]:
+        """(parsed json, "") or (None, skip reason: detail)."""
+        if data is None:
+            return (None, "missing_json") if self.metadata_filter.needs_json else ({}, "")
+        try:
+            meta = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            return None, f"bad_json: {e}"
+        return (meta, "") if isinstance(meta, dict) else (None, "bad_json: not a json object")
+
+    def __call__(self, raw: Mapping[str, Any], seed_words: tuple[int, ...], mon: BadDataMonitor) -> dict | None:
+        url, key = raw["__url__"], raw["__key__"]
+        image_bytes = raw.get(self.image_key)
+        if image_bytes is None:
+            mon.skip("missing_image", url, f"{key}: no '.{self.image_key}' member")
+            return None
+        caption = raw.get("txt")
+        caption = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
+        if not caption:
+            mon.skip("missing_caption", url, key)
+            return None
+        meta, problem = self._parse_json(raw.get("json"))
+        if meta is None:
+            reason, _, detail = problem.partition(": ")
+            mon.skip(reason, url, f"{key} {detail}")
+            return None
+        reason = self.metadata_filter.check(meta, caption)
+        if reason is not None:
+            mon.skip(reason, url, key)
+            return None
+        try:
+            img = decode_image(image_bytes, self._draft_size(image_bytes))
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+            mon.skip("corrupt_image", url, f"{key}: {type(e).__name__}: {e}")
+            return None
+        rng = make_rng(seed_words, Stream.CROP)
+        try:
+            for op in self.image_ops:
+                img = op(img, rng)
+        except TooSmall as e:
+            mon.skip("too_small", url, f"{key}: {e}")
+            return None
+        sample: dict[str, Any] = {
+            self.image_key: np.asarray(img) if self.uint8_images else to_float_hwc(img), "txt": caption, "json": meta,
+            "__key__": key, "__url__": url, SEED_KEY: seed_words,
+        }
+        for k, fn in self.key_transforms.items():
+            if k in sample:
+                sample[k] = fn(sample[k])
+        if self.postprocess is not None:
+            sample = self.postprocess(sample)
+        return sample
+
+
+def _stack(values: list[Any]) -> torch.Tensor:
+    """Stack equal-shaped arrays/tensors; inside a DataLoader worker, straight into shared memory.
+
+    Same trick as torch's ``default_collate`` (and the same storage call): the batch then crosses to the
+    training process without the extra copy the worker's result queue would otherwise make.
+    """
+    first = values[0]
+    is_numpy = isinstance(first, np.ndarray)
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        elem = torch.from_numpy(np.empty(0, first.dtype)) if is_numpy else first
+        storage = elem._typed_storage()._new_shared(first.size * len(values) if is_numpy else first.numel()
+                                                     * len(values), device=elem.device)
+        out = elem.new(storage).resize_(len(values), *first.shape)
+    if is_numpy:  # np.stack also takes read-only arrays (PIL's), which torch.from_numpy warns about
+        if out is None:
+            return torch.from_numpy(np.stack(values))  # B x ...
+        np.stack(values, out=out.numpy())
+        return out
+    return torch.stack(values, 0, out=out)  # B x ...
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch samples like ldm's ``dict_collation_fn``: arrays/tensors stacked, numbers to tensors, rest listed.
+
+    Keys missing from any sample are dropped; private keys (``__seed__``) are dropped, ``__key__`` and
+    ``__url__`` are kept as lists.
+    """
+    keys = [k for k in samples[0] if all(k in s for s in samples) and k != SEED_KEY]
+    batch: dict[str, Any] = {}
+    for k in keys:
+        values = [s[k] for s in samples]
+        first = values[0]
+        if isinstance(first, (np.ndarray, torch.Tensor)):
+            if any(v.shape != first.shape for v in values):
+                shapes = sorted({tuple(v.shape) for v in values})
+                raise ValueError(f"cannot batch '{k}': shapes differ {shapes}; add a crop to image_transforms")
+            batch[k] = _stack(values)  # B x H x W x C for images and masks
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            batch[k] = torch.tensor(values)
+        else:
+            batch[k] = values
+    return batch
+
+
+def finalize_batch(batch: dict[str, Any], image_key: str = "jpg") -> dict[str, Any]:
+    """Turn a uint8-transport batch into the model's float32 layout, in place, on the batch's device.
+
+    ``image_key`` uint8 B x H x W x 3 -> float32 in [-1, 1] (the float32 operations of ``to_float_hwc``, so
+    values are identical); ``mask`` uint8 -> float32 {0, 1}; ``masked_image = image * (1 - mask)``. A batch
+    that is already float is returned unchanged.
+    """
+    image = batch.get(image_key)
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
+        return batch
+    image = image.float().div_(255.0).mul_(2.0).sub_(1.0)  # B x H x W x 3
+    batch[image_key] = image
+    mask = batch.get("mask")
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.uint8:
+        mask = mask.float()  # B x H x W x 1, 1 = hole
+        batch["mask"] = mask
+        batch["masked_image"] = image * (1.0 - mask)
+    return batch
+
+
+__all__ = ["SampleProcessor", "collate", "decode_image", "finalize_batch"]

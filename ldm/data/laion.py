@@ -1,0 +1,284 @@
+"""``WebDataModuleFromConfig``: LAION/img2dataset WebDataset shards as a Lightning data module (SPEC D7, B.4.1).
+
+Config targets kept from the SD configs: ``ldm.data.laion.WebDataModuleFromConfig`` and
+``ldm.data.laion.AddMask`` (defined in ``ldm.data.inpainting``). Every key of the official SD2 inpainting
+``data:`` section is accepted and used:
+
+=====================  ==================================================================================
+key                    meaning here
+=====================  ==================================================================================
+tar_base               prefix joined to each split's ``shards`` pattern; ``null`` = patterns are full URLs
+batch_size             samples per batch (per process); training drops the last partial batch
+num_workers            DataLoader worker processes per rank
+multinode              split data across ranks; ``False`` with more than one rank is an error (as in ldm)
+min_size               minimum ``original_width`` and ``original_height`` from the json
+max_pwatermark         maximum ``pwatermark`` (1.0 disables, as in ldm)
+p_unsafe_threshold     maximum ``punsafe``
+filter_word_list       yaml word list; captions containing a listed word are dropped
+train / validation /   per split: ``shards`` (pattern or list), ``shuffle`` (sample buffer size),
+test                   ``image_key``, ``image_transforms``, ``postprocess``, ldm's per-key ``transforms``
+                       and, new here, ``resampled`` (default true for train, false otherwise)
+=====================  ==================================================================================
+
+Batch layout (what ``LatentInpaintDiffusion.get_input`` reads): ``jpg`` B x H x W x 3 float32 in [-1, 1];
+``txt`` list of B non-empty captions (``ucg_training`` replaces them in the model); ``mask`` B x H x W x 1
+float32 {0, 1}, 1 = hole; ``masked_image`` = jpg * (mask < 0.5); ``json`` list of dicts; ``__key__`` and
+``__url__`` lists of str. ``mask``/``masked_image`` come from the ``AddMask`` postprocess.
+
+Rank and world size come from the attached trainer, else ``torch.distributed``, else ``RANK``/``WORLD_SIZE``;
+they are resolved in the training process and handed to the workers (ECOSYSTEM.md section 4, spawn trap).
+The training stream is seeded by (seed, resume step, epoch, rank, worker); after a resume the step is read
+from ``trainer.global_step`` (or :meth:`set_resume_step`), so a restarted run draws a fresh, reproducible
+stream instead of replaying the first shards (ECOSYSTEM.md section 7, option 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ldm.data.decode import SampleProcessor, finalize_batch
+from ldm.data.filters import MetadataFilter, MissingFieldPolicy, load_word_list
+from ldm.data.inpainting import AddMask
+from ldm.data.stats import SharedCounts
+from ldm.data.transforms import build_image_transforms
+from ldm.data.webdata import EpochDataLoader, ShardStream, expand_shards
+from ldm.util import ConfigError, instantiate_from_config
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation", "test")
+_SPLIT_KEYS = {"shards", "shuffle", "image_key", "image_transforms", "postprocess", "transforms", "resampled"}
+
+
+@dataclass
+class _Split:
+    urls: list[str]
+    processor: SampleProcessor
+    shuffle: int
+    resampled: bool
+
+
+def _split_index(split: str) -> int:
+    return SPLITS.index(split)
+
+
+def resolve_rank(trainer: Any | None) -> tuple[int, int]:
+    """(rank, world size): the trainer's if attached, else torch.distributed's, else RANK/WORLD_SIZE, else (0, 1)."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+class WebDataModuleFromConfig(pl.LightningDataModule):
+    """WebDataset shards -> filtered, transformed, masked batches (see the module docstring for keys).
+
+    Args:
+        tar_base: Prefix joined to every split's shard pattern; None when patterns are full URLs.
+        batch_size: Samples per batch and process (the SD2 inpainting run used 8 per GPU).
+        train: Training split config (see module docstring); None for no training loader.
+        validation: Validation split config; None for no validation.
+        test: Test split config; None for no test loader.
+        num_workers: DataLoader workers per process for training (and evaluation unless ``val_num_workers``).
+        multinode: Split the data across ranks. False with world size > 1 raises, as ldm's single-node mode.
+        min_size: Minimum original width and height (json ``original_width``/``original_height``); None = off.
+        max_pwatermark: Maximum json ``pwatermark``; 1.0 disables the check.
+        p_unsafe_threshold: Maximum json ``punsafe``; None = off.
+        filter_word_list: Path of a yaml word list (relative paths also resolve against the repo root), or a
+            list of words; captions containing one are dropped. None = off.
+        min_aesthetic: Minimum json ``aesthetic`` (or ``AESTHETIC_SCORE``); None = off.
+        missing_field_policy: ``"drop"`` (count as bad data) or ``"keep"`` samples whose json lacks a field
+            that an active filter needs.
+        seed: Seed of every random draw of the pipeline (shards, shuffle, crops, masks).
+        val_batch_size: Batch size of validation/test; defaults to ``batch_size``.
+        val_num_workers: Workers of validation/test loaders; defaults to ``num_workers``.
+        pin_memory: Pin batches in page-locked memory; None = only when CUDA is available.
+        prefetch_factor: Batches prefetched per worker (ignored with ``num_workers`` 0).
+        persistent_workers: Keep workers alive between passes (ignored with ``num_workers`` 0).
+        multiprocessing_context: Worker start method (``fork``, ``spawn``, ``forkserver``); None = torch default.
+        max_bad_fraction: Stop with ``BadDataError`` (naming the shard) when a worker's fraction of bad records
+            exceeds this. Policy filters never count.
+        bad_check_min_samples: Records a worker reads before ``max_bad_fraction`` is enforced.
+        jpeg_draft: Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale before a leading Resize (faster on
+            raw LAION originals; pixels differ slightly from a full-resolution resize).
+        log_every_s: Seconds between each worker's log lines with its skip counts.
+        uint8_transport: Workers send images and masks as uint8 (5.6x fewer bytes through shared memory,
+            which dominates worker CPU time at 512 px, see docs/BENCHMARKS.md); ``on_after_batch_transfer``
+            then builds the float32 batch on the training device, so a Lightning model sees the same layout.
+            Loaders used outside Lightning return uint8 batches: pass them through :meth:`finalize_batch`.
+    """
+
+    def __init__(
+        self,
+        tar_base: str | None = None,
+        batch_size: int = 8,
+        train: Mapping[str, Any] | None = None,
+        validation: Mapping[str, Any] | None = None,
+        test: Mapping[str, Any] | None = None,
+        num_workers: int = 4,
+        multinode: bool = True,
+        min_size: int | None = None,
+        max_pwatermark: float = 1.0,
+        p_unsafe_threshold: float | None = None,
+        filter_word_list: str | list[str] | None = None,
+        min_aesthetic: float | None = None,
+        missing_field_policy: MissingFieldPolicy = "drop",
+        seed: int = 0,
+        val_batch_size: int | None = None,
+        val_num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+        persistent_workers: bool = False,
+        multiprocessing_context: str | None = None,
+        max_bad_fraction: float = 0.1,
+        bad_check_min_samples: int = 1000,
+        jpeg_draft: bool = False,
+        log_every_s: float = 300.0,
+        uint8_transport: bool = False,
+    ) -> None:
+        super().__init__()
+        positive = {"batch_size": batch_size, "val_batch_size": val_batch_size, "prefetch_factor": prefetch_factor,
+                    "bad_check_min_samples": bad_check_min_samples}
+        for name, value in positive.items():
+            if value is not None and int(value) < 1:
+                raise ConfigError(f"'{name}' must be a positive integer, got {value}")
+        if num_workers < 0 or (val_num_workers or 0) < 0:
+            raise ConfigError(f"'num_workers'/'val_num_workers' must be >= 0, got {num_workers}/{val_num_workers}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ConfigError(f"'max_bad_fraction' must be in [0, 1], got {max_bad_fraction}")
+        if seed < 0:
+            raise ConfigError(f"'seed' must be >= 0, got {seed}")
+        self.tar_base, self.batch_size, self.num_workers, self.multinode = tar_base, batch_size, num_workers, multinode
+        self.seed, self.val_batch_size = seed, batch_size if val_batch_size is None else val_batch_size
+        self.val_num_workers = num_workers if val_num_workers is None else val_num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor, self.persistent_workers = prefetch_factor, persistent_workers
+        self.multiprocessing_context = multiprocessing_context
+        self.max_bad_fraction, self.bad_check_min_samples = max_bad_fraction, bad_check_min_samples
+        self.jpeg_draft, self.log_every_s, self.uint8_transport = jpeg_draft, log_every_s, uint8_transport
+        self.metadata_filter = MetadataFilter(
+            min_size=min_size, p_unsafe_threshold=p_unsafe_threshold, max_pwatermark=max_pwatermark,
+            min_aesthetic=min_aesthetic, words=load_word_list(filter_word_list),
+            missing_field_policy=missing_field_policy,
+        )
+        self.splits = {name: self._parse_split(name, cfg) for name, cfg in
+                       (("train", train), ("validation", validation), ("test", test)) if cfg is not None}
+        self.counts: dict[str, SharedCounts] = {}
+        self._resume_step: int | None = None
+
+    def _parse_split(self, name: str, cfg: Mapping[str, Any]) -> _Split:
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"'{name}' must be a mapping of split options, got {type(cfg).__name__}")
+        unknown = set(cfg) - _SPLIT_KEYS
+        if unknown:
+            raise ConfigError(f"'{name}': unknown key(s) {sorted(unknown)}; valid keys: {sorted(_SPLIT_KEYS)}")
+        if "shards" not in cfg:
+            raise ConfigError(f"'{name}.shards' is required (a brace pattern or a list of them)")
+        image_key = str(cfg.get("image_key", "jpg"))
+        key_transforms = dict(cfg.get("transforms") or {})
+        if image_key in key_transforms:
+            raise ConfigError(f"'{name}.transforms' must not name the image key '{image_key}'; "
+                              "use 'image_transforms' for the image")
+        shuffle = int(cfg.get("shuffle", 0))
+        if shuffle < 0:
+            raise ConfigError(f"'{name}.shuffle' must be >= 0, got {shuffle}")
+        postprocess = cfg.get("postprocess")
+        processor = SampleProcessor(
+            image_key=image_key,
+            metadata_filter=self.metadata_filter,
+            image_ops=build_image_transforms(cfg.get("image_transforms"), where=name),
+            postprocess=instantiate_from_config(postprocess) if postprocess is not None else None,
+            key_transforms={k: instantiate_from_config(v) for k, v in key_transforms.items()},
+            jpeg_draft=self.jpeg_draft,
+            uint8_images=self.uint8_transport,
+        )
+        urls = expand_shards(cfg["shards"], self.tar_base, where=f"{name}.shards")
+        return _Split(urls, processor, shuffle, bool(cfg.get("resampled", name == "train")))
+
+    def set_resume_step(self, step: int) -> None:
+        """Seed the next training stream with this global step (overrides ``trainer.global_step``)."""
+        if step < 0:
+            raise ValueError(f"set_resume_step: step must be >= 0, got {step}")
+        self._resume_step = int(step)
+
+    def _loader(self, split: str) -> EpochDataLoader:
+        if split not in self.splits:
+            raise ConfigError(f"no '{split}' split configured in the data module (add a '{split}:' section)")
+        spec = self.splits[split]
+        rank, world_size = resolve_rank(self.trainer)
+        if world_size > 1 and not self.multinode:
+            raise ConfigError(f"'multinode' is False but the world size is {world_size}; set multinode: True")
+        train = split == "train"
+        workers = self.num_workers if train else self.val_num_workers
+        if not spec.resampled and len(spec.urls) < world_size * max(1, workers):
+            log.warning("%s: %d shards for %d ranks x %d workers; some readers get no shard%s", split,
+                        len(spec.urls), world_size, max(1, workers),
+                        " and a rank with no data can stall collectives" if len(spec.urls) < world_size else "")
+        self.counts[split] = SharedCounts(max(1, workers))
+        dataset = ShardStream(
+            spec.urls, spec.processor, split=split, batch_size=self.batch_size if train else self.val_batch_size,
+            partial=not train, resampled=spec.resampled, shuffle=spec.shuffle, seed=self.seed,
+            counts=self.counts[split], max_bad_fraction=self.max_bad_fraction,
+            bad_check_min_samples=self.bad_check_min_samples, log_every_s=self.log_every_s,
+        )
+        dataset.rank, dataset.world_size = rank, world_size
+        if train:
+            step = self._resume_step
+            if step is None:
+                step = self.trainer.global_step if self.trainer is not None else 0
+            dataset.resume_step = int(step)
+        log.info("%s loader: %d shard URLs, rank %d/%d, %d workers, resampled=%s, shuffle=%d, seed=%d, step=%d",
+                 split, len(spec.urls), rank, world_size, workers, spec.resampled, spec.shuffle, self.seed,
+                 dataset.resume_step)
+        extra = {}
+        if workers > 0:
+            extra = dict(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
+                         multiprocessing_context=self.multiprocessing_context)
+        # The DataLoader draws its workers' base seed from this generator instead of torch's global RNG, so
+        # loading leaves global state alone and unseeded ``External`` transforms still repeat run to run.
+        generator = torch.Generator().manual_seed(self.seed * 4 + _split_index(split))
+        return EpochDataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                               pin_memory=self.pin_memory, generator=generator, **extra)
+
+    def train_dataloader(self) -> EpochDataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> EpochDataLoader | list:
+        # No validation split: an empty list tells Lightning to skip validation.
+        return self._loader("validation") if "validation" in self.splits else []
+
+    def test_dataloader(self) -> EpochDataLoader:
+        return self._loader("test")
+
+    def finalize_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Convert a uint8-transport batch to the model's float32 layout (no-op for float batches)."""
+        for image_key in {s.processor.image_key for s in self.splits.values()}:
+            finalize_batch(batch, image_key)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ARG002 (Lightning hook)
+        # Lightning calls this after moving the batch to the device: the float conversion runs there.
+        return self.finalize_batch(batch) if isinstance(batch, dict) else batch
+
+    def data_stats(self, split: str = "train") -> dict[str, int]:
+        """Live counts of delivered and skipped samples of ``split`` in this process (all its workers)."""
+        if split not in self.counts:
+            return {}
+        return self.counts[split].totals()
+
+    def log_data_stats(self) -> None:
+        """Log the non-zero counts of every split that has a loader."""
+        for split in self.counts:
+            log.info("data %s: %s", split, {k: v for k, v in self.data_stats(split).items() if v})
+
+
+__all__ = ["AddMask", "WebDataModuleFromConfig", "resolve_rank"]

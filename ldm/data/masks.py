@@ -1,0 +1,349 @@
+"""Pure inpainting-mask generators: a seeded ``numpy.random.Generator`` in, an ``H x W`` float32 mask out.
+
+Every generator is a frozen dataclass with ``__call__(rng, height, width) -> np.ndarray`` returning a float32
+array of shape ``(height, width)`` with values in {0, 1}, **1 = hole** (the pixels the model must fill).
+Nothing here reads or writes global RNG state; the caller owns the seed (see ``ldm.data.rng``).
+
+What is here (numbers from SPEC B.4.3 and B.5):
+
+* :class:`SDMask` -- the SD "synthetic mask" generator behind ``AddMask(mode=...)`` in the SD inpainting
+  configs: 1-4 straight thick strokes *or* 1-3 boxes (half plain rectangles, half rounded squares).
+  Presets ``256train``, ``256narrow``, ``512train`` and ``512train-large`` (SD 1.5 / SD2 inpainting).
+* :class:`LamaIrregularMask`, :class:`LamaBoxMask`, :class:`MixedMask` -- LaMa's chained round-capped strokes,
+  axis-aligned boxes and their random mixture, with LaMa's training preset (``lama-train``, the abl-04 config
+  of big-lama) and the thin/medium/thick evaluation presets at 256 and 512 (``lama-thin-512`` ...).
+* :class:`OutpaintingMask` -- border bands on 1-4 sides (LaMa's outpainting generator), mode ``outpainting``.
+* :class:`MaxCoverage` -- rejection wrapper reproducing LaMa's evaluation rule "masks covering more than
+  ``max_tamper_area`` (0.5) of the image are discarded".
+
+Left out on purpose: LaMa's segmentation-based masks (need a detector), super-resolution grid masks, and the
+linear-ramp curriculum (LaMa's configs use a constant coefficient of 1, which is what the presets encode).
+
+COMPAT: the draw *distributions* follow the references; bit-exact masks are not reproducible (the SD code
+mixes the global numpy RNG with a per-process ``RandomState``, LaMa draws with OpenCV). Coverage statistics
+are checked against SPEC B.4.4 in tests/test_masks.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MaskGenerator = Callable[[np.random.Generator, int, int], np.ndarray]
+
+# LaMa mirrors the stroke angle with this truncated constant, not math.pi (a fact of its code).
+_LAMA_TWO_PI = 2 * 3.1415926
+
+
+def _canvas(height: int, width: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    if height < 1 or width < 1:
+        raise ValueError(f"mask size must be positive, got height={height}, width={width}")
+    img = Image.new("L", (width, height), 0)
+    return img, ImageDraw.Draw(img)
+
+
+def _to_array(img: Image.Image) -> np.ndarray:
+    # "L" pixels are 0/1 already; one cast gives the float32 {0,1} contract.
+    return np.asarray(img, dtype=np.float32)
+
+
+def _fit(lo: int, hi: int, limit: int) -> tuple[int, int]:
+    """Clamp a half-open integer range ``[lo, hi)`` so that ``hi <= limit`` while staying non-empty."""
+    hi = max(2, min(hi, limit))
+    return min(lo, hi - 1), hi
+
+
+@dataclass(frozen=True)
+class SDMask:
+    """The SD synthetic mask: straight strokes with probability ``p_irregular``, else boxes.
+
+    Ranges are half-open like the reference's ``randint(lo, hi)`` calls, so ``strokes=(1, 5)`` means 1-4.
+
+    Args:
+        p_irregular: Probability of the stroke branch (the rest draws boxes).
+        strokes: Half-open range of the number of strokes.
+        max_len: Exclusive upper bound of a stroke's length in pixels (lower bound 10).
+        max_width: Exclusive upper bound of a stroke's width in pixels (lower bound 5).
+        boxes: Half-open range of the number of boxes.
+        box_side: Half-open range of a box side in pixels.
+        margin: Minimum distance in pixels between a box's top-left corner and the image border.
+    """
+
+    p_irregular: float
+    strokes: tuple[int, int]
+    max_len: int
+    max_width: int
+    boxes: tuple[int, int] = (1, 4)
+    box_side: tuple[int, int] = (30, 150)
+    margin: int = 10
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        img, draw = _canvas(height, width)
+        # COMPAT: the reference picks the branch with the *global* np.random; we use the per-sample rng so
+        # that ranks and workers never share the choice (SPEC B.9 item 12).
+        if rng.random() < self.p_irregular:
+            self._strokes(rng, draw, height, width)
+        else:
+            self._boxes(rng, draw, height, width)
+        return _to_array(img)
+
+    def _strokes(self, rng: np.random.Generator, draw: ImageDraw.ImageDraw, height: int, width: int) -> None:
+        n = int(rng.integers(*self.strokes))
+        ys, xs = rng.integers(0, height, n), rng.integers(0, width, n)
+        # COMPAT: an integer number of *degrees* fed to sin/cos as radians; unchained strokes with flat ends.
+        angles = rng.integers(0, 360, n).astype(np.float64)
+        lengths = rng.integers(10, self.max_len, n)
+        widths = rng.integers(5, self.max_width, n)
+        x_end, y_end = xs + lengths * np.sin(angles), ys + lengths * np.cos(angles)
+        for i in range(n):
+            draw.line([(int(xs[i]), int(ys[i])), (float(x_end[i]), float(y_end[i]))], fill=1, width=int(widths[i]))
+
+    def _boxes(self, rng: np.random.Generator, draw: ImageDraw.ImageDraw, height: int, width: int) -> None:
+        m = self.margin
+        # Images smaller than the preset was made for: cap sides to fit inside the margins (the reference raises).
+        side_lo, side_hi = _fit(*self.box_side, min(height, width) - 2 * m)
+        for _ in range(int(rng.integers(*self.boxes))):
+            h, w = (int(v) for v in rng.integers(side_lo, side_hi, 2))
+            x0 = int(rng.integers(m, max(m + 1, width - m - w)))
+            y0 = int(rng.integers(m, max(m + 1, height - m - h)))
+            if rng.random() < 0.5:
+                draw.rectangle([x0, y0, x0 + w - 1, y0 + h - 1], fill=1)
+            else:
+                # COMPAT: the rounded variant is a square of side w (h unused), PIL corners inclusive.
+                draw.rounded_rectangle([x0, y0, x0 + w, y0 + w], radius=int(rng.integers(0, 60)), fill=1)
+
+
+@dataclass(frozen=True)
+class LamaIrregularMask:
+    """LaMa's irregular mask: chains of 1-5 straight segments with round ends (OpenCV thick lines).
+
+    Matches ``RandomIrregularMaskGenerator`` at ramp coefficient 1, so the stroke count is uniform over
+    ``[min_times, max_times + 1]`` (the generator adds one to LaMa's configured maximum).
+
+    Args:
+        max_angle: Segment angles are ``0.01 + k`` radians for integer ``k < max_angle`` (mirrored on even strokes).
+        max_len: Segment length is ``10 + k`` pixels, ``k < max_len``.
+        max_width: Brush width is ``5 + k`` pixels, ``k < max_width``.
+        min_times: Minimum number of strokes.
+        max_times: Configured maximum number of strokes (effective maximum is ``max_times + 1``).
+    """
+
+    max_angle: int = 4
+    max_len: int = 60
+    max_width: int = 20
+    min_times: int = 0
+    max_times: int = 10
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        img, draw = _canvas(height, width)
+        times = int(rng.integers(self.min_times, self.max_times + 2))
+        n_vertex = 1 + rng.integers(0, 5, times)
+        starts = rng.integers(0, (width, height), (times, 2)).tolist()
+        # All per-segment draws at once (same distribution as LaMa's per-vertex calls, far fewer numpy calls).
+        n_seg = int(n_vertex.sum())
+        angle = 0.01 + rng.integers(0, self.max_angle, n_seg)
+        mirrored = np.repeat(np.arange(times) % 2 == 0, n_vertex)
+        angle = np.where(mirrored, _LAMA_TWO_PI - angle, angle)
+        length = 10 + rng.integers(0, self.max_len, n_seg)
+        # COMPAT: OpenCV fills both boundary rows of a thick line, so it is about thickness + 1 wide.
+        widths = (6 + rng.integers(0, self.max_width, n_seg)).tolist()
+        dx, dy = (length * np.sin(angle)).tolist(), (length * np.cos(angle)).tolist()
+        seg = 0
+        for (x, y), nv in zip(starts, n_vertex.tolist()):
+            prev_w = 0
+            for _ in range(nv):
+                w = widths[seg]
+                # LaMa truncates toward zero, then clips to [0, W] x [0, H]; the next segment starts here.
+                nx, ny = min(max(int(x + dx[seg]), 0), width), min(max(int(y + dy[seg]), 0), height)
+                draw.line([(x, y), (nx, ny)], fill=1, width=w)
+                _disc(draw, x, y, max(w, prev_w))  # concentric caps: the wider one covers both segments' ends
+                x, y, prev_w, seg = nx, ny, w, seg + 1
+            _disc(draw, x, y, prev_w)
+        return _to_array(img)
+
+
+def _disc(draw: ImageDraw.ImageDraw, x: int, y: int, diameter: int) -> None:
+    r = diameter / 2
+    draw.ellipse([x - r, y - r, x + r, y + r], fill=1)
+
+
+@dataclass(frozen=True)
+class LamaBoxMask:
+    """LaMa's rectangle mask: ``min_times..max_times`` axis-aligned boxes with sides ``min_size..max_size``.
+
+    Matches ``RandomRectangleMaskGenerator`` at ramp coefficient 1 (both ranges inclusive); sides are capped
+    at the image size minus both margins.
+
+    Args:
+        margin: Minimum distance in pixels between a box and the image border.
+        min_size: Minimum box side in pixels.
+        max_size: Maximum box side in pixels (inclusive).
+        min_times: Minimum number of boxes.
+        max_times: Maximum number of boxes (inclusive).
+    """
+
+    margin: int = 10
+    min_size: int = 30
+    max_size: int = 100
+    min_times: int = 0
+    max_times: int = 3
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        mask = np.zeros((height, width), np.float32)
+        m = self.margin
+        lo, hi = _fit(self.min_size, self.max_size + 1, min(height, width) - 2 * m)
+        for _ in range(int(rng.integers(self.min_times, self.max_times + 1))):
+            bw, bh = (int(v) for v in rng.integers(lo, hi, 2))
+            x0 = int(rng.integers(m, max(m + 1, width - m - bw + 1)))
+            y0 = int(rng.integers(m, max(m + 1, height - m - bh + 1)))
+            mask[y0 : y0 + bh, x0 : x0 + bw] = 1.0
+        return mask
+
+
+@dataclass(frozen=True)
+class OutpaintingMask:
+    """Border bands: each side is masked with probability ``p_side`` (at least one side always is).
+
+    A band's thickness is uniform in ``[min_frac, max_frac]`` of the image height (top/bottom) or width
+    (left/right), as in LaMa's ``OutpaintingMaskGenerator`` defaults.
+
+    Args:
+        min_frac: Minimum band thickness as a fraction of the image side.
+        max_frac: Maximum band thickness as a fraction of the image side.
+        p_side: Probability that each of the four sides gets a band.
+    """
+
+    min_frac: float = 0.04
+    max_frac: float = 0.25
+    p_side: float = 0.5
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        mask = np.zeros((height, width), np.float32)
+        sides = rng.random(4) < self.p_side  # left, top, right, bottom
+        if not sides.any():
+            sides[rng.integers(0, 4)] = True
+        frac = rng.uniform(self.min_frac, self.max_frac, 4)
+        bands = [max(1, int(round(f * d))) for f, d in zip(frac, (width, height, width, height))]
+        if sides[0]:
+            mask[:, : bands[0]] = 1.0
+        if sides[1]:
+            mask[: bands[1], :] = 1.0
+        if sides[2]:
+            mask[:, width - bands[2] :] = 1.0
+        if sides[3]:
+            mask[height - bands[3] :, :] = 1.0
+        return mask
+
+
+@dataclass(frozen=True)
+class MixedMask:
+    """Pick one generator per draw with probability proportional to its weight; optionally invert.
+
+    Args:
+        generators: The candidate generators.
+        weights: Non-negative weights, one per generator (normalised internally, like LaMa's ``*_proba``).
+        invert_proba: Probability of returning ``1 - mask``.
+    """
+
+    generators: tuple[MaskGenerator, ...]
+    weights: tuple[float, ...]
+    invert_proba: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.generators) != len(self.weights) or not self.generators:
+            raise ValueError("MixedMask: 'generators' and 'weights' must be non-empty and of equal length")
+        if min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"MixedMask: 'weights' must be >= 0 with a positive sum, got {self.weights}")
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        p = np.asarray(self.weights, np.float64)
+        idx = int(rng.choice(len(self.generators), p=p / p.sum()))
+        mask = self.generators[idx](rng, height, width)
+        if self.invert_proba > 0 and rng.random() < self.invert_proba:
+            mask = 1.0 - mask
+        return mask
+
+
+@dataclass(frozen=True)
+class MaxCoverage:
+    """Redraw until the hole covers at most ``max_fraction`` of the image (LaMa eval's ``max_tamper_area``).
+
+    The result is the base distribution conditioned on coverage <= ``max_fraction``, which is what LaMa's
+    evaluation sets hold (it proposes several masks per image and keeps one that passes).
+
+    Args:
+        base: The generator to draw from.
+        max_fraction: Largest accepted mean of the mask.
+        max_tries: Give up with RuntimeError after this many rejected draws (a preset that can never pass).
+    """
+
+    base: MaskGenerator
+    max_fraction: float = 0.5
+    max_tries: int = 1000
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        for _ in range(self.max_tries):
+            mask = self.base(rng, height, width)
+            if mask.mean() <= self.max_fraction:
+                return mask
+        raise RuntimeError(f"MaxCoverage: no mask with coverage <= {self.max_fraction} in {self.max_tries} draws")
+
+
+def _lama_eval(irregular: LamaIrregularMask, box: LamaBoxMask | None) -> MaskGenerator:
+    # LaMa eval presets: irregular_proba 1 and box_proba 0.3 -> 1/1.3 irregular after normalisation.
+    return irregular if box is None else MixedMask((irregular, box), (1.0, 0.3))
+
+
+# Named modes, as AddMask(mode=...) and the configs spell them. Numbers: SPEC B.4.3 (SD) and B.5 (LaMa).
+MASK_MODES: dict[str, MaskGenerator] = {
+    "256train": SDMask(0.5, strokes=(1, 5), max_len=200, max_width=100, boxes=(1, 4), box_side=(30, 150)),
+    "256narrow": SDMask(1.0, strokes=(4, 50), max_len=40, max_width=10),
+    "512train": SDMask(0.5, strokes=(1, 5), max_len=450, max_width=250, boxes=(1, 4), box_side=(30, 300)),
+    "512train-large": SDMask(0.5, strokes=(1, 5), max_len=450, max_width=400, boxes=(1, 4), box_side=(75, 450)),
+    "lama-train": MixedMask(
+        (LamaIrregularMask(4, 200, 100, 1, 5), LamaBoxMask(10, 30, 150, 1, 4)), weights=(1.0, 1.0)
+    ),
+    "lama-thin-256": _lama_eval(LamaIrregularMask(4, 40, 10, 4, 50), None),
+    "lama-medium-256": _lama_eval(LamaIrregularMask(4, 100, 50, 4, 5), LamaBoxMask(0, 10, 50, 1, 5)),
+    "lama-thick-256": _lama_eval(LamaIrregularMask(4, 200, 100, 1, 5), LamaBoxMask(10, 30, 150, 1, 3)),
+    "lama-thin-512": _lama_eval(LamaIrregularMask(4, 100, 20, 4, 70), None),
+    "lama-medium-512": _lama_eval(LamaIrregularMask(4, 200, 100, 4, 10), LamaBoxMask(0, 30, 150, 1, 5)),
+    "lama-thick-512": _lama_eval(LamaIrregularMask(4, 450, 250, 1, 5), LamaBoxMask(10, 30, 300, 1, 4)),
+    "outpainting": OutpaintingMask(),
+}
+
+
+def get_mask_generator(mode: str) -> MaskGenerator:
+    """Look up a named mode; unknown names raise ValueError listing the valid ones."""
+    try:
+        return MASK_MODES[mode]
+    except KeyError:
+        raise ValueError(f"unknown mask mode '{mode}'; valid modes: {', '.join(MASK_MODES)}") from None
+
+
+def coverage(mask: np.ndarray) -> float:
+    """Fraction of hole pixels (mask == 1)."""
+    return float(mask.mean())
+
+
+def full_mask(height: int, width: int) -> np.ndarray:
+    """The all-hole mask used for ``p_drop`` (a pure text-to-image sample)."""
+    return np.ones((height, width), np.float32)
+
+
+__all__ = [
+    "MASK_MODES",
+    "LamaBoxMask",
+    "LamaIrregularMask",
+    "MaskGenerator",
+    "MaxCoverage",
+    "MixedMask",
+    "OutpaintingMask",
+    "SDMask",
+    "coverage",
+    "full_mask",
+    "get_mask_generator",
+]

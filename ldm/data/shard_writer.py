@@ -1,0 +1,132 @@
+"""Writing img2dataset-compatible WebDataset shards (without installing img2dataset, see ECOSYSTEM.md 4).
+
+Layout, as img2dataset 1.47 writes it: ``<out>/00000.tar, 00001.tar, ...`` holding ``<key>.jpg``,
+``<key>.txt`` (caption) and ``<key>.json`` per sample, plus ``<out>/00000_stats.json`` per shard. Keys are
+the 5-digit shard id followed by the row index zero-padded to ``ceil(log10(samples_per_shard))`` digits
+(at least one). The json holds the record's extra metadata columns first, then ``caption, url, key, status,
+error_message, width, height, original_width, original_height, sha256`` (hash of the stored JPEG bytes;
+img2dataset hashes the downloaded original, which a local source does not have).
+
+Resize modes follow img2dataset: ``keep_ratio`` (shorter side to ``size``), ``center_crop`` (then a centre
+square) and ``no``. ``original_width``/``original_height`` are the size of the record's source image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+from webdataset import TarWriter
+
+log = logging.getLogger(__name__)
+ResizeMode = Literal["keep_ratio", "center_crop", "no"]
+
+
+@dataclass
+class Record:
+    """One sample to write.
+
+    Args:
+        image: The source image (any PIL mode; stored as RGB JPEG).
+        caption: The caption text.
+        url: Where the image came from (a path, or ``package://name`` for the demo set).
+        meta: Extra metadata columns copied into the json (e.g. ``punsafe``, ``pwatermark``, ``aesthetic``).
+    """
+
+    image: Image.Image
+    caption: str
+    url: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def resize_image(img: Image.Image, size: int | None, mode: ResizeMode) -> Image.Image:
+    """Resize like img2dataset's ``resize_mode`` (LANCZOS; antialiased when shrinking)."""
+    img = img.convert("RGB")
+    if size is None or mode == "no":
+        return img
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    img = img.resize(new, Image.Resampling.LANCZOS) if new != (w, h) else img
+    if mode == "center_crop":
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif mode != "keep_ratio":
+        raise ValueError(f"unknown resize mode '{mode}'; use keep_ratio, center_crop or no")
+    return img
+
+
+def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _chunks(records: Iterable[Record], n: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_shards(
+    records: Iterable[Record],
+    out_dir: str | Path,
+    samples_per_shard: int = 10_000,
+    size: int | None = 512,
+    resize_mode: ResizeMode = "keep_ratio",
+    quality: int = 95,
+    first_shard: int = 0,
+) -> list[Path]:
+    """Write ``records`` as numbered tar shards plus per-shard stats json; return the tar paths."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    digits = max(1, math.ceil(math.log10(samples_per_shard)))
+    paths = []
+    for shard_id, chunk in enumerate(_chunks(records, samples_per_shard), start=first_shard):
+        start = time.time()
+        path = out / f"{shard_id:05d}.tar"
+        with TarWriter(str(path)) as sink:
+            for row, rec in enumerate(chunk):
+                key = f"{shard_id:05d}{row:0{digits}d}"
+                img = resize_image(rec.image, size, resize_mode)
+                jpg = _encode_jpeg(img, quality)
+                meta = {**rec.meta, "caption": rec.caption, "url": rec.url, "key": key, "status": "success",
+                        "error_message": None, "width": img.width, "height": img.height,
+                        "original_width": rec.image.width, "original_height": rec.image.height,
+                        "sha256": hashlib.sha256(jpg).hexdigest()}
+                sink.write({"__key__": key, "jpg": jpg, "txt": rec.caption, "json": json.dumps(meta)})
+        end = time.time()
+        stats = {"count": len(chunk), "successes": len(chunk), "failed_to_download": 0, "failed_to_resize": 0,
+                 "duration": end - start, "start_time": start, "end_time": end,
+                 "status_dict": {"success": len(chunk)}}
+        (out / f"{shard_id:05d}_stats.json").write_text(json.dumps(stats, indent=2))
+        paths.append(path)
+        log.debug("wrote %s (%d samples)", path, len(chunk))
+    return paths
+
+
+def brace_pattern(paths: list[Path]) -> str:
+    """The ``{00000..000NN}.tar`` pattern covering consecutive shard paths (for a config's ``shards``)."""
+    if not paths:
+        raise ValueError("no shards written")
+    first, last = paths[0].stem, paths[-1].stem
+    return str(paths[0].parent / (f"{first}.tar" if first == last else f"{{{first}..{last}}}.tar"))
+
+
+__all__ = ["Record", "ResizeMode", "brace_pattern", "resize_image", "write_shards"]

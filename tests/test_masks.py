@@ -1,0 +1,213 @@
+"""Mask generators and AddMask: layouts, seeding, no global RNG, and coverage statistics vs SPEC B.4.4."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ldm.data.inpainting import AddMask
+from ldm.data.masks import (
+    MASK_MODES,
+    LamaBoxMask,
+    LamaIrregularMask,
+    MaxCoverage,
+    MixedMask,
+    OutpaintingMask,
+    SDMask,
+    get_mask_generator,
+)
+from ldm.data.rng import SEED_KEY
+
+
+def _draw(mode: str, n: int, size: int, seed: int = 0) -> np.ndarray:
+    gen, rng = MASK_MODES[mode], np.random.default_rng(seed)
+    return np.array([gen(rng, size, size).mean() for _ in range(n)])
+
+
+@pytest.mark.parametrize("mode", list(MASK_MODES))
+@pytest.mark.parametrize("hw", [(64, 64), (96, 160), (256, 256)])
+def test_every_mode_gives_binary_float_masks(mode, hw):
+    rng = np.random.default_rng(1)
+    masks = [MASK_MODES[mode](rng, *hw) for _ in range(5)]
+    for m in masks:
+        assert m.shape == hw and m.dtype == np.float32
+        assert set(np.unique(m).tolist()) <= {0.0, 1.0}
+    assert any(m.any() for m in masks), "a generator that never masks anything"
+
+
+@pytest.mark.parametrize("mode", ["512train-large", "lama-thin-512", "lama-train", "outpainting"])
+def test_fixed_seed_fixed_mask_and_seeds_differ(mode):
+    gen = MASK_MODES[mode]
+    a = gen(np.random.default_rng(7), 128, 128)
+    b = gen(np.random.default_rng(7), 128, 128)
+    c = gen(np.random.default_rng(8), 128, 128)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_generators_and_addmask_leave_global_rng_untouched():
+    np.random.seed(123)
+    random.seed(123)
+    torch.manual_seed(123)
+    np_state, py_state, torch_state = np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state()
+    rng = np.random.default_rng(0)
+    for gen in MASK_MODES.values():
+        gen(rng, 64, 64)
+    AddMask("512train-large", p_drop=0.5)({"jpg": np.zeros((64, 64, 3), np.float32), SEED_KEY: (1, 2, 3)})
+    np.testing.assert_array_equal(np.random.get_state()[1], np_state)
+    assert random.getstate() == py_state
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_unknown_mode_lists_valid_modes():
+    with pytest.raises(ValueError, match="512train-large"):
+        get_mask_generator("512-train-large")
+
+
+def test_lama_box_mask_respects_margin_and_size_range():
+    gen = LamaBoxMask(margin=10, min_size=30, max_size=60, min_times=1, max_times=1)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        m = gen(rng, 128, 128)
+        assert not m[:10].any() and not m[:, :10].any() and not m[-10:].any() and not m[:, -10:].any()
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        assert 30 <= rows.size <= 60 and 30 <= cols.size <= 60
+        assert m.sum() == rows.size * cols.size  # one solid axis-aligned box
+
+
+def test_lama_irregular_stroke_count_matches_generator_semantics():
+    # times = 0..max_times+1 at ramp coefficient 1: with min=max=0 some draws have one stroke, some none.
+    gen = LamaIrregularMask(max_len=20, max_width=5, min_times=0, max_times=0)
+    rng = np.random.default_rng(0)
+    nonempty = [gen(rng, 64, 64).any() for _ in range(200)]
+    assert 0.3 < np.mean(nonempty) < 0.7
+
+
+def test_outpainting_is_a_union_of_border_bands():
+    gen, rng = OutpaintingMask(), np.random.default_rng(3)
+    for _ in range(100):
+        m = gen(rng, 100, 120)
+        assert m[50, 60] == 0  # bands are at most 25% of a side: the centre is never masked
+        bands = [m[:, 0].all(), m[0, :].all(), m[:, -1].all(), m[-1, :].all()]
+        assert any(bands)
+        # every hole pixel lies in a full row or full column band touching a border
+        rows, cols = m.all(1), m.all(0)
+        assert np.array_equal(m.astype(bool), rows[:, None] | cols[None, :])
+
+
+def test_mixed_and_max_coverage():
+    full, empty = (lambda r, h, w: np.ones((h, w), np.float32)), (lambda r, h, w: np.zeros((h, w), np.float32))
+    mixed, rng = MixedMask((full, empty), (3.0, 1.0)), np.random.default_rng(0)
+    share_full = np.mean([mixed(rng, 8, 8).mean() for _ in range(2000)])
+    assert abs(share_full - 0.75) < 0.03
+    capped = MaxCoverage(MASK_MODES["lama-thick-512"], 0.5)
+    assert max(capped(rng, 128, 128).mean() for _ in range(100)) <= 0.5
+    with pytest.raises(RuntimeError, match="no mask"):
+        MaxCoverage(full, 0.5, max_tries=3)(rng, 8, 8)
+    with pytest.raises(ValueError, match="weights"):
+        MixedMask((full,), (-1.0,))
+
+
+def test_sd_boxes_fit_small_images():
+    # 512train-large boxes are 75..449 px; at 64 px the sides are capped instead of raising.
+    gen = dataclasses.replace(MASK_MODES["512train-large"], p_irregular=0.0)
+    m = gen(np.random.default_rng(0), 64, 64)
+    assert m.any() and isinstance(gen, SDMask)
+
+
+# ---------------------------------------------------------------------------------------------- AddMask
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_addmask_layout_and_masked_image(as_tensor):
+    img = np.random.default_rng(0).uniform(-1, 1, (48, 40, 3)).astype(np.float32)
+    sample = {"jpg": torch.from_numpy(img) if as_tensor else img, SEED_KEY: (0, 0, 5)}
+    out = AddMask("lama-thick-256")(sample)
+    mask, masked = np.asarray(out["mask"]), np.asarray(out["masked_image"])
+    assert mask.shape == (48, 40, 1) and mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, 1.0}
+    assert masked.shape == (48, 40, 3) and masked.dtype == np.float32
+    # ldm's formula, bit for bit (signed zeros included): holes are 0, not -1
+    np.testing.assert_array_equal(masked.view(np.uint32), (img * (mask < 0.5)).view(np.uint32))
+    assert isinstance(out["mask"], torch.Tensor) == as_tensor
+
+
+def test_addmask_p_drop_extremes():
+    img = np.ones((32, 32, 3), np.float32)
+    always = AddMask("outpainting", p_drop=1.0)
+    never = AddMask("outpainting", p_drop=0.0)  # outpainting bands never cover the whole image
+    for i in range(50):
+        full = always({"jpg": img, SEED_KEY: (i,)})
+        assert full["mask"].all() and not full["masked_image"].any()
+        assert not never({"jpg": img, SEED_KEY: (i,)})["mask"].all()
+
+
+def test_addmask_draws_from_sample_seed_words():
+    img = np.zeros((64, 64, 3), np.float32)
+    add = AddMask("512train-large", p_drop=0.25)
+    a = add({"jpg": img, SEED_KEY: (0, 0, 0, 0, 1, 0, 17)})["mask"]
+    b = AddMask("512train-large", p_drop=0.25)({"jpg": img, SEED_KEY: (0, 0, 0, 0, 1, 0, 17)})["mask"]
+    c = add({"jpg": img, SEED_KEY: (0, 0, 0, 0, 1, 0, 18)})["mask"]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_addmask_fallback_generator_is_seeded_and_warns(caplog):
+    img = np.zeros((64, 64, 3), np.float32)
+    first = AddMask("lama-train", seed=3)({"jpg": img})["mask"]
+    again = AddMask("lama-train", seed=3)({"jpg": img})["mask"]
+    np.testing.assert_array_equal(first, again)
+    assert "__seed__" in caplog.text
+
+
+def test_addmask_accepts_a_generator_config_and_rejects_bad_params():
+    add = AddMask({"target": "ldm.data.masks.LamaBoxMask", "params": {"margin": 0, "min_size": 8, "max_size": 8,
+                                                                       "min_times": 1, "max_times": 1}})
+    m = add({"jpg": np.zeros((16, 16, 3), np.float32), SEED_KEY: (1,)})["mask"]
+    assert m.sum() == 64
+    with pytest.raises(ValueError, match="p_drop"):
+        AddMask(p_drop=1.5)
+    with pytest.raises(ValueError, match="valid modes"):
+        AddMask("no-such-mode")
+
+
+def test_addmask_uint8_transport_keeps_uint8_mask():
+    out = AddMask("outpainting")({"jpg": np.zeros((16, 16, 3), np.uint8), SEED_KEY: (1,)})
+    assert out["mask"].dtype == np.uint8 and out["mask"].shape == (16, 16, 1) and "masked_image" not in out
+
+
+# ------------------------------------------------------------------------------ coverage vs SPEC B.4.4
+
+
+@pytest.mark.slow
+def test_512train_large_coverage_matches_spec():
+    cov = _draw("512train-large", 4000, 512)
+    assert abs(cov.mean() - 0.326) < 0.02 and abs(np.median(cov) - 0.304) < 0.02
+    assert abs(np.quantile(cov, 0.1) - 0.067) < 0.02 and abs(np.quantile(cov, 0.9) - 0.622) < 0.03
+    add, rng = AddMask("512train-large", p_drop=0.25), np.random.default_rng(1)
+    after = np.array([add.make_mask(rng, 512, 512).mean() for _ in range(4000)])
+    assert abs(after.mean() - 0.496) < 0.02 and abs(np.median(after) - 0.418) < 0.03
+    assert abs((after == 1.0).mean() - 0.25) < 0.03
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, mean, p50, p90",
+    [("lama-thick-512", 0.458, 0.445, 0.801), ("lama-medium-512", 0.304, 0.323, 0.506),
+     ("lama-thin-512", 0.292, 0.302, 0.468)],
+)
+def test_lama_eval_presets_match_spec_rows(mode, mean, p50, p90):
+    cov = _draw(mode, 4000, 512)
+    assert abs(cov.mean() - mean) < 0.02 and abs(np.median(cov) - p50) < 0.02
+    assert abs(np.quantile(cov, 0.9) - p90) < 0.03
+
+
+@pytest.mark.slow
+def test_sd_and_lama_training_rows_match_spec():
+    for mode, size, mean, p50 in (("512train", 512, 0.182, 0.165), ("256train", 256, 0.172, 0.157),
+                                  ("lama-train", 256, 0.349, 0.314)):
+        cov = _draw(mode, 2000, size)
+        assert abs(cov.mean() - mean) < 0.02 and abs(np.median(cov) - p50) < 0.02, mode
