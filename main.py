@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: F401 - config targets main.*
 from ldm.checkpoint import CheckpointError
+from ldm.data.stats import BadDataError
 from ldm.run import (
     build_trainer,
     check_overrides,
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:  # user mistakes: one clear line, no traceback
         log.error("%s", e)
         return 2
+    except BadDataError as e:  # too much bad data: the message names the shards
+        log.error("%s", str(e).strip().splitlines()[-1])
+        return 3
 
 
 if __name__ == "__main__":

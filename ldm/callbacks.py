@@ -326,6 +326,33 @@ class StepSeed(pl.Callback):
         torch.manual_seed(s)  # seeds every CUDA device too
 
 
+class DataStatsLogger(pl.Callback):
+    """Log the data module's sample counts (delivered, and skipped per reason) as ``data/<reason>``, summed
+    over ranks, every ``every_n_steps`` optimizer steps. No-op for data modules without ``data_stats``.
+
+    Args:
+        every_n_steps: logging interval in optimizer steps.
+    """
+
+    def __init__(self, every_n_steps: int = 500) -> None:
+        super().__init__()
+        self.every = max(1, every_n_steps)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "data_stats") or trainer.global_step % self.every:
+            return
+        if trainer.fit_loop._should_accumulate():
+            return
+        stats = dm.data_stats("train")
+        for key, value in sorted(stats.items()):
+            pl_module.log(f"data/{key}", float(value), on_step=True, on_epoch=False, sync_dist=True,
+                          reduce_fx="sum")
+        if trainer.is_global_zero and any(stats.values()):
+            dm.log_data_stats()
+
+
 def to_plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 

@@ -181,6 +181,7 @@ def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: D
         "graceful_stop": {"target": "ldm.callbacks.GracefulStop",
                           "params": {"ckpt_path": str(dirs.ckptdir / "last.ckpt"), "signals": _signals()}},
         "finite_loss": {"target": "ldm.callbacks.FiniteLossGuard"},
+        "data_stats": {"target": "ldm.callbacks.DataStatsLogger", "params": {"every_n_steps": 500}},
         "step_seed": {"target": "ldm.callbacks.StepSeed", "params": {"seed": seed}},
     }
 

@@ -112,8 +112,13 @@ def load_config(paths: Sequence[str | Path], dotlist: Iterable[str] = ()) -> Dic
     for token in dotlist:
         if "=" not in token or token.startswith("="):
             raise ConfigError(f"override '{token}' is not of the form key.path=value")
-    merged = OmegaConf.merge(*configs, OmegaConf.from_dotlist(dotlist)) if configs or dotlist else OmegaConf.create()
-    return merged
+    overrides = []
+    for token in dotlist:  # one at a time, so a malformed value is reported with its token
+        try:
+            overrides.append(OmegaConf.from_dotlist([token]))
+        except Exception as e:
+            raise ConfigError(f"cannot parse override '{token}': {str(e).splitlines()[0]}") from e
+    return OmegaConf.merge(*configs, *overrides) if configs or overrides else OmegaConf.create()
 
 
 def count_params(model: Any) -> int:

@@ -101,3 +101,17 @@ def test_bad_input_names_the_key(tmp_path, override, expected, caplog):
     rc = main.main(["--base", TINY, "--train", "-l", str(tmp_path), override])
     assert rc == 2
     assert expected in caplog.text
+
+
+def test_missing_shards_name_the_pattern(tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(TINY)
+    cfg.data = {"target": "ldm.data.laion.WebDataModuleFromConfig",
+                "params": {"batch_size": 2, "num_workers": 0,
+                           "train": {"shards": str(tmp_path / "nowhere/{00000..00003}.tar"), "image_key": "jpg"}}}
+    path = tmp_path / "cfg.yaml"
+    OmegaConf.save(cfg, path)
+    rc = main.main(["--base", str(path), "--train", "-l", str(tmp_path / "logs"), "lightning.trainer.max_steps=2"])
+    assert rc == 2
+    assert "nowhere/{00000..00003}.tar" in caplog.text and "data.params.train.shards" in caplog.text

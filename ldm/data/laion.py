@@ -38,6 +38,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -170,6 +171,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             min_aesthetic=min_aesthetic, words=load_word_list(filter_word_list),
             missing_field_policy=missing_field_policy,
         )
+        self._patterns: dict[str, Any] = {}
         self.splits = {name: self._parse_split(name, cfg) for name, cfg in
                        (("train", train), ("validation", validation), ("test", test)) if cfg is not None}
         self.counts: dict[str, SharedCounts] = {}
@@ -202,7 +204,24 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             uint8_images=self.uint8_transport,
         )
         urls = expand_shards(cfg["shards"], self.tar_base, where=f"{name}.shards")
+        self._patterns[name] = cfg["shards"]
         return _Split(urls, processor, shuffle, bool(cfg.get("resampled", name == "train")))
+
+    def check_local_shards(self, split: str) -> None:
+        """Fail fast when a split's *local* shard files do not exist (remote and ``pipe:`` URLs are not checked).
+
+        All missing is a :class:`ConfigError` naming the pattern; some missing is a warning (those shards are
+        then counted as ``read_error`` and skipped).
+        """
+        local = [u for u in self.splits[split].urls if not u.startswith("pipe:") and "://" not in u]
+        missing = [u for u in local if not Path(u).is_file()]
+        if local and len(missing) == len(local):
+            raise ConfigError(f"data.params.{split}.shards: none of the {len(local)} local shard files of "
+                              f"{self._patterns.get(split)!r} exist (first: {missing[0]}). Check the path or "
+                              f"override data.params.{split}.shards=...")
+        if missing:
+            log.warning("%s: %d of %d shard files are missing (first: %s); they will be skipped", split,
+                        len(missing), len(local), missing[0])
 
     def set_resume_step(self, step: int) -> None:
         """Seed the next training stream with this global step (overrides ``trainer.global_step``)."""
@@ -214,6 +233,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         if split not in self.splits:
             raise ConfigError(f"no '{split}' split configured in the data module (add a '{split}:' section)")
         spec = self.splits[split]
+        self.check_local_shards(split)
         rank, world_size = resolve_rank(self.trainer)
         if world_size > 1 and not self.multinode:
             raise ConfigError(f"'multinode' is False but the world size is {world_size}; set multinode: True")
