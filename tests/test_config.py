@@ -69,3 +69,15 @@ def test_every_target_imports_and_every_param_is_real(path):
         obj = get_obj_from_str(node["target"])
         params = node.get("params") or {}
         check_params(obj, params, where=f"{path}:{where}")
+
+
+def test_config_reference_is_current():
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import config_reference
+
+    assert config_reference.main(["--check"]) == 0, "run: python scripts/config_reference.py"
+    text = (REPO / "configs" / "README.md").read_text()
+    assert "| `ckpt_path` |" in text and "| `uint8_transport` |" in text
+    assert not [line for line in text.splitlines() if line.startswith("| `") and line.rstrip().endswith("|  |")]

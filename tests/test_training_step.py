@@ -155,3 +155,16 @@ def test_channels_last_and_compile_switches_keep_outputs_and_keys():
                                    eager.model.diffusion_model(x, t, context=ctx), atol=1e-5, rtol=1e-5)
     compiled = build_tiny("inpaint", compile_unet={"backend": "eager"})
     assert set(compiled.state_dict()) == set(eager.state_dict())  # no _orig_mod. prefixes
+
+
+def test_log_images_keys_and_ranges():
+    model = build_tiny("inpaint", c_concat_log_start=1, c_concat_log_end=5)
+    images = model.log_images(synthetic_batch(2), N=2, ddim_steps=2, unconditional_guidance_scale=3.0,
+                              unconditional_guidance_label=[""], inpaint=False, plot_progressive_rows=False)
+    assert set(images) == {"inputs", "reconstruction", "mask", "masked_image", "c_concat_decoded", "samples",
+                           "samples_cfg_scale_3.00"}
+    for key, x in images.items():
+        assert x.shape == (2, 3, 64, 64), key
+    assert set(images["mask"].unique().tolist()) <= {-1.0, 1.0}
+    with pytest.raises(ValueError, match="unknown option"):
+        model.log_images(synthetic_batch(2), N=2, ddim_stepz=2)

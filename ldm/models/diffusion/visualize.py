@@ -63,6 +63,9 @@ def log_images(
         out["mask"] = (model.image_from_batch(batch, "mask") * 2 - 1).repeat(1, 3, 1, 1)
     if getattr(model, "masked_image_key", None) in batch:
         out["masked_image"] = model.image_from_batch(batch, model.masked_image_key)
+    start, end = getattr(model, "c_concat_log_start", None), getattr(model, "c_concat_log_end", None)
+    if start is not None and end is not None and isinstance(cond, dict):  # e.g. 1, 5: the masked-image latent
+        out["c_concat_decoded"] = model.decode_first_stage(cond["c_concat"][0][:, start:end])
     if not sample:
         return {k: v.detach().float().cpu() for k, v in out.items()}
 
