@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as e:  # too much bad data: the message names the shards
         log.error("%s", str(e).strip().splitlines()[-1])
         return 3
+    except FloatingPointError as e:  # non-finite loss: the message names the step; last.ckpt is untouched
+        log.error("%s", e)
+        return 4
 
 
 if __name__ == "__main__":

@@ -75,3 +75,19 @@ class RecordKeys:
                     f.write("\n".join(str(k) for k in batch["__key__"]) + "\n")
 
         return _Recorder()
+
+
+class PoisonAtStep:
+    """Callback (config target ``tests.helpers.PoisonAtStep``) that turns one UNet weight into NaN when
+    ``global_step`` reaches ``step``, so the next loss is non-finite."""
+
+    def __new__(cls, step: int):
+        import pytorch_lightning as pl
+
+        class _Poison(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    with torch.no_grad():
+                        next(pl_module.model.parameters()).fill_(float("nan"))
+
+        return _Poison()

@@ -85,3 +85,15 @@ def test_two_nodes_train_read_different_data_and_only_rank0_writes(tmp_path):
     # node 1 (global rank 1) writes no checkpoints, images or metrics
     written = [p for p in (tmp_path / "logs1").rglob("*") if p.is_file()] if (tmp_path / "logs1").exists() else []
     assert written == [], written
+
+
+def test_two_nodes_with_sharded_optimizer_state_checkpoint_consolidated(tmp_path):
+    results = launch_two_nodes(tmp_path, ["model.params.shard_optimizer_state=true"])
+    for r in results:
+        assert r.returncode == 0, r.stdout[-4000:]
+    run0 = next((tmp_path / "logs0").iterdir())
+    ckpt = torch.load(run0 / "checkpoints/last.ckpt", weights_only=False)
+    n_params = sum(1 for k in ckpt["state_dict"] if k.startswith("model.diffusion_model."))
+    state = ckpt["optimizer_states"][0]["state"]
+    assert len(state) == n_params  # rank 0 saved the consolidated state of every UNet parameter
+    assert all(float(s["exp_avg_sq"].abs().sum()) > 0 for s in state.values())

@@ -168,3 +168,22 @@ def test_log_images_keys_and_ranges():
     assert set(images["mask"].unique().tolist()) <= {-1.0, 1.0}
     with pytest.raises(ValueError, match="unknown option"):
         model.log_images(synthetic_batch(2), N=2, ddim_stepz=2)
+
+
+def test_scale_by_std_estimates_once_and_is_kept_from_a_checkpoint(tmp_path):
+    model = build_tiny("inpaint", scale_by_std=True, scale_factor=1.0, scheduler_config=None, ucg_training=None)
+    batch = synthetic_batch(4)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        z = model.first_stage_model.encode(model.image_from_batch(batch, "jpg")).sample()
+    _trainer(1, tmp_path=tmp_path).fit(model, DataLoader(FixedBatches(batch, 1), batch_size=None))
+    factor = float(model.scale_factor)
+    assert factor == pytest.approx(1.0 / float(z.flatten().std()), rel=0.15)  # posterior samples differ slightly
+    assert "scale_factor" in model.state_dict()
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    again = build_tiny("inpaint", scale_by_std=True, scale_factor=1.0, ckpt_path=str(path), finetune_keys=None,
+                       scheduler_config=None, ucg_training=None)
+    _trainer(1, tmp_path=tmp_path).fit(again, DataLoader(FixedBatches(synthetic_batch(4, seed=9), 1),
+                                                         batch_size=None))
+    assert float(again.scale_factor) == pytest.approx(factor)  # loaded, not re-estimated

@@ -1,4 +1,7 @@
-"""LatentDiffusion and LatentInpaintDiffusion: the Lightning modules, under ldm's module name and API.
+"""LatentDiffusion: the Lightning module, under ldm's module name and API.
+
+``LatentInpaintDiffusion`` (hybrid conditioning on mask + masked-image latent) lives in
+:mod:`ldm.models.diffusion.inpainting` and is re-exported here for the configs' target path.
 
 This file owns the *training wiring* only. The math lives in pure modules called from here:
 ``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets),
@@ -36,7 +39,7 @@ from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiffusionWrapper", "LatentDiffusion", "LatentInpaintDiffusion"]
+__all__ = ["DiffusionWrapper", "LatentDiffusion", "LatentInpaintDiffusion"]  # noqa: F822 - lazy, see __getattr__
 
 
 def disabled_train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:  # noqa: ARG001
@@ -94,6 +97,8 @@ class LatentDiffusion(pl.LightningModule):
         channels_last: keep the UNet weights and inputs in channels-last memory format (faster convs on GPUs).
         compile_unet: ``torch.compile`` the UNet in place (``nn.Module.compile``: state-dict keys unchanged);
             True for defaults or a dict of ``torch.compile`` keyword arguments.
+        shard_optimizer_state: under multi-process DDP, shard the AdamW state across ranks (ZeRO-1 via
+            ``torch.distributed.optim.ZeroRedundancyOptimizer``); plain AdamW on a single process.
         latent_moments_key: batch key of precomputed VAE posterior moments of the image (B x 8 x h x w, written
             by scripts/precompute_latents.py). When a batch has it, the image is not encoded online; the
             posterior is still *sampled*, as online. The masked image is always encoded online.
@@ -151,6 +156,7 @@ class LatentDiffusion(pl.LightningModule):
         channels_last: bool = False,
         compile_unet: bool | Mapping[str, Any] = False,
         latent_moments_key: str = "latent_moments",
+        shard_optimizer_state: bool = False,
     ) -> None:
         super().__init__()
         compat.note_ignored("LatentDiffusion", {"monitor": monitor, "log_every_t": log_every_t,
@@ -178,6 +184,7 @@ class LatentDiffusion(pl.LightningModule):
         self.monitor = monitor
         self.scheduler_config = scheduler_config
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
+        self.shard_optimizer_state = shard_optimizer_state
         self.ucg_training = {k: dict(v) for k, v in (ucg_training or {}).items()}
         self.ucg_seed = ucg_seed
         self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
@@ -203,6 +210,7 @@ class LatentDiffusion(pl.LightningModule):
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior)
         self.logvar = torch.full((self.num_timesteps,), float(logvar_init))  # not a buffer: ldm never saved it
         self._last_ema_step = -1
+        self._std_done = False  # scale_by_std: estimated once, unless a checkpoint brought a scale_factor
 
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys, only_model=load_only_unet,
@@ -271,6 +279,7 @@ class LatentDiffusion(pl.LightningModule):
         shapes = {k: v.shape for k, v in self.state_dict().items()}
         sd = widen_input_channels(sd, shapes, self.finetune_keys, self.keep_finetune_dims)
         missing, unexpected = load_into(self, sd, source=str(path))
+        self._std_done = self.scale_by_std and "scale_factor" in sd
         if self.use_ema:
             has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
                           for k in sd)
@@ -436,10 +445,13 @@ class LatentDiffusion(pl.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not getattr(self, "_std_done", False):
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._std_done:
             with torch.no_grad():
                 z, _ = self.get_input(batch, self.first_stage_key)
-                self.scale_factor.copy_(self.scale_factor / z.flatten().std())  # z already carries scale_factor
+                std = z.flatten().std()
+                if self._trainer is not None:  # every rank must use the same factor: average over ranks
+                    std = self.trainer.strategy.reduce(std, reduce_op="mean")
+                self.scale_factor.copy_(self.scale_factor / std)  # z already carries scale_factor
             log.info("scale_by_std: scale_factor set to %.5f", float(self.scale_factor))
             self._std_done = True
 
@@ -476,8 +488,17 @@ class LatentDiffusion(pl.LightningModule):
         on_cuda = all(p.is_cuda for p in params)
         # fused kernels need CUDA tensors; foreach is the fast multi-tensor path elsewhere
         kernel = {"fused": True} if on_cuda else {"foreach": True}
-        opt = torch.optim.AdamW(params, lr=self.learning_rate, betas=self.adam_betas, eps=self.adam_eps,
-                                weight_decay=self.weight_decay, **kernel)
+        hyper = dict(lr=self.learning_rate, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay,
+                     **kernel)
+        dist = torch.distributed
+        if self.shard_optimizer_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            # ZeRO-1: each rank holds the AdamW moments of 1/world of the parameters (~7 GB of fp32 state for
+            # the SD2 UNet, divided by the world size); Lightning consolidates it on rank 0 for checkpoints.
+            opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **hyper)
+        else:
+            opt = torch.optim.AdamW(params, **hyper)
         if self.scheduler_config is None:
             return opt
         multiplier = instantiate_from_config(self.scheduler_config)
@@ -520,71 +541,11 @@ def parameterization_checked(mode: str) -> str:
         raise ConfigError(f"model.params.parameterization: {e}") from e
 
 
-class LatentInpaintDiffusion(LatentDiffusion):
-    """SD2 inpainting: the UNet also sees the mask and the masked-image latent (``conditioning_key: hybrid``).
+def __getattr__(name: str) -> Any:
+    # COMPAT: configs name ``ldm.models.diffusion.ddpm.LatentInpaintDiffusion``; the class lives in its own
+    # module (which imports this one), so it is resolved lazily here (PEP 562).
+    if name == "LatentInpaintDiffusion":
+        from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
 
-    Conditioning (SPEC D5): ``c_concat = [mask resized to the latent grid with nearest (1 ch),
-    scale_factor * VAE posterior sample of the masked image (4 ch)]``, so UNet input channels are
-    0-3 noisy latent, 4 mask, 5-8 masked-image latent. Text goes through cross-attention.
-
-    Args:
-        concat_keys: batch keys stacked into ``c_concat``, in order (a key named like ``masked_image_key`` is
-            VAE-encoded; others are resized).
-        masked_image_key: batch key of the masked image.
-        finetune_keys: checkpoint keys widened 4 -> ``in_channels`` at init (model and EMA twin);
-            ``null`` disables the surgery (loading an inpainting checkpoint).
-        keep_finetune_dims: input channels copied from the checkpoint; the rest start at zero.
-        c_concat_log_start, c_concat_log_end: channel range of ``c_concat`` to decode for logging
-            (None = log the masked image from the batch instead).
-        **kwargs: every :class:`LatentDiffusion` parameter.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        concat_keys: Sequence[str] = ("mask", "masked_image"),
-        masked_image_key: str = "masked_image",
-        finetune_keys: Sequence[str] | None = compat.INPAINT_FINETUNE_KEYS,
-        keep_finetune_dims: int = 4,
-        c_concat_log_start: int | None = None,
-        c_concat_log_end: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.finetune_keys = tuple(finetune_keys or ())
-        self.keep_finetune_dims = keep_finetune_dims
-        super().__init__(*args, **kwargs)
-        self.concat_keys = tuple(concat_keys)
-        self.masked_image_key = masked_image_key
-        self.c_concat_log_start, self.c_concat_log_end = c_concat_log_start, c_concat_log_end
-
-    def concat_conditioning(self, batch: Mapping[str, Any], latent_hw: tuple[int, int], bs: int | None = None,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
-        """Build ``c_concat`` (B x 5 x h x w for SD2) from the batch's mask and masked image (B,H,W,C layout)."""
-        tensors = {key: self.image_from_batch(batch, key)[:bs].to(self.device) for key in self.concat_keys}
-        return self.build_c_concat(tensors, latent_hw, generator=generator)
-
-    def build_c_concat(self, tensors: Mapping[str, torch.Tensor], latent_hw: tuple[int, int] | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """``c_concat`` from B,C,H,W tensors keyed like ``concat_keys``; shared by training and sampling.
-
-        The masked image is VAE-encoded (posterior *sample*, from ``generator`` when given); other keys (the
-        mask) are resized to the latent grid with nearest, i.e. pixel (8i, 8j) as the reference (COMPAT).
-        ``latent_hw`` defaults to the masked-image latent's size.
-        """
-        missing = [k for k in self.concat_keys if k not in tensors]
-        if missing:
-            raise ValueError(f"concat conditioning needs {missing} (concat_keys={list(self.concat_keys)})")
-        encoded = {k: self.get_first_stage_encoding(self.encode_first_stage(tensors[k]), generator=generator)
-                   for k in self.concat_keys if k == self.masked_image_key}
-        if latent_hw is None:
-            if not encoded:
-                raise ValueError("latent_hw is required when no concat key is VAE-encoded")
-            latent_hw = tuple(next(iter(encoded.values())).shape[-2:])
-        parts = [encoded[k] if k in encoded else torch.nn.functional.interpolate(tensors[k], size=latent_hw)
-                 for k in self.concat_keys]
-        return torch.cat(parts, dim=1).detach()  # B x (1 + 4) x h x w
-
-    def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None, **legacy: Any):
-        z, c = super().get_input(batch, k, bs=bs, **legacy)
-        c_cat = self.concat_conditioning(batch, tuple(z.shape[-2:]), bs=bs)
-        return z, {"c_concat": [c_cat], "c_crossattn": [c]}
+        return LatentInpaintDiffusion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
