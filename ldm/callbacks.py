@@ -21,7 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchvision
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -352,9 +352,6 @@ class DataStatsLogger(pl.Callback):
         if trainer.is_global_zero and any(stats.values()):
             dm.log_data_stats()
 
-
-def to_plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def weight_snapshot_checkpoint(**params: Any) -> pl.Callback:

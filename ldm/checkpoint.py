@@ -52,7 +52,11 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Return the tensor state dict of a checkpoint, unwrapping ``{"state_dict": ...}`` when present."""
-    obj = load_checkpoint_file(path)
+    return state_dict_of(load_checkpoint_file(path), path)
+
+
+def state_dict_of(obj: Mapping[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint object (``obj["state_dict"]`` when wrapped, else ``obj`` itself)."""
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping")

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file
+from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file, state_dict_of
 from ldm.interop.ldm_format import read_parameterization, select_weights
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
@@ -108,12 +108,7 @@ def build_model(config: str | Path | DictConfig) -> Any:
 
 def _split_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str | None, int | None]:
     obj = load_checkpoint_file(path)
-    sd = obj.get("state_dict", obj)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping")
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path} contains no tensors; is it a model checkpoint?")
+    tensors = state_dict_of(obj, path)
     step = obj.get("global_step")
     return tensors, read_parameterization(path, obj), int(step) if isinstance(step, int) else None
 

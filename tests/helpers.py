@@ -13,6 +13,16 @@ from ldm.util import instantiate_from_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_script(name: str):
+    """Import ``scripts/NAME.py`` under a private module name (script names like 'evaluate' are too generic)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(name: str = "inpaint", **params: Any):
     cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{name}.yaml")
     for k, v in params.items():

@@ -4,7 +4,6 @@ held-out set readers, and scripts/evaluate.py end to end on two tiny checkpoints
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,30 +17,14 @@ from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures, Missin
 from ldm.eval.metrics import PSNR_CAP, frechet_distance, gaussian_stats, region_metrics
 from ldm.eval.run import CheckpointSpec, FeatureMetrics, evaluate_checkpoint
 from ldm.inference import SamplingOptions
-from tests.helpers import REPO, build_tiny
+from tests.helpers import REPO, build_tiny, load_script
 
-
-def _load_script(name: str):
-    """Import scripts/NAME.py under a private module name (script names like 'evaluate' are too generic)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = _load_script("evaluate")
+evaluate_script = load_script("evaluate")
 
 CONFIG = str(REPO / "configs" / "tiny" / "inpaint.yaml")
 MODES = ["lama-thin-256", "512train-large"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core box spinning OpenMP threads slow this file down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

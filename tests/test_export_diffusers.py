@@ -3,7 +3,6 @@ clients (offline) and the key maps checked against the full-size SD2 manifests."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -16,29 +15,13 @@ from ldm.interop.diffusers_export import convert_to_diffusers, diffusers_configs
 from ldm.interop.keymaps import KeyMapError, UNetLayout, unet_key, vae_key
 from ldm.interop.ldm_format import PARAMETERIZATION_KEY, ema_key, read_parameterization
 from tests.conftest import read_reference_tsv
-from tests.helpers import REPO, build_tiny, tiny_config
+from tests.helpers import REPO, build_tiny, load_script, tiny_config
 
-
-def _load_script(name: str):
-    """Import scripts/NAME.py under a private module name (script names like 'export' are too generic)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_script = _load_script("export")
+export_script = load_script("export")
 
 CONFIG = str(REPO / "configs" / "tiny" / "inpaint.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads; on a shared 2-core box spinning OpenMP threads slow this file down.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ and scripts/inpaint.py end to end on a tiny model (CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -23,31 +22,14 @@ from ldm.inference import (
     restore_size,
 )
 from ldm.interop.ldm_format import ema_key, save_ldm_checkpoint
-from tests.helpers import REPO, build_tiny
+from tests.helpers import REPO, build_tiny, load_script
 
-
-def _load_script(name: str):
-    """Import scripts/NAME.py under a private module name (script names like 'inpaint' are too generic)."""
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inpaint_script = _load_script("inpaint")
+inpaint_script = load_script("inpaint")
 
 CONFIG = str(REPO / "configs" / "tiny" / "inpaint.yaml")
 UNET_KEY = "model.diffusion_model.out.2.weight"  # zero-initialised in a fresh UNet: perturbed below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions gain nothing from threads, and on a shared 2-core box spinning OpenMP threads make
-    # this file several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _perturbed_state_dict(seed: int) -> dict[str, torch.Tensor]:
