@@ -82,6 +82,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str]) -> int:
     opt, unknown = get_parser().parse_known_args(explicit_bools(argv))
+    # `--base a.yaml x.y=1` lets nargs="*" swallow the override: give it back
+    unknown += [b for b in opt.base if "=" in b]
+    opt.base = [b for b in opt.base if "=" not in b]
     bad = [u for u in unknown if "=" not in u]
     if bad:
         raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value")

@@ -229,6 +229,7 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
             spec.setdefault("params", {}).setdefault("save_dir", str(dirs.logdir))
             spec["params"].setdefault("name", dirs.nowname)
             spec["params"].setdefault("id", dirs.nowname)  # same id on resume: the wandb run continues
+            spec["params"].setdefault("resume", "allow")
         specs[name] = spec
     return [instantiate_from_config(s) for s in specs.values()]
 
