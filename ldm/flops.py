@@ -1,10 +1,11 @@
 """Model FLOPs of the SD2 networks, counted with ``torch.utils.flop_counter.FlopCounterMode``.
 
 What is counted: what ``FlopCounterMode`` counts, i.e. 2 x the multiply-accumulates of matmuls, convolutions,
-batched matmuls and attention (SDPA); norms, softmax and element-wise ops are left out (they are memory
-bound, and every published MFU figure leaves them out too). Counting runs on whatever device the modules
-live on; on the ``meta`` device it costs no memory and no arithmetic, so the full-size model is counted in
-seconds on any machine (SPEC B.8, PERFORMANCE.md section 6 give the reference numbers).
+batched matmuls and attention (SDPA; this module adds the formula torch lacks for the CPU flash kernel);
+norms, softmax and element-wise ops are left out (memory bound; published MFU figures leave them out too).
+Counting runs on whatever device the modules live on; on the ``meta`` device it costs no memory and no
+arithmetic, so the full-size model is counted in seconds on any machine (SPEC B.8 and PERFORMANCE.md
+section 6 give the reference numbers; tests/test_flops.py checks them).
 
 Per training sample of the inpainting model (MFU convention: model FLOPs, not hardware FLOPs):
 
@@ -12,11 +13,11 @@ Per training sample of the inpainting model (MFU convention: model FLOPs, not ha
   + 2 x VAE encoder             (image and masked image; 1 x when the image latent is precomputed)
   + 1 x text encoder            (penultimate layer, 77 tokens)
 
-Activation checkpointing recomputes the UNet forward in the backward pass; those FLOPs are hardware FLOPs,
-not model FLOPs, and are only added when asked for (``recompute=True``).
+Activation checkpointing recomputes most of the UNet forward in the backward pass (counted: 3.7 x forward
+instead of 3.0 x); those are hardware FLOPs, not model FLOPs, and MFU leaves them out.
 
-Left out: VAE decoder FLOPs (the training step never decodes, SPEC D8) and optimizer/EMA arithmetic
-(memory bound, a few FLOPs per parameter).
+The VAE decoder is counted for sampling only (the training step never decodes, SPEC D8). Left out:
+optimizer and EMA arithmetic (memory bound, a few FLOPs per parameter).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ldm.util import instantiate_from_config
 
@@ -38,16 +39,34 @@ __all__ = [
     "model_flops",
     "text_encoder_flops",
     "unet_forward_flops",
+    "vae_decoder_flops",
     "vae_encoder_flops",
 ]
 
 
+def _cpu_sdpa(query_shape, key_shape, value_shape, *_args: Any, **_kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *_args: Any,
+                       **_kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+#: torch's counter has formulas for the CUDA SDPA kernels and counts the math path on meta, but none for the
+#: CPU flash kernel: without these, attention on CPU tensors would count as zero FLOPs.
+_EXTRA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """Run ``fn()`` under ``FlopCounterMode``; return (total FLOPs, FLOPs per aten op name)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         fn()
-    per_op = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
-    return int(counter.get_total_flops()), per_op
+    counts = counter.get_flop_counts().get("Global", {})
+    return int(counter.get_total_flops()), {str(op).removeprefix("aten."): int(n) for op, n in counts.items()}
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -96,6 +115,13 @@ def vae_encoder_flops(vae: nn.Module, image_size: int, batch: int = 1) -> tuple[
     return flops, tuple(out[0].shape[-2:])
 
 
+def vae_decoder_flops(vae: nn.Module, latent_hw: tuple[int, int], batch: int = 1) -> int:
+    """FLOPs of ``vae.decode`` incl. ``post_quant_conv`` on ``batch`` latents (sampling only)."""
+    z = torch.zeros(batch, vae.post_quant_conv.in_channels, *latent_hw, device=_device(vae))  # B x 4 x h x w
+    with torch.no_grad():
+        return count_flops(lambda: vae.decode(z))[0]
+
+
 def text_encoder_flops(text_encoder: nn.Module, batch: int = 1) -> tuple[int, tuple[int, int]]:
     """(FLOPs of ``text_encoder.encode`` on ``batch`` captions, context (tokens, width))."""
     out: list[torch.Tensor] = []
@@ -114,6 +140,7 @@ class ModelFlops:
         unet_forward: one UNet forward, one sample.
         vae_encoder: one VAE encode (incl. ``quant_conv``), one image.
         text_encoder: one caption through the text encoder as the model uses it.
+        vae_decoder: one VAE decode (incl. ``post_quant_conv``); sampling only.
     """
 
     image_size: int
@@ -121,25 +148,23 @@ class ModelFlops:
     unet_forward: int
     vae_encoder: int
     text_encoder: int
+    vae_decoder: int = 0
 
-    def training_per_sample(self, precomputed_image_latent: bool = False, recompute: bool = False) -> int:
+    def training_per_sample(self, precomputed_image_latent: bool = False) -> int:
         """Model FLOPs of one inpainting training sample (see the module docstring).
 
         Args:
             precomputed_image_latent: the image latent comes from disk; only the masked image is encoded.
-            recompute: add the UNet forward that activation checkpointing recomputes (hardware FLOPs; MFU
-                leaves this out).
         """
-        unet = (4 if recompute else 3) * self.unet_forward
-        return unet + (1 if precomputed_image_latent else 2) * self.vae_encoder + self.text_encoder
+        encodes = 1 if precomputed_image_latent else 2
+        return 3 * self.unet_forward + encodes * self.vae_encoder + self.text_encoder
 
-    def sampling_per_image(self, steps: int, guidance: bool = True, vae_decoder: int = 0) -> int:
-        """FLOPs of one inpainted image: ``steps`` UNet forwards (x2 with CFG), 1 encode, 2 captions (CFG).
-
-        ``vae_decoder`` (not counted here; the decoder is not part of training) is added as given.
-        """
+    def sampling_per_image(self, steps: int, guidance: bool = True) -> int:
+        """FLOPs of one inpainted image: ``steps`` UNet forwards (x2 with CFG), the masked-image encode, the
+        decode, and one caption (two with CFG: the prompt and "")."""
         branches = 2 if guidance else 1
-        return steps * branches * self.unet_forward + self.vae_encoder + branches * self.text_encoder + vae_decoder
+        unet = steps * branches * self.unet_forward
+        return unet + self.vae_encoder + self.vae_decoder + branches * self.text_encoder
 
     def as_dict(self) -> dict[str, float]:
         """GFLOPs per component and per training sample, for reports."""
@@ -148,6 +173,7 @@ class ModelFlops:
             "unet_forward_gflops": self.unet_forward * g,
             "vae_encoder_gflops": self.vae_encoder * g,
             "text_encoder_gflops": self.text_encoder * g,
+            "vae_decoder_gflops": self.vae_decoder * g,
             "train_sample_gflops": self.training_per_sample() * g,
             "train_sample_precomputed_gflops": self.training_per_sample(precomputed_image_latent=True) * g,
         }
@@ -162,8 +188,10 @@ def model_flops(model: nn.Module, image_size: int) -> ModelFlops:
     """
     vae, latent_hw = vae_encoder_flops(model.first_stage_model, image_size)
     text, (tokens, width) = text_encoder_flops(model.cond_stage_model)
-    unet = unet_forward_flops(model.model.diffusion_model, latent_hw, context_tokens=tokens, context_dim=width)
-    return ModelFlops(image_size, latent_hw, unet, vae, text)
+    unet = unet_forward_flops(model.model.diffusion_model, latent_hw, context_tokens=tokens,
+                              context_dim=width)
+    decoder = vae_decoder_flops(model.first_stage_model, latent_hw)
+    return ModelFlops(image_size, latent_hw, unet, vae, text, decoder)
 
 
 def flops_from_config(model_config: Mapping[str, Any], image_size: int) -> ModelFlops:
