@@ -265,7 +265,8 @@ def _cpu_name() -> str:
 
 def machine(device: torch.device) -> str:
     """One line: CPU (logical cores), GPU, OS, and the versions that change the numbers."""
-    parts = [f"{_cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"]
+    threads = torch.get_num_threads()
+    parts = [f"{_cpu_name()}, {os.cpu_count()} logical cores, {threads} torch thread{'s' * (threads != 1)}"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         parts.append(f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}")

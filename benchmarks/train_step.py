@@ -317,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="samples per step (default: 8 on GPU, 2 on CPU)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="add torch.compile variants; auto = on for GPUs, off on CPUs (inductor's CPU compile "
-                        "of the UNet's training graph takes about 6 minutes on a 2-core machine)")
+                        "of the UNet's training graph takes about 5 minutes on a 2-core machine)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(variants(True)) +
                    " (default: all on CPUs; fast,fast-ckpt on GPUs)")

@@ -7,7 +7,7 @@ AdamW vs the per-tensor loop, foreach EMA vs the reference formula, activation c
 same gradients). Precomputed latents are covered in tests/test_precompute_latents.py.
 
 Benchmark helpers (benchmarks/common.py): the tensor-memory tracker, interleaved timing and the insertion
-of results into docs/BENCHMARKS.md.
+of results into docs/BENCHMARKS.md; and a smoke run of the three benchmark scripts on the tiny model.
 """
 
 from __future__ import annotations
@@ -208,3 +208,24 @@ def test_write_results_appends_inside_its_section_only(tmp_path):
     new_section = "## Sampling\n\nWhat it measures.\n\n### Results log\n\n#### Run 1\n\nsampling table\n"
     assert text.endswith(new_section)
     assert text.count("other text") == 1
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_run_on_the_tiny_model(capsys):
+    import encode
+    import sample
+    import train_step
+
+    tiny = ["--config", str(REPO / "configs/tiny/inpaint.yaml"), "--scale", "full", "--resolution", "64",
+            "--rounds", "1", "--no-write", "--device", "cpu"]
+    train_step.main([*tiny, "--batch", "1", "--warmup", "0"])
+    encode.main([*tiny, "--text-rounds", "1", "--warmup", "0"])
+    sample.main([*tiny, "--step-rounds", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    for variant in ("fast", "plain", "math", "fp32", "nchw", "ckpt", "precomputed"):  # every training variant
+        assert any(line.startswith(f"| {variant} | ") for line in rows), variant
+    cells = [cell.strip() for line in rows for cell in line.split("|")]
+    speedups = [float(cell.strip("*x")) for cell in cells if cell.endswith("x**")]
+    assert len(speedups) >= 6 + 3 + 4 + 2 + 4 and all(s > 0 for s in speedups)  # train, micro, encode, sample
+    assert out.count("#### Run of ") == 3 and "DPM-Solver++-20" in out and "text bf16" in out
