@@ -16,9 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 def load_script(name: str):
     """Import ``scripts/NAME.py`` under a private module name (script names like 'evaluate' are too generic)."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
     spec.loader.exec_module(module)
     return module
 

@@ -13,7 +13,6 @@ stages wrote (sample PNGs, masks, checkpoints, metrics.csv), not read back from 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from ldm.util import instantiate_from_config, load_config
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,9 +40,7 @@ def _mask(path: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demo")
     out = tmp_path_factory.mktemp("demo")
     status = demo.main(["--out", str(out), "--fast"])
     assert status == 0, f"demo exited with {status}; see {out / 'metrics.json'}"
