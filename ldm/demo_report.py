@@ -2,14 +2,14 @@
 
 * :func:`start_from_base_check` -- the fine-tune starts from the base: at step 0 the 9-channel inpainting UNet
   (built from its config with ``ckpt_path`` = the base checkpoint, exactly as ``main.py`` builds it) gives the
-  base UNet's output whatever the mask channels hold, and its diffusion loss on the first training batches is far
-  below that of a randomly initialised 9-channel UNet on the same batches, timesteps and noise.
+  base UNet's output whatever the mask channels hold, and its diffusion loss on the first training batches is
+  far below that of a randomly initialised 9-channel UNet on the same batches, timesteps and noise.
 * :func:`untrained_unet_checkpoint` -- the fine-tuned checkpoint with its UNet (and EMA) replaced by a fresh
   seeded initialisation: the "same pipeline, untrained UNet" baseline that ``scripts/evaluate.py`` scores.
 * :func:`mean_colour_scores` -- the "fill the hole with the mean colour of the known pixels" baseline, scored
   with the same metrics (:func:`ldm.eval.metrics.region_metrics`) on the images and masks evaluate.py wrote.
 * :func:`learning_verdict` -- masked-region L1 of the fine-tuned model against both baselines.
-* :func:`read_metrics_csv` / :func:`plot_losses` -- loss curves of a run's ``csv/version_0/metrics.csv`` as PNG.
+* :func:`read_metrics_csv` / :func:`plot_losses` -- loss curves of a run's ``csv/version_0/metrics.csv``.
 
 Left out: anything that trains or samples (the demo runs ``main.py`` and the scripts for that).
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm.checkpoint import load_state_dict_file
 from ldm.eval.metrics import region_metrics
@@ -62,8 +62,9 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(np.pad(values, (window // 2, window - 1 - window // 2), mode="edge"), kernel, "valid")
 
 
-def plot_losses(csv_path: str | Path, keys: Sequence[str], out_png: str | Path, title: str,
-                log_scale: bool = True) -> Path:
+def plot_losses(
+    csv_path: str | Path, keys: Sequence[str], out_png: str | Path, title: str, log_scale: bool = True
+) -> Path:
     """Plot ``keys`` of a metrics.csv against the step (raw, and a moving average) into ``out_png``."""
     import matplotlib
 
@@ -106,7 +107,8 @@ class StartCheck:
         base_output_scale: mean ``|base UNet output|``, to read ``max_abs_diff`` against.
         ema_widened_exactly: the inpainting EMA's first-layer weight is the base EMA's plus zero channels.
         loss_from_base: mean v-loss of the inpainting model at step 0 on the first training batches.
-        loss_random_unet: the same loss for a randomly initialised 9-channel UNet.
+        loss_random_unet: the same loss for a randomly initialised 9-channel UNet. Its output conv starts at
+            zero (SD's initialisation), so it predicts v = 0 and this loss is about E[v^2] = 1.
         batches: number of batches used.
     """
 
@@ -133,8 +135,13 @@ def random_unet(unet_config: Mapping[str, Any], conditioning_key: str, seed: int
 
 
 @torch.no_grad()
-def start_from_base_check(inpaint_config: DictConfig, base_model: Any, base_ckpt: str | Path,
-                          batches: Sequence[Mapping[str, Any]], seed: int = 0) -> StartCheck:
+def start_from_base_check(
+    inpaint_config: DictConfig,
+    base_model: Any,
+    base_ckpt: str | Path,
+    batches: Sequence[Mapping[str, Any]],
+    seed: int = 0,
+) -> StartCheck:
     """Compare the step-0 inpainting model with the base and with a random 9-channel UNet.
 
     Args:
@@ -162,9 +169,12 @@ def start_from_base_check(inpaint_config: DictConfig, base_model: Any, base_ckpt
         loss_inp.append(float((out_inp - target).pow(2).mean()))
         loss_rand.append(float((out_rand - target).pow(2).mean()))
     return StartCheck(
-        max_abs_diff=max(diffs), base_output_scale=float(np.mean(scales)),
+        max_abs_diff=max(diffs),
+        base_output_scale=float(np.mean(scales)),
         ema_widened_exactly=_ema_widened_exactly(inpaint, base_ckpt),
-        loss_from_base=float(np.mean(loss_inp)), loss_random_unet=float(np.mean(loss_rand)), batches=len(batches),
+        loss_from_base=float(np.mean(loss_inp)),
+        loss_random_unet=float(np.mean(loss_rand)),
+        batches=len(batches),
     )
 
 
@@ -193,15 +203,22 @@ def first_batches(data_config: DictConfig, count: int) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------------- baselines
-def untrained_unet_checkpoint(finetuned_ckpt: str | Path, unet_config: Mapping[str, Any], conditioning_key: str,
-                              out: str | Path, seed: int = 0) -> Path:
+def untrained_unet_checkpoint(
+    finetuned_ckpt: str | Path,
+    unet_config: Mapping[str, Any],
+    conditioning_key: str,
+    out: str | Path,
+    seed: int = 0,
+) -> Path:
     """Write the fine-tuned checkpoint with a freshly initialised UNet and no EMA (same VAE, text encoder,
     scale_factor and schedule): the "untrained inpainting UNet" baseline of the same pipeline."""
     sd = {k: v for k, v in load_state_dict_file(finetuned_ckpt).items() if not k.startswith(EMA_PREFIX)}
     fresh = random_unet(unet_config, conditioning_key, seed).state_dict()
     replaced = [k for k in sd if k.startswith(UNET_PREFIX)]
     if len(replaced) != len(fresh):
-        raise ValueError(f"{finetuned_ckpt}: {len(replaced)} UNet tensors, but the config's UNet has {len(fresh)}")
+        raise ValueError(
+            f"{finetuned_ckpt}: {len(replaced)} UNet tensors, but the config's UNet has {len(fresh)}"
+        )
     sd.update({UNET_PREFIX + k: v for k, v in fresh.items()})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +227,7 @@ def untrained_unet_checkpoint(finetuned_ckpt: str | Path, unet_config: Mapping[s
 
 
 def mean_colour_fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``image`` (H x W x 3 uint8) with the hole (``mask >= 0.5``) set to the mean colour of the known pixels."""
+    """``image`` (H x W x 3 uint8) with the hole (``mask >= 0.5``) set to the known pixels' mean colour."""
     hole = np.asarray(mask) >= 0.5
     out = image.copy()
     if hole.all():  # nothing known: mid grey, the model's own "no information" value
@@ -221,8 +238,8 @@ def mean_colour_fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def mean_colour_scores(eval_dir: str | Path, keys: Sequence[str], modes: Sequence[str]) -> dict[str, Any]:
-    """Score the mean-colour fill on evaluate.py's ``inputs/KEY.png`` and ``masks/KEY_MODE.png``, in the layout of
-    an evaluate.py result (``modes`` -> per-preset means, ``samples`` -> per-image scores)."""
+    """Score the mean-colour fill on evaluate.py's ``inputs/KEY.png`` and ``masks/KEY_MODE.png``, laid out
+    like an evaluate.py result (``modes`` -> per-preset means, ``samples`` -> per-image scores)."""
     eval_dir = Path(eval_dir)
     per_mode, samples = {}, []
     for mode in modes:
@@ -250,8 +267,9 @@ def hole_l1(result: Mapping[str, Any]) -> float:
     return float(np.mean(values))
 
 
-def learning_verdict(finetuned: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]],
-                     factor: float = LEARNING_FACTOR) -> dict[str, Any]:
+def learning_verdict(
+    finetuned: Mapping[str, Any], baselines: Mapping[str, Mapping[str, Any]], factor: float = LEARNING_FACTOR
+) -> dict[str, Any]:
     """``{"finetuned_l1_hole", "<baseline>_l1_hole", "ratio_vs_<baseline>", "passed"}``: passed when the
     fine-tuned model's masked-region L1 is at most ``factor`` times every baseline's."""
     ours = hole_l1(finetuned)
@@ -269,10 +287,6 @@ def learning_verdict(finetuned: Mapping[str, Any], baselines: Mapping[str, Mappi
 def start_check_dict(check: StartCheck) -> dict[str, Any]:
     """JSON-ready form of a :class:`StartCheck` (with the loss ratio)."""
     return {**asdict(check), "loss_ratio": check.loss_ratio}
-
-
-def to_plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 __all__ = [

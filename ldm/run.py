@@ -199,8 +199,8 @@ def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
     params = {"dirpath": str(dirs.ckptdir), "filename": "{step:09}", "save_last": True, "save_top_k": 1,
               "enable_version_counter": False,  # last.ckpt is overwritten in place, also after a resume
               "verbose": True}
-    user = lightning_cfg.get("modelcheckpoint", {}) or {}
-    params.update(OmegaConf.to_container(user.get("params", {}) or {}, resolve=True))
+    user = OmegaConf.create(lightning_cfg.get("modelcheckpoint") or {})  # absent section: defaults only
+    params.update(OmegaConf.to_container(user.get("params") or OmegaConf.create(), resolve=True))
     callbacks = [ModelCheckpoint(**params)]
     extra = (lightning_cfg.get("callbacks") or {}).get("metrics_over_trainsteps_checkpoint")
     if extra is not None:

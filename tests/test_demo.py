@@ -1,19 +1,20 @@
-"""`make demo` at CI size: the real pipeline runs end to end and its outputs meet the issue's acceptance criteria.
+"""`make demo` at CI size: the real pipeline runs end to end and its outputs meet the acceptance criteria.
 
 One shortened demo run (``scripts/demo.py --fast``: shards -> autoencoder -> base -> inpainting fine-tune ->
 inpaint.py -> evaluate.py) is shared by the tests below. The criteria are recomputed here from the files the
 stages wrote (sample PNGs, masks, checkpoints, metrics.csv), not read back from the demo's own report:
 
-* the fine-tuned model's masked-region L1 on the held-in photos with fixed masks is at most half that of the same
-  pipeline with an untrained UNet and of the mean-colour fill;
-* at step 0 the inpainting UNet (built from its config with ``ckpt_path`` = the base checkpoint) gives the base
-  UNet's output, and the fine-tune's first logged losses are far below a random 9-channel UNet's loss.
+* the fine-tuned model's masked-region L1 on the held-in photos with fixed masks is at most half that of the
+  same pipeline with an untrained UNet and of the mean-colour fill;
+* at step 0 the inpainting UNet (built from its config with ``ckpt_path`` = the base checkpoint) gives the
+  base UNet's output, and the fine-tune's first logged losses are far below a random 9-channel UNet's loss.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,13 @@ def _mask(path: Path) -> np.ndarray:
 def demo_out(tmp_path_factory) -> Path:
     demo = load_script("demo")
     out = tmp_path_factory.mktemp("demo")
-    status = demo.main(["--out", str(out), "--fast"])
+    # conftest pins torch to one thread for the many small tests; this one trains for minutes: use the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        status = demo.main(["--out", str(out), "--fast"])
+    finally:
+        torch.set_num_threads(threads)
     assert status == 0, f"demo exited with {status}; see {out / 'metrics.json'}"
     return out
 
@@ -60,11 +67,15 @@ def test_finetuned_model_beats_both_baselines_by_half(demo_out):
     for mask_path in masks:
         key = mask_path.stem.rsplit("_", 1)[0]
         if not (eval_dir / "inputs" / f"{key}.png").is_file():  # key itself contains an underscore
-            key = next(k.stem for k in eval_dir.glob("inputs/*.png") if mask_path.stem.startswith(k.stem + "_"))
+            key = next(
+                k.stem for k in eval_dir.glob("inputs/*.png") if mask_path.stem.startswith(k.stem + "_")
+            )
         truth, hole = _png(eval_dir / "inputs" / f"{key}.png"), _mask(mask_path)
         assert 0.05 < hole.mean() < 0.6  # a real hole, with known pixels around it
         ours.append(_hole_l1(_png(eval_dir / "samples" / "finetuned" / mask_path.name), truth, hole))
-        untrained.append(_hole_l1(_png(eval_dir / "samples" / "untrained_unet" / mask_path.name), truth, hole))
+        untrained.append(
+            _hole_l1(_png(eval_dir / "samples" / "untrained_unet" / mask_path.name), truth, hole)
+        )
         filled = truth.copy()
         filled[hole] = truth[~hole].mean(0)
         mean_fill.append(_hole_l1(filled, truth, hole))
@@ -77,11 +88,14 @@ def test_finetuned_model_beats_both_baselines_by_half(demo_out):
     assert learning["finetuned_l1_hole"] == pytest.approx(ours_l1, abs=2e-3)  # PNG rounding only
 
 
-def _heldin_batch(demo_out: Path) -> dict:
+def _heldin_batch(demo_out: Path, repeats: int = 4) -> dict:
+    """Every held-in photo with its fixed mask and caption, ``repeats`` times (many timesteps are drawn)."""
     heldin = demo_out / "heldin"
-    names = sorted(p.stem for p in heldin.glob("*.png") if not p.stem.endswith("_mask"))[:4]
+    names = sorted(p.stem for p in heldin.glob("*.png") if not p.stem.endswith("_mask")) * repeats
     jpg = torch.tensor(np.stack([_png(heldin / f"{n}.png") for n in names]), dtype=torch.float32) * 2 - 1
-    mask = torch.tensor(np.stack([_mask(heldin / f"{n}_mask.png") for n in names]), dtype=torch.float32)[..., None]
+    mask = torch.tensor(np.stack([_mask(heldin / f"{n}_mask.png") for n in names]), dtype=torch.float32)[
+        ..., None
+    ]
     txt = [(heldin / f"{n}.txt").read_text().strip() for n in names]
     return {"jpg": jpg, "mask": mask, "masked_image": jpg * (1 - mask), "txt": txt}
 
@@ -91,13 +105,19 @@ def test_finetune_starts_from_the_base(demo_out, monkeypatch):
     monkeypatch.chdir(REPO)
     base_cfg = load_config([REPO / "configs/demo/base.yaml"])
     base = instantiate_from_config(base_cfg.model).eval()
-    state = torch.load(demo_out / "checkpoints" / "base.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(demo_out / "checkpoints" / "base.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
     base.load_state_dict(state)
-    inp_cfg = load_config([REPO / "configs/demo/inpaint.yaml"],
-                          [f"model.params.ckpt_path={demo_out / 'checkpoints' / 'base.ckpt'}"])
+    inp_cfg = load_config(
+        [REPO / "configs/demo/inpaint.yaml"],
+        [f"model.params.ckpt_path={demo_out / 'checkpoints' / 'base.ckpt'}"],
+    )
     inpaint = instantiate_from_config(inp_cfg.model).eval()
     assert inpaint.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 9
-    assert float(inpaint.scale_factor) == pytest.approx(float(base.scale_factor))  # inherited, not re-estimated
+    assert float(inpaint.scale_factor) == pytest.approx(
+        float(base.scale_factor)
+    )  # inherited, not re-estimated
 
     batch = _heldin_batch(demo_out)
     z, cond = inpaint.get_input(batch, "jpg")
@@ -118,11 +138,11 @@ def test_finetune_starts_from_the_base(demo_out, monkeypatch):
     base_loss = float((out_inp - target).pow(2).mean())
     assert base_loss < 0.5 * random_loss, (base_loss, random_loss)
 
-    # the real fine-tune's first logged training losses are far below the random UNet's loss too
+    # the real fine-tune's first logged training losses (steps 5, 10, 15) are far below the random UNet's too
     run = next((demo_out / "runs").glob("*_demo-inpaint"))
     with (run / "csv" / "version_0" / "metrics.csv").open() as f:
-        first = [float(r["train/loss_simple"]) for r in csv.DictReader(f) if r.get("train/loss_simple")][:2]
-    assert first and max(first) < 0.5 * random_loss, (first, random_loss)
+        first = [float(r["train/loss_simple"]) for r in csv.DictReader(f) if r.get("train/loss_simple")][:3]
+    assert len(first) == 3 and np.mean(first) < 0.5 * random_loss, (first, random_loss)
 
 
 def test_demo_writes_grids_plots_and_metrics(demo_out):
@@ -139,4 +159,6 @@ def test_demo_writes_grids_plots_and_metrics(demo_out):
     assert start["max_abs_diff"] < 1e-4 and start["ema_widened_exactly"] is True
     assert start["loss_ratio"] < 0.5
     assert set(metrics["seconds"]) >= {"make_shards", "train_autoencoder", "train_base", "finetune_inpaint"}
-    assert (demo_out / "eval" / "comparison.md").read_text().count("finetuned") == 2  # one row per mask preset
+    assert (demo_out / "eval" / "comparison.md").read_text().count(
+        "finetuned"
+    ) == 2  # one row per mask preset

@@ -59,3 +59,11 @@ def test_unknown_sections_and_overrides_are_errors():
     with pytest.raises(ConfigError, match="'modle'"):
         check_overrides(cfg, ["modle.params.a=3"])
     check_overrides(cfg, ["lightning.trainer.max_steps=3", "model.params.a=2"])
+
+
+def test_checkpoint_callbacks_without_a_modelcheckpoint_section(tmp_path):
+    from ldm.run import checkpoint_callbacks
+
+    d = resolve_run_dirs("t", str(tmp_path), None, "", ["x.yaml"], None)
+    (cb,) = checkpoint_callbacks(d, OmegaConf.create({"trainer": {}}))
+    assert cb.dirpath == str(d.ckptdir) and cb.save_last
