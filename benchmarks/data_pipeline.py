@@ -35,15 +35,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # demo_data
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
 import PIL.features  # noqa: E402
 import torch  # noqa: E402
 import webdataset  # noqa: E402
+from demo_data import load_manifest, load_photo  # noqa: E402 - scripts/demo_data.py
 
 from ldm.data.decode import collate, decode_image  # noqa: E402
-from ldm.data.demo import load_manifest, load_photo  # noqa: E402
 from ldm.data.inpainting import AddMask  # noqa: E402
 from ldm.data.laion import WebDataModuleFromConfig  # noqa: E402
 from ldm.data.masks import MASK_MODES  # noqa: E402

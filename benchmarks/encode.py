@@ -12,7 +12,7 @@ OpenCLIP ViT-H-14 text tower up to its penultimate block. Cases run interleaved 
 * VAE: bf16 autocast vs fp32, channels_last vs NCHW (its attention always uses SDPA);
 * text: bf16 autocast vs fp32.
 
-MFU: model FLOPs from ``ldm.flops`` against the GPU's dense bf16 peak or a GEMM measured on this CPU.
+MFU: model FLOPs from ``benchmarks/flops.py`` against the GPU's dense bf16 peak or a GEMM measured on this CPU.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import common
 import torch
+from flops import flops_from_config
 
-from ldm.flops import flops_from_config
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("bench_encode")

@@ -28,8 +28,8 @@ from typing import Any, Literal
 import common
 import numpy as np
 import torch
+from flops import ModelFlops, flops_from_config
 
-from ldm.flops import ModelFlops, flops_from_config
 from ldm.inference import SamplingOptions, inpaint
 from ldm.modules.attention import attention_backend
 from ldm.util import instantiate_from_config

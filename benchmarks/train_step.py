@@ -29,7 +29,7 @@ fast-ckpt                "fast" + activation checkpointing (the memory lever at 
 plain                    all switches off: math attention, fp32, NCHW, eager, for-loop AdamW, reference EMA
 =======================  ===================================================================================
 
-MFU counts model FLOPs (``ldm.flops``: 3 x UNet forward + VAE encodes + text; no recompute) against the
+MFU counts model FLOPs (``benchmarks/flops.py``: 3 x UNet forward + VAE encodes + text; no recompute) against the
 GPU's dense bf16 peak, or on a CPU against a GEMM measured in the same run. The optimizer and the EMA update
 are also timed alone (fused / foreach / for-loop AdamW; foreach / reference EMA).
 """
@@ -46,8 +46,8 @@ from typing import Any, Literal
 
 import common
 import torch
+from flops import ModelFlops, flops_from_config
 
-from ldm.flops import ModelFlops, flops_from_config
 from ldm.modules.attention import BasicTransformerBlock, attention_backend
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.util import instantiate_from_config
@@ -58,7 +58,7 @@ INTRO = """Script: `python benchmarks/train_step.py` (CPU defaults: small scale,
 thread; `--device cuda` for the full-size run, see "GPU" below). One step = text dropout, VAE encodes of
 image and masked image, text encode, UNet forward, v-loss, backward, AdamW step, EMA update. Variants run
 interleaved in one process; each fast-path switch is compared with the same eager step with only that switch
-off, and the speed-up is the median of the per-round time ratios. MFU counts model FLOPs (`ldm/flops.py`:
+off, and the speed-up is the median of the per-round time ratios. MFU counts model FLOPs (`benchmarks/flops.py`:
 3 x UNet forward + 2 VAE encodes + text) against the GPU's dense bf16 peak, or on a CPU against a GEMM
 measured in the same run. Peak memory: the CUDA allocator's peak, or on a CPU the peak of live tensor
 storages; both include parameters, EMA and optimizer state.

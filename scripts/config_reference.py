@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ldm.compat import IGNORED_PARAMS  # noqa: E402
 from ldm.run import LIGHTNING_KEYS, TOP_LEVEL_KEYS  # noqa: E402

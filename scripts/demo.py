@@ -44,13 +44,12 @@ from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
+import demo_report as report  # noqa: E402 - sibling module in scripts/
 import yaml  # noqa: E402
+from demo_data import DEMO_MANIFEST  # noqa: E402 - sibling module in scripts/
 
-from ldm import demo_report as report  # noqa: E402
 from ldm.checkpoint import load_checkpoint_file  # noqa: E402
-from ldm.data.demo import DEMO_MANIFEST  # noqa: E402
 from ldm.eval.data import fixed_masks, load_shards  # noqa: E402
 from ldm.image_io import load_mask, load_rgb, make_grid, save_png  # noqa: E402
 from ldm.inference import load_model  # noqa: E402

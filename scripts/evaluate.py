@@ -21,8 +21,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards  # noqa: E402
 from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures  # noqa: E402

@@ -20,8 +20,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from tqdm import tqdm  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402

@@ -29,13 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np  # noqa: E402
+from demo_data import DEMO_MANIFEST, demo_records, load_manifest  # noqa: E402 - sibling module in scripts/
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ldm.data.demo import DEMO_MANIFEST, demo_records, load_manifest  # noqa: E402
 from ldm.data.shard_writer import Record, brace_pattern, write_shards  # noqa: E402
 
 log = logging.getLogger("make_shards")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+# Demo-only helpers (scripts/demo_data.py, scripts/demo_report.py) and benchmark helpers (benchmarks/flops.py)
+# are not part of the ldm package; the scripts import them as sibling modules, and so do the tests.
+for _folder in ("scripts", "benchmarks"):
+    if str(REPO / _folder) not in sys.path:
+        sys.path.append(str(REPO / _folder))
+#: key/shape manifests of the full-size SD2 models (one line per state-dict tensor), generated from the
+#: official classes on the meta device; the tests compare our models against them.
+REFERENCE = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +40,10 @@ def repo() -> Path:
 
 
 def read_reference_tsv(name: str) -> dict[str, tuple[int, ...]]:
-    """Parse a ../shared/reference/*.tsv manifest into {key: shape}."""
+    """Parse a ``tests/fixtures/*.tsv`` manifest into {key: shape}."""
     path = REFERENCE / name
     if not path.is_file():
-        raise FileNotFoundError(f"reference manifest {path} is missing (it ships in ../shared/reference)")
+        raise FileNotFoundError(f"reference manifest {path} is missing (it ships in tests/fixtures)")
     out = {}
     for line in path.read_text().splitlines()[1:]:
         if not line.strip():

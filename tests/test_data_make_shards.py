@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from demo_data import demo_records, load_manifest, load_photo
 from PIL import Image
 
-from ldm.data.demo import demo_records, load_manifest, load_photo
 from ldm.data.laion import WebDataModuleFromConfig
 
 REPO = Path(__file__).resolve().parents[1]

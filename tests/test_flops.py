@@ -1,4 +1,4 @@
-"""ldm.flops against the published counts (SPEC B.8, PERFORMANCE.md section 6) and against hand formulas.
+"""benchmarks/flops.py against the published counts (SPEC B.8, PERFORMANCE.md section 6) and against hand formulas.
 
 The full-size models are built on the meta device (no memory, no arithmetic); the reference numbers were
 measured independently with the reference code and are written here as constants.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flops import ModelFlops, count_flops, flops_from_config, model_flops, unet_forward_flops
 from omegaconf import OmegaConf
 
-from ldm.flops import ModelFlops, count_flops, flops_from_config, model_flops, unet_forward_flops
 from ldm.util import instantiate_from_config
 from tests.helpers import REPO, build_tiny
 

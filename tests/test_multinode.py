@@ -23,9 +23,9 @@ def free_port() -> int:
 
 def write_config(tmp_path: Path) -> Path:
     """The tiny inpainting config over 8 real 64 px demo shards on disk (WebDataModuleFromConfig + AddMask)."""
+    from demo_data import demo_records, load_manifest
     from omegaconf import OmegaConf
 
-    from ldm.data.demo import demo_records, load_manifest
     from ldm.data.shard_writer import write_shards
 
     shards = write_shards(demo_records(load_manifest(), repeat=4, seed=0), tmp_path / "shards",

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
+from demo_data import load_manifest, load_photo
 from PIL import Image
 from webdataset import TarWriter
 
-from ldm.data.demo import load_manifest, load_photo
 from ldm.data.shard_writer import Record, write_shards
 from ldm.data.transforms import Crop, Resize
 from ldm.util import ConfigError

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ldm import compat
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 
 
 class LatentInpaintDiffusion(LatentDiffusion):

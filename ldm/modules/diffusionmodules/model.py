@@ -3,7 +3,7 @@
 What is here: ``Encoder`` (image -> stacked latent mean/log-variance) and ``Decoder`` (latent -> image), built from
 ``ResnetBlock``, single-head ``AttnBlock``, ``Downsample`` and ``Upsample``. Module attribute names (``down.{i}.block``,
 ``mid.attn_1``, ``up.{i}.upsample`` ...) reproduce ldm's state-dict keys exactly, so released checkpoints load
-unchanged (checked against ``first_stage_model.*`` in ``shared/reference/sd2-inpainting-keys.tsv``).
+unchanged (checked against ``first_stage_model.*`` in ``tests/fixtures/sd2-inpainting-keys.tsv``).
 
 Deliberately left out of ldm's file: the pixel-space DDPM ``Model`` and the timestep-embedding branch of
 ``ResnetBlock`` (the VAE never uses a timestep), linear attention (``use_linear_attn`` / ``attn_type="linear"``

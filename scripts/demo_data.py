@@ -20,7 +20,7 @@ from PIL import Image
 
 from ldm.data.shard_writer import Record
 
-DEMO_MANIFEST = Path(__file__).resolve().parents[2] / "data" / "demo" / "manifest.yaml"
+DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "data" / "demo" / "manifest.yaml"
 Augment = Literal["none", "crop"]
 
 

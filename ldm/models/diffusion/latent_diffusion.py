@@ -1,0 +1,542 @@
+"""LatentDiffusion: the Lightning module, with ldm's API (configs reach it as ``ldm.models.diffusion.ddpm``).
+
+``LatentInpaintDiffusion`` (hybrid conditioning on mask + masked-image latent) subclasses it in
+:mod:`ldm.models.diffusion.inpainting`; :mod:`ldm.models.diffusion.ddpm` re-exports both under the path that
+ldm configs name.
+
+This file owns the *training wiring* only. The math lives in pure modules called from here:
+``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets),
+``losses`` (per-sample reductions) and ``guidance`` (classifier-free guidance, used by the samplers).
+Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`; legacy quirks in
+:mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
+
+Deliberate differences from the reference (SPEC Part A):
+* the training step never decodes latents back to pixels (D8);
+* the EMA is updated once per optimizer step, also with gradient accumulation (D3);
+* when a checkpoint has no ``model_ema.*`` keys the EMA starts from the loaded weights, not random init (D3);
+* text dropout (``ucg_training``) draws from a generator seeded by (seed, step, rank), not an unseeded RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from einops import rearrange
+
+from ldm import compat
+from ldm.checkpoint import drop_prefixes, load_into, load_state_dict_file, widen_input_channels
+from ldm.models.diffusion import losses, parameterization
+from ldm.models.diffusion.schedule import NoiseSchedule, extract, make_beta_schedule
+from ldm.models.diffusion.wrapper import DiffusionWrapper
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.util import ConfigError, instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LatentDiffusion", "disabled_train"]
+
+
+def disabled_train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:  # noqa: ARG001
+    """Replacement for ``.train()`` on frozen sub-models: they stay in eval mode whatever Lightning asks."""
+    return self
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Text-conditioned latent diffusion (SD2 layout) as a LightningModule.
+
+    Args:
+        unet_config: UNet ``target``/``params``; wrapped in :class:`DiffusionWrapper` as ``self.model``.
+        first_stage_config: VAE config; frozen.
+        cond_stage_config: text encoder config (frozen unless ``cond_stage_trainable``).
+        timesteps: number of diffusion steps T.
+        beta_schedule: ldm schedule name (see ``schedule.make_beta_schedule``; SD uses "linear").
+        linear_start, linear_end, cosine_s: schedule parameters.
+        given_betas: explicit betas overriding the named schedule.
+        v_posterior: weight of beta_t in the posterior variance (0 in SD).
+        parameterization: what the UNet predicts: "eps", "x0" or "v" (SPEC D1: our inpainting run uses "v").
+        loss_type: "l2" (SD) or "l1", per-sample mean over C,H,W.
+        l_simple_weight: weight of the simple loss.
+        original_elbo_weight: weight of the VLB term (0 in SD).
+        logvar_init: fixed per-timestep log-variance of the loss (``loss/exp(logvar) + logvar``; 0 = plain).
+        learn_logvar: learn that log-variance (not supported: raises).
+        min_snr_gamma: optional Min-SNR-gamma loss weighting (Hang et al. 2023); None keeps SD's plain loss.
+        use_ema: keep an EMA copy (LitEma, decay ``ema_decay``) of the UNet, updated once per optimizer step.
+        ema_decay: EMA decay (LitEma default 0.9999 with (1+n)/(10+n) warm-up).
+        ckpt_path: checkpoint to initialise from (``.ckpt`` or ``.safetensors``).
+        ignore_keys: checkpoint key prefixes to drop before loading.
+        load_only_unet: load only ``model.diffusion_model.*`` (and EMA) tensors from ``ckpt_path``.
+        reset_ema: after loading, copy the model weights into the EMA even if the checkpoint had EMA weights.
+        reset_num_ema_updates: after loading, restart the EMA warm-up counter.
+        first_stage_key: batch key of the image (B,H,W,3 in [-1,1]); "jpg" for LAION shards.
+        cond_stage_key: batch key of the conditioning (captions: "txt").
+        cond_stage_trainable: train the text encoder too (SD: False).
+        cond_stage_forward: name of a method of the text encoder to call instead of ``encode``.
+        conditioning_key: how the UNet is conditioned (see :class:`DiffusionWrapper`).
+        concat_mode: COMPAT: when ``conditioning_key`` is None, choose "concat" (True) or "crossattn".
+        force_null_conditioning: COMPAT (unCLIP): force ``conditioning_key`` to None.
+        num_timesteps_cond: COMPAT: must be 1 (ldm's conditioning-noise schedule is unused by SD).
+        scale_factor: latent scale (0.18215 for the SD VAE).
+        scale_by_std: estimate ``scale_factor = 1/std(z)`` from the first training batch (stored as a buffer).
+        image_size: latent side for unconditional sampling shapes.
+        channels: latent channels.
+        ucg_training: ``{batch_key: {p: prob, val: replacement}}`` per-sample condition dropout for CFG.
+        ucg_seed: seed of the text-dropout generator (combined with step and rank).
+        scheduler_config: LR multiplier config (e.g. ``ldm.lr_scheduler.LambdaLinearScheduler``).
+        weight_decay: AdamW weight decay (torch default 0.01, as the reference).
+        adam_betas: AdamW betas.
+        adam_eps: AdamW epsilon.
+        monitor, log_every_t, clip_denoised, use_positional_encodings: accepted for compatibility; see
+            :data:`ldm.compat.IGNORED_PARAMS`.
+        make_it_fit: ldm's cyclic weight-tiling surgery (not supported: raises; use the zero-init widening).
+        channels_last: keep the UNet weights and inputs in channels-last memory format (faster convs on GPUs).
+        compile_unet: ``torch.compile`` the UNet in place (``nn.Module.compile``: state-dict keys unchanged);
+            True for defaults or a dict of ``torch.compile`` keyword arguments.
+        shard_optimizer_state: under multi-process DDP, shard the AdamW state across ranks (ZeRO-1 via
+            ``torch.distributed.optim.ZeroRedundancyOptimizer``); plain AdamW on a single process.
+        latent_moments_key: batch key of precomputed VAE posterior moments of the image (B x 8 x h x w, written
+            by scripts/precompute_latents.py). When a batch has it, the image is not encoded online; the
+            posterior is still *sampled*, as online. The masked image is always encoded online.
+    """
+
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        first_stage_config: dict[str, Any],
+        cond_stage_config: dict[str, Any] | str,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        given_betas: Sequence[float] | None = None,
+        v_posterior: float = 0.0,
+        parameterization: Literal["eps", "x0", "v"] = "eps",
+        loss_type: Literal["l1", "l2"] = "l2",
+        l_simple_weight: float = 1.0,
+        original_elbo_weight: float = 0.0,
+        logvar_init: float = 0.0,
+        learn_logvar: bool = False,
+        min_snr_gamma: float | None = None,
+        use_ema: bool = True,
+        ema_decay: float = 0.9999,
+        ckpt_path: str | None = None,
+        ignore_keys: Sequence[str] = (),
+        load_only_unet: bool = False,
+        reset_ema: bool = False,
+        reset_num_ema_updates: bool = False,
+        first_stage_key: str = "image",
+        cond_stage_key: str = "image",
+        cond_stage_trainable: bool = False,
+        cond_stage_forward: str | None = None,
+        conditioning_key: str | None = None,
+        concat_mode: bool = True,
+        force_null_conditioning: bool = False,
+        num_timesteps_cond: int = 1,
+        scale_factor: float = 1.0,
+        scale_by_std: bool = False,
+        image_size: int = 256,
+        channels: int = 3,
+        ucg_training: Mapping[str, Mapping[str, Any]] | None = None,
+        ucg_seed: int = 0,
+        scheduler_config: dict[str, Any] | None = None,
+        weight_decay: float = 0.01,
+        adam_betas: Sequence[float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        monitor: str | None = "val/loss",
+        log_every_t: int = 100,
+        clip_denoised: bool = True,
+        use_positional_encodings: bool = False,
+        make_it_fit: bool = False,
+        channels_last: bool = False,
+        compile_unet: bool | Mapping[str, Any] = False,
+        latent_moments_key: str = "latent_moments",
+        shard_optimizer_state: bool = False,
+    ) -> None:
+        super().__init__()
+        compat.note_ignored("LatentDiffusion", {"monitor": monitor, "log_every_t": log_every_t,
+                                                "clip_denoised": clip_denoised})
+        for name, value in (("learn_logvar", learn_logvar), ("make_it_fit", make_it_fit),
+                            ("use_positional_encodings", use_positional_encodings)):
+            if value:
+                raise ConfigError(f"model.params.{name}=True is not supported by this implementation; remove it")
+        if num_timesteps_cond != 1:
+            raise ConfigError("model.params.num_timesteps_cond must be 1 (conditioning-noise schedules are unused)")
+        self.parameterization = parameterization_checked(parameterization)
+        if loss_type not in ("l1", "l2"):
+            raise ConfigError(f"model.params.loss_type={loss_type!r}: expected 'l1' or 'l2'")
+        if force_null_conditioning:
+            conditioning_key = None
+        elif conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        self.conditioning_key = conditioning_key
+        self.loss_type, self.l_simple_weight = loss_type, l_simple_weight
+        self.original_elbo_weight = original_elbo_weight
+        self.min_snr_gamma = min_snr_gamma
+        self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
+        self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
+        self.image_size, self.channels = image_size, channels
+        self.monitor = monitor
+        self.scheduler_config = scheduler_config
+        self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
+        self.shard_optimizer_state = shard_optimizer_state
+        self.ucg_training = {k: dict(v) for k, v in (ucg_training or {}).items()}
+        self.ucg_seed = ucg_seed
+        self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
+
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.model.diffusion_model.compile(**(dict(compile_unet) if isinstance(compile_unet, Mapping) else {}))
+        self.latent_moments_key = latent_moments_key
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+        self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = self._build_cond_stage(cond_stage_config)
+
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = float(scale_factor)
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior)
+        self.logvar = torch.full((self.num_timesteps,), float(logvar_init))  # not a buffer: ldm never saved it
+        self._last_ema_step = -1
+        self._std_done = False  # scale_by_std: estimated once, unless a checkpoint brought a scale_factor
+
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys, only_model=load_only_unet,
+                                reset_ema=reset_ema, reset_num_ema_updates=reset_num_ema_updates)
+
+    # ----------------------------------------------------------------------------------------- construction
+    @staticmethod
+    def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+        model.eval()
+        model.train = disabled_train.__get__(model)  # Lightning calls .train() on the whole module each epoch
+        for p in model.parameters():
+            p.requires_grad = False
+        return model
+
+    def _build_cond_stage(self, config: dict[str, Any] | str) -> torch.nn.Module | None:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            raise ConfigError(f"cond_stage_config={config!r} is not supported; SD2 needs a text encoder config")
+        model = instantiate_from_config(config)
+        return model if self.cond_stage_trainable else self._frozen(model)
+
+    def register_schedule(
+        self,
+        given_betas: Sequence[float] | None = None,
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        v_posterior: float = 0.0,
+    ) -> None:
+        """Register ldm's 12 persistent schedule buffers (exact names, float32) plus ``lvlb_weights``."""
+        if given_betas is not None:
+            betas = np.asarray(given_betas, dtype=np.float64)
+        else:
+            betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        with torch.device("cpu"):  # the schedule is computed eagerly, also when the model is built on meta
+            self.schedule = NoiseSchedule.from_betas(betas, v_posterior=v_posterior)
+            buffers = self.schedule.buffers()
+            lvlb_weights = self.schedule.lvlb_weights(self.parameterization)
+        self.num_timesteps = len(betas)
+        self.linear_start, self.linear_end, self.v_posterior = linear_start, linear_end, v_posterior
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    finetune_keys: tuple[str, ...] = ()
+    keep_finetune_dims: int = 4
+
+    def init_from_ckpt(
+        self,
+        path: str,
+        ignore_keys: Sequence[str] = (),
+        only_model: bool = False,
+        reset_ema: bool = False,
+        reset_num_ema_updates: bool = False,
+    ) -> tuple[list[str], list[str]]:
+        """Initialise from a checkpoint: drop ``ignore_keys``, widen ``finetune_keys``, load, fix up the EMA.
+
+        When the checkpoint carries no ``model_ema.*`` tensors (or ``reset_ema``), the EMA is re-initialised from
+        the freshly loaded weights, so it never averages towards a random initialisation (SPEC D3).
+        """
+        sd = drop_prefixes(load_state_dict_file(path), ignore_keys)
+        if only_model:
+            sd = {k: v for k, v in sd.items() if k.startswith(("model.", "model_ema."))}
+        shapes = {k: v.shape for k, v in self.state_dict().items()}
+        sd = widen_input_channels(sd, shapes, self.finetune_keys, self.keep_finetune_dims)
+        missing, unexpected = load_into(self, sd, source=str(path))
+        self._std_done = self.scale_by_std and "scale_factor" in sd
+        if self.use_ema:
+            has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
+                          for k in sd)
+            if reset_ema or not has_ema:
+                log.info("EMA initialised from the loaded model weights (%s)",
+                         "reset_ema" if reset_ema else "checkpoint has no EMA")
+                self.copy_weights_to_ema()
+            if reset_num_ema_updates:
+                self.model_ema.reset_num_updates()
+        return missing, unexpected
+
+    @torch.no_grad()
+    def copy_weights_to_ema(self) -> None:
+        """Set every EMA shadow tensor to the current UNet weight (used after loading a checkpoint)."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                getattr(self.model_ema, compat.ema_buffer_name(name)).copy_(p)
+
+    @contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Temporarily swap the EMA weights into the UNet (no-op without EMA)."""
+        if not self.use_ema:
+            yield
+            return
+        self.model_ema.store(self.model.parameters())
+        self.model_ema.copy_to(self.model)
+        if context:
+            log.debug("%s: switched to EMA weights", context)
+        try:
+            yield
+        finally:
+            self.model_ema.restore(self.model.parameters())
+
+    # ------------------------------------------------------------------------------------- encoders (frozen)
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution | torch.Tensor:
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(
+        self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latent. SPEC B.2.5: the posterior is *sampled* (not its mode), in training and sampling."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample(generator=generator)
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder output of type {type(encoder_posterior).__name__} is not supported")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_learned_conditioning(self, c: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Encode conditioning (captions -> B x 77 x D). Grad flows only if the text encoder is trainable."""
+        if isinstance(c, (str, bytes)):
+            c = [c]
+        with torch.set_grad_enabled(self.cond_stage_trainable and torch.is_grad_enabled()):
+            if self.cond_stage_forward is not None:
+                return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+            return self.cond_stage_model.encode(list(c) if not torch.is_tensor(c) else c)
+
+    def get_unconditional_conditioning(self, batch_size: int, null_label: Sequence[str] | str | None = None):
+        """Encoding of the null caption ("" by default), repeated to ``batch_size`` (ldm semantics)."""
+        label = [""] if null_label is None else ([null_label] if isinstance(null_label, str) else list(null_label))
+        c = self.get_learned_conditioning(label[:1])
+        return c.expand(batch_size, *c.shape[1:]).contiguous()
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    @staticmethod
+    def image_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
+        """Batch images are B,H,W,C in [-1,1] (SPEC B.4.1); the networks want B,C,H,W contiguous."""
+        x = batch[key]
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+
+    def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None, **_legacy: Any):
+        """Return ``(z, c)``: the scaled image latent and the encoded conditioning.
+
+        ldm's extra return flags (``return_first_stage_outputs`` and friends) are not supported: they made the
+        reference decode every training batch (SPEC D8). Passing them raises.
+        """
+        if any(_legacy.values()):
+            raise ValueError(f"get_input: options {sorted(k for k, v in _legacy.items() if v)} are not supported")
+        cond = batch[self.cond_stage_key][:bs]
+        moments = batch.get(self.latent_moments_key)
+        if moments is not None:  # precomputed: skip the VAE encoder (about 1.1 TFLOP per 512 px sample)
+            posterior = DiagonalGaussianDistribution(moments[:bs].to(self.device).float())
+        else:
+            posterior = self.encode_first_stage(self.image_from_batch(batch, k)[:bs].to(self.device))
+        z = self.get_first_stage_encoding(posterior).detach()
+        c = self.get_learned_conditioning(cond)
+        return z, c
+
+    def apply_ucg(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Classifier-free-guidance dropout: replace each caption by ``val`` with probability ``p``.
+
+        The replacement is the *string* (encoded later), so the unconditional embedding is the text encoder's
+        output for "" - exactly what sampling uses. Draws are deterministic in (ucg_seed, global step, rank).
+        """
+        if not self.ucg_training:
+            return batch
+        rng = np.random.default_rng([self.ucg_seed, int(self.global_step), int(self.global_rank)])
+        batch = dict(batch)
+        for key, spec in self.ucg_training.items():
+            p, val = float(spec.get("p", 0.0)), spec.get("val", "")
+            val = "" if val is None else val
+            values = list(batch[key])
+            drop = rng.random(len(values)) < p
+            batch[key] = [val if d else v for v, d in zip(values, drop)]
+        return batch
+
+    # ------------------------------------------------------------------------------------------------- model
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """Run the UNet. ``cond`` is a dict (``c_concat``/``c_crossattn`` lists) or a single tensor/list."""
+        if not isinstance(cond, dict):
+            cond = cond if isinstance(cond, list) else [cond]
+            cond = {"c_concat" if self.conditioning_key == "concat" else "c_crossattn": cond}
+        return self.model(x_noisy, t, **cond)  # channels_last weights make the convs emit channels_last
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None):
+        """Diffusion loss at timesteps ``t``: noise, predict, compare with the parameterization's target."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        a = extract(self.sqrt_alphas_cumprod, t, x_start.ndim)  # sqrt(abar_t), B x 1 x 1 x 1
+        s = extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim)  # sqrt(1 - abar_t)
+        x_noisy = parameterization.q_sample(x_start, noise, a, s)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = parameterization.training_target(self.parameterization, x_start, noise, a, s)
+        prefix = "train" if self.training else "val"
+        return losses.diffusion_loss(
+            model_output, target, t,
+            loss_type=self.loss_type,
+            logvar=self.logvar.to(self.device),
+            lvlb_weights=self.lvlb_weights,
+            l_simple_weight=self.l_simple_weight,
+            original_elbo_weight=self.original_elbo_weight,
+            min_snr_gamma=self.min_snr_gamma,
+            alphas_cumprod=self.alphas_cumprod,
+            parameterization=self.parameterization,
+            prefix=prefix,
+        )
+
+    def forward(self, x: torch.Tensor, c: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()  # uniform t per sample
+        return self.p_losses(x, c, t)
+
+    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_input(batch, self.first_stage_key)
+        return self(z, c)
+
+    # -------------------------------------------------------------------------------------------- lightning
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: ARG002
+        batch = self.apply_ucg(batch)  # 1. text dropout on raw captions
+        z, cond = self.get_input(batch, self.first_stage_key)  # 2. encode image (+ mask, masked image), text
+        loss, logs = self(z, cond)  # 3. sample t and noise, predict, loss
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=z.shape[0])
+        self.log("global_step", float(self.global_step), prog_bar=False, on_step=True, on_epoch=False)
+        if self.scheduler_config is not None:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else self.learning_rate
+            self.log("lr_abs", lr, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._std_done:
+            with torch.no_grad():
+                z, _ = self.get_input(batch, self.first_stage_key)
+                std = z.flatten().std()
+                if self._trainer is not None:  # every rank must use the same factor: average over ranks
+                    std = self.trainer.strategy.reduce(std, reduce_op="mean")
+                self.scale_factor.copy_(self.scale_factor / std)  # z already carries scale_factor
+            log.info("scale_by_std: scale_factor set to %.5f", float(self.scale_factor))
+            self._std_done = True
+
+    def on_train_start(self) -> None:
+        self._last_ema_step = self.global_step  # also right after a resume
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ARG002
+        # Lightning calls this per micro-batch; global_step only moves on an optimizer step, so the EMA is
+        # updated exactly once per optimizer step even with gradient accumulation (SPEC D3).
+        if self.use_ema and self.global_step != self._last_ema_step:
+            self._last_ema_step = self.global_step
+            self.model_ema(self.model)
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: ARG002
+        _, logs = self.shared_step(batch)
+        bs = len(batch[self.cond_stage_key])
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        if self.use_ema:
+            with self.ema_scope():
+                _, logs_ema = self.shared_step(batch)
+            self.log_dict({f"{k}_ema": v for k, v in logs_ema.items()}, on_step=False, on_epoch=True,
+                          batch_size=bs, sync_dist=True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """UNet parameters (+ text encoder when trainable). The VAE is never optimised."""
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable:
+            params += list(self.cond_stage_model.parameters())
+        return params
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        on_cuda = all(p.is_cuda for p in params)
+        # fused kernels need CUDA tensors; foreach is the fast multi-tensor path elsewhere
+        kernel = {"fused": True} if on_cuda else {"foreach": True}
+        hyper = dict(lr=self.learning_rate, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay,
+                     **kernel)
+        dist = torch.distributed
+        if self.shard_optimizer_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            # ZeRO-1: each rank holds the AdamW moments of 1/world of the parameters (~7 GB of fp32 state for
+            # the SD2 UNet, divided by the world size); Lightning consolidates it on rank 0 for checkpoints.
+            opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **hyper)
+        else:
+            opt = torch.optim.AdamW(params, **hyper)
+        if self.scheduler_config is None:
+            return opt
+        multiplier = instantiate_from_config(self.scheduler_config)
+        log.info("LR schedule: %s (multiplier on lr %.3e, stepped every optimizer step)",
+                 self.scheduler_config["target"], self.learning_rate)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=multiplier.schedule)
+        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:
+        from ldm.models.diffusion.visualize import log_images
+
+        return log_images(self, batch, **kwargs)
+
+    # ---------------------------------------------------------- ldm's public helpers (one-line delegations)
+    def _ab(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract(self.sqrt_alphas_cumprod, t, ndim), extract(self.sqrt_one_minus_alphas_cumprod, t, ndim)
+
+    def q_sample(self, x_start, t, noise=None):
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return parameterization.q_sample(x_start, noise, *self._ab(t, x_start.ndim))
+
+    def get_v(self, x, noise, t):
+        return parameterization.v_from_x0_eps(x, noise, *self._ab(t, x.ndim))
+
+    def predict_start_from_noise(self, x_t, t, noise):
+        return parameterization.x0_from_eps(x_t, noise, *self._ab(t, x_t.ndim))
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        return parameterization.x0_from_v(x_t, v, *self._ab(t, x_t.ndim))
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        return parameterization.eps_from_v(x_t, v, *self._ab(t, x_t.ndim))
+
+
+def parameterization_checked(mode: str) -> str:
+    try:
+        return parameterization.check_parameterization(mode)
+    except ValueError as e:
+        raise ConfigError(f"model.params.parameterization: {e}") from e
