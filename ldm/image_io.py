@@ -80,16 +80,9 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tile rows of images (uint8 RGB, or masks in [0, 1]) on a white canvas; cells take the largest size."""
-    cells = [[c if c.ndim == 3 else np.repeat((np.clip(c, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
-              for c in row] for row in rows]
-    h = max(c.shape[0] for row in cells for c in row)
-    w = max(c.shape[1] for row in cells for c in row)
-    ncol = max(len(row) for row in cells)
-    grid = np.full((len(cells) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(cells):
-        for j, c in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y : y + c.shape[0], x : x + c.shape[1]] = c
-    return grid
+def make_grid(rows: Sequence[Sequence[np.ndarray]], headers: Sequence[str] | None = None,
+              row_labels: Sequence[str] | None = None) -> np.ndarray:
+    """Tile rows of images (uint8 RGB, or masks in [0, 1]) with optional column headers: see :mod:`ldm.grids`."""
+    from ldm.grids import labelled_grid
+
+    return labelled_grid(rows, headers=headers, row_labels=row_labels)
