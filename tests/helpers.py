@@ -103,3 +103,22 @@ class PoisonAtStep:
                         next(pl_module.model.parameters()).fill_(float("nan"))
 
         return _Poison()
+
+
+class KillAtStep:
+    """Callback (config target ``tests.helpers.KillAtStep``) that SIGKILLs its own process at the start of the
+    batch after ``global_step`` reached ``step``, i.e. right after a periodic checkpoint at ``step`` was written:
+    no handler runs, nothing is saved, prefetched batches are lost, as when a node dies."""
+
+    def __new__(cls, step: int):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Killer(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Killer()
