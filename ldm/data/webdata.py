@@ -1,11 +1,11 @@
-"""Reading img2dataset/WebDataset tar shards: shard lists, samples of one shard, and resumable sample streams.
+"""Sample streams over img2dataset/WebDataset tar shards, whose position can be saved and restored exactly.
 
-The pipeline reads tars with :mod:`ldm.data.tarstream` (on webdataset's ``gopen``: local paths, ``file:``,
-``pipe:``, ``http(s)://`` ...) rather than with ``wds.WebDataset``, because in webdataset 1.0.2 the node splitter
-reads the rank inside each worker (silently wrong with ``spawn``/``forkserver`` workers), ``resampled=True``
-ignores the seed, its error handlers cannot tell a truncated tar from a corrupt image, and its pipeline has no
-position that could be saved. Here the rank and world size are constructor arguments of :class:`ShardStream`,
-set in the training process and pickled into the workers.
+Shards are read by ``ldm.data.shards`` (samples of one tar) on ``ldm.data.tarstream`` (bytes and headers)
+rather than by ``wds.WebDataset``: in webdataset 1.0.2 the node splitter reads the rank inside each worker
+(silently wrong with ``spawn``/``forkserver`` workers), ``resampled=True`` ignores the seed, its error handlers
+cannot tell a truncated tar from a corrupt image, and its pipeline has no position that could be saved. Here the
+rank and world size are constructor arguments of :class:`ShardStream`, resolved in the training process and
+pickled into the workers.
 
 Streams (seed words in ``ldm.data.rng``):
 
@@ -15,14 +15,15 @@ Streams (seed words in ``ldm.data.rng``):
 * **finite** (evaluation default): shards split by rank, then by worker (``urls[rank::world][worker::workers]``),
   read in order, so one pass over all ranks and workers delivers every good sample exactly once.
 
-Both are **resumable**: :meth:`ShardStream.state_dict` (called in each worker by torchdata's
-``StatefulDataLoader``, see ``ldm.data.resumable``) describes a worker's position after the batch it just
-made, in a few numbers: the shard-choice generator's state, the current shard and the byte offset of its next
-sample, the shuffle buffer's samples as (shard, offset, key checksum), the shuffle generator's state, the
-sample counter and the skip counts. :meth:`ShardStream.load_state_dict` continues from there without decoding
-anything that was already consumed: the current shard is re-entered by reading its headers only, and the
-shuffle buffer is refilled by reading back just the buffered samples. The cost of a resume is therefore bounded
-by the shuffle buffer and the shard size, not by how far the stream had run (docs/BENCHMARKS.md).
+Both are **resumable**. :meth:`ShardStream.state_dict` (called in each worker by torchdata's
+``StatefulDataLoader``, see ``ldm.data.resumable``) gives a worker's position after the batch it just made, in
+a few numbers: the shard-choice generator's state, the current shard and the byte offset of its next sample,
+each buffered sample as (shard, byte offset, key checksum), the shuffle generator's state, the sample counter
+and the skip counts; 16 bytes per buffered sample plus about 1 kB. :meth:`ShardStream.load_state_dict`
+continues from there without decoding anything already consumed: the current shard is re-entered by reading
+its headers only (a seek per member for local uncompressed shards), and the shuffle buffer is refilled by
+reading back just the buffered samples. A resume therefore costs at most a shard's headers plus a buffer's
+worth of samples, however far the stream had run (docs/BENCHMARKS.md).
 
 Left out: webdataset's caching (``cache_dir``) and ``select_files``; every member of a sample is read.
 """
@@ -51,7 +52,8 @@ STATE_VERSION = 1
 class ShuffleBuffer:
     """webdataset's approximate shuffle (a buffer that grows to ``size`` samples; each step adds one or two and
     takes out a random one), as an object whose position can be saved: the buffered samples' positions plus the
-    generator's state.
+    generator's state. The positions live in an array kept in step with the buffer, so saving costs a copy of
+    it (16 bytes per sample), not a pass over the samples: every batch a worker makes carries its state.
 
     Args:
         size: Buffer capacity; 0 or 1 passes samples through in order.
@@ -61,6 +63,7 @@ class ShuffleBuffer:
     def __init__(self, size: int, rng: np.random.Generator) -> None:
         self.size, self.rng = size, rng
         self.items: list[dict[str, Any]] = []
+        self._pos = np.zeros((max(size, 1) + 1, 3), dtype=np.int64)  # shard, offset, key checksum per item
         self.exhausted = False
 
     def next(self, source: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -72,28 +75,41 @@ class ShuffleBuffer:
             if item is None:
                 self.exhausted = True
                 break
-            self.items.append(item)
+            self._push(item)
             if len(self.items) < self.size:  # grow by one extra sample per step until full
                 extra = source()
                 if extra is None:
                     self.exhausted = True
                 else:
-                    self.items.append(extra)
+                    self._push(extra)
             if len(self.items) >= min(self.size, _SHUFFLE_INITIAL):
                 return self._pop()
         return self._pop() if self.items else None
 
+    def _push(self, item: dict[str, Any]) -> None:
+        n = len(self.items)
+        if n == len(self._pos):
+            self._pos = np.concatenate([self._pos, np.zeros_like(self._pos)])
+        self._pos[n] = (*item[POS_KEY], key_checksum(item["__key__"]))
+        self.items.append(item)
+
     def _pop(self) -> dict[str, Any]:
-        i = int(self.rng.integers(len(self.items)))
-        self.items[i], self.items[-1] = self.items[-1], self.items[i]
+        i, last = int(self.rng.integers(len(self.items))), len(self.items) - 1
+        self.items[i], self.items[last] = self.items[last], self.items[i]
+        self._pos[[i, last]] = self._pos[[last, i]]
         return self.items.pop()
 
     def positions(self) -> dict[str, torch.Tensor]:
-        """Shard index, byte offset and key checksum of every buffered sample, in buffer order (tensors, so a
-        checkpoint holding them still loads with ``torch.load(weights_only=True)``)."""
-        pos = torch.tensor([item[POS_KEY] for item in self.items], dtype=torch.int64).reshape(-1, 2)
-        crc = torch.tensor([key_checksum(item["__key__"]) for item in self.items], dtype=torch.int64)
-        return {"shard": pos[:, 0].to(torch.int32), "offset": pos[:, 1].clone(), "key_crc32": crc}
+        """Shard index (int32), byte offset (int64) and key CRC-32 (stored as int32) of every buffered sample, in
+        buffer order; tensors, so a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+        pos = self._pos[: len(self.items)]
+        return {"shard": torch.from_numpy(pos[:, 0].astype(np.int32)), "offset": torch.from_numpy(pos[:, 1].copy()),
+                "key_crc32": torch.from_numpy(pos[:, 2].astype(np.uint32).view(np.int32))}
+
+    def restore(self, items: list[dict[str, Any]]) -> None:
+        self.items = []
+        for item in items:
+            self._push(item)
 
 
 class StaleStateError(RuntimeError):
@@ -168,7 +184,7 @@ class _Pass:
         self.next_pos, self.done = int(st["next_pos"]), bool(st["done"])
         self.buffer.rng.bit_generator.state = st["shuffle_rng"]
         self.buffer.exhausted = bool(st["exhausted"])
-        self.buffer.items = self._reread(buf)
+        self.buffer.restore(self._reread(buf))
         if st["current"] is not None:
             self._open(int(st["current"][0]), int(st["current"][1]))
         self.index, self.delivered = int(st["index"]), int(st["delivered"])
@@ -186,7 +202,8 @@ class _Pass:
                 raise StaleStateError(f"cannot re-read {self.ds.urls[shard]}: {type(e).__name__}: {e}") from e
             groups.update({(shard, off): g for off, g in found.items()})
         items = []
-        for shard, offset, crc in zip(buf["shard"].tolist(), buf["offset"].tolist(), buf["key_crc32"].tolist()):
+        crcs = buf["key_crc32"].numpy().view(np.uint32).tolist()
+        for shard, offset, crc in zip(buf["shard"].tolist(), buf["offset"].tolist(), crcs):
             group = groups.get((shard, offset))
             if group is None or key_checksum(group["__key__"]) != crc:
                 raise StaleStateError(f"{self.ds.urls[shard]} holds no sample with the saved key at byte {offset}")
