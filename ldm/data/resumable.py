@@ -15,7 +15,7 @@ does not fit, for two reasons, so this wrapper is deliberately *not* such a load
    ``on_before_batch_transfer`` and asks :meth:`ResumableLoader.snapshot` for that batch.
 2. Only global rank 0 writes the checkpoint, and Lightning would restore rank 0's loader state on every rank.
    Here the data module gathers every rank's state into the checkpoint (:func:`gather_to_rank0`; a few kB per
-   rank plus 16 bytes per buffered sample) and each rank restores its own.
+   rank plus 12 bytes per buffered sample) and each rank restores its own.
 
 A further Lightning issue is avoided on the way: Lightning-AI/pytorch-lightning#20550 (loader state silently not
 restored when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``); the data module's

@@ -18,8 +18,8 @@ Streams (seed words in ``ldm.data.rng``):
 Both are **resumable**. :meth:`ShardStream.state_dict` (called in each worker by torchdata's
 ``StatefulDataLoader``, see ``ldm.data.resumable``) gives a worker's position after the batch it just made, in
 a few numbers: the shard-choice generator's state, the current shard and the byte offset of its next sample,
-each buffered sample as (shard, byte offset, key checksum), the shuffle generator's state, the sample counter
-and the skip counts; 16 bytes per buffered sample plus about 1 kB. :meth:`ShardStream.load_state_dict`
+each buffered sample as (shard, tar block, key checksum), the shuffle generator's state, the sample counter
+and the skip counts; 12 bytes per buffered sample plus about 1 kB. :meth:`ShardStream.load_state_dict`
 continues from there without decoding anything already consumed: the current shard is re-entered by reading
 its headers only (a seek per member for local uncompressed shards), and the shuffle buffer is refilled by
 reading back just the buffered samples. A resume therefore costs at most a shard's headers plus a buffer's
@@ -43,6 +43,7 @@ from ldm.data.decode import SampleProcessor, collate
 from ldm.data.rng import Stream, make_rng, split_id, stable_hash
 from ldm.data.shards import POS_KEY, ShardReader, expand_shards, key_checksum, read_groups, shard_name
 from ldm.data.stats import BadDataError, BadDataMonitor, SharedCounts
+from ldm.data.tarstream import BLOCK
 
 log = logging.getLogger(__name__)
 _SHUFFLE_INITIAL = 100  # samples buffered before the shuffle buffer starts yielding (webdataset's default)
@@ -53,7 +54,7 @@ class ShuffleBuffer:
     """webdataset's approximate shuffle (a buffer that grows to ``size`` samples; each step adds one or two and
     takes out a random one), as an object whose position can be saved: the buffered samples' positions plus the
     generator's state. The positions live in an array kept in step with the buffer, so saving costs a copy of
-    it (16 bytes per sample), not a pass over the samples: every batch a worker makes carries its state.
+    it (12 bytes per sample), not a pass over the samples: every batch a worker makes carries its state.
 
     Args:
         size: Buffer capacity; 0 or 1 passes samples through in order.
@@ -100,10 +101,12 @@ class ShuffleBuffer:
         return self.items.pop()
 
     def positions(self) -> dict[str, torch.Tensor]:
-        """Shard index (int32), byte offset (int64) and key CRC-32 (stored as int32) of every buffered sample, in
-        buffer order; tensors, so a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+        """Shard index, 512-byte block of the first header (samples start on tar block boundaries; int32 covers
+        1 TiB shards) and key CRC-32 of every buffered sample, in buffer order, as int32 tensors (12 bytes per
+        sample; tensors, so a checkpoint holding them loads with ``torch.load(weights_only=True)``)."""
         pos = self._pos[: len(self.items)]
-        return {"shard": torch.from_numpy(pos[:, 0].astype(np.int32)), "offset": torch.from_numpy(pos[:, 1].copy()),
+        return {"shard": torch.from_numpy(pos[:, 0].astype(np.int32)),
+                "block": torch.from_numpy((pos[:, 1] // BLOCK).astype(np.int32)),
                 "key_crc32": torch.from_numpy(pos[:, 2].astype(np.uint32).view(np.int32))}
 
     def restore(self, items: list[dict[str, Any]]) -> None:
@@ -191,19 +194,20 @@ class _Pass:
         self.mon.restore(st["counts"], int(st["records"]), int(st["bad"]))
 
     def _reread(self, buf: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        offsets = [b * BLOCK for b in buf["block"].tolist()]
         wanted: dict[int, list[int]] = {}
-        for shard, offset in zip(buf["shard"].tolist(), buf["offset"].tolist()):
+        for shard, offset in zip(buf["shard"].tolist(), offsets):
             wanted.setdefault(shard, []).append(offset)
         groups: dict[tuple[int, int], dict[str, Any]] = {}
-        for shard, offsets in wanted.items():
+        for shard, in_shard in wanted.items():
             try:
-                found = read_groups(self.ds.urls[shard], offsets, shard)
+                found = read_groups(self.ds.urls[shard], in_shard, shard)
             except Exception as e:
                 raise StaleStateError(f"cannot re-read {self.ds.urls[shard]}: {type(e).__name__}: {e}") from e
             groups.update({(shard, off): g for off, g in found.items()})
         items = []
         crcs = buf["key_crc32"].numpy().view(np.uint32).tolist()
-        for shard, offset, crc in zip(buf["shard"].tolist(), buf["offset"].tolist(), crcs):
+        for shard, offset, crc in zip(buf["shard"].tolist(), offsets, crcs):
             group = groups.get((shard, offset))
             if group is None or key_checksum(group["__key__"]) != crc:
                 raise StaleStateError(f"{self.ds.urls[shard]} holds no sample with the saved key at byte {offset}")
