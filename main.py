@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train or resume an ldm model: ``python main.py --base configs/inpaint.yaml --train``.
 
-The ldm command line (SPEC B.3.1): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
+The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
 ``-t/--train``, ``-r/--resume`` (a run dir or a checkpoint), ``-n/--name``, ``-l/--logdir``, ``-s/--seed``,
 ``--scale_lr`` (off by default here; the formula is logged). Trainer settings live in ``lightning.trainer``
 (e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run`` and ``ldm.callbacks``; the

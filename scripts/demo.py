@@ -19,7 +19,7 @@ inpaint), ``runs/`` (the main.py run directories), ``eval/`` (evaluate.py's tabl
 ``heldin/``, ``shards/``.
 ``--fast`` is the shortened run the test suite uses (4 of the 10 photos, fewer steps); ``--steps N`` sets the
 training steps of every stage (``--steps 10``: a smoke run). Exit status 1 when the model did not learn by the
-issue's criterion (masked-region L1 at most half of both baselines'; see metrics.json), 2 when a stage failed.
+demo's criterion (masked-region L1 at most half of both baselines'; see metrics.json), 2 when a stage failed.
 
     python scripts/demo.py --out demo_out          # what `make demo` runs (about 5-6 minutes on 2 idle cores)
     python scripts/demo.py --out /tmp/demo --fast  # the CI-sized run (about 2 minutes)

@@ -9,7 +9,7 @@ member unchanged, plus ``<key>.latent_moments.npy``: the VAE encoder's output (`
 that sample's image, ``8 x h x w`` float16 (channels 0-3 the posterior mean, 4-7 its log-variance; unscaled,
 i.e. before ``scale_factor``). Training samples the posterior from these moments as it would online
 (``LatentDiffusion.get_input``), which removes one of the two VAE encodes per sample (~1.12 of 4.69 TFLOP at
-512 px; PERFORMANCE.md: the step costs ~1.48x the UNet instead of ~1.94x). The masked image is still encoded
+512 px; docs/DECISIONS.md R10: the step costs ~1.48x the UNet instead of ~1.94x). The masked image is still encoded
 online, because masks are drawn fresh every step.
 
 **The crop is fixed.** The image is resized and centre-cropped exactly as the training config's
