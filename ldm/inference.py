@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file, state_dict_of
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.interop.ldm_format import read_parameterization, select_weights
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
@@ -251,7 +252,7 @@ class SamplingOptions:
 
     sampler: Literal["ddim", "dpm"] = "ddim"
     steps: int = 50
-    scale: float = 10.0
+    scale: float = GUIDANCE_SCALE
     eta: float = 0.0
     precision: Precision = "fp32"
     paste_back: bool = False
