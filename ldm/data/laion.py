@@ -1,4 +1,4 @@
-"""``WebDataModuleFromConfig``: LAION/img2dataset WebDataset shards as a Lightning data module (SPEC D7, B.4.1).
+"""``WebDataModuleFromConfig``: LAION/img2dataset WebDataset shards as a Lightning data module (DECISIONS D7, R7).
 
 Config targets kept from the SD configs: ``ldm.data.laion.WebDataModuleFromConfig`` and
 ``ldm.data.laion.AddMask`` (defined in ``ldm.data.inpainting``). Every key of the official SD2 inpainting
@@ -26,10 +26,9 @@ float32 {0, 1}, 1 = hole; ``masked_image`` = jpg * (mask < 0.5); ``json`` list o
 ``__url__`` lists of str. ``mask``/``masked_image`` come from the ``AddMask`` postprocess.
 
 Rank and world size come from the attached trainer, else ``torch.distributed``, else ``RANK``/``WORLD_SIZE``;
-they are resolved in the training process and handed to the workers (the ``spawn`` trap of webdataset's node
-splitter, see ``ldm.data.webdata``).
+they are resolved in the training process and handed to the workers (DECISIONS R11, spawn trap).
 
-Exact resume (docs/DECISIONS.md, D7): the data module is stateful. Its ``state_dict`` holds every rank's stream
+Exact resume (DECISIONS D14): the data module is stateful. Its ``state_dict`` holds every rank's stream
 positions as of the last batch the training step consumed (gathered to rank 0, which writes the checkpoint);
 ``load_state_dict`` hands each rank its own, and the next ``train_dataloader()`` continues there, so a resumed
 run sees the samples an uninterrupted run would, in the same order, on every rank. When the saved position does
@@ -256,7 +255,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             why = f"the checkpoint holds no {split} stream position (older code, or another data module)"
         if why is not None and rank == 0:
             log.warning("data: %s; continuing with a new stream seeded by step %d (not sample-exact, see "
-                        "docs/DECISIONS.md D7)", why, step)
+                        "docs/DECISIONS.md D14)", why, step)
         return step, None
 
     def _loader(self, split: str) -> ResumableLoader:
