@@ -180,3 +180,30 @@ def test_a_rewritten_shard_is_detected_and_the_stream_reseeded(tmp_path, caplog)
     assert all(k.startswith("x") for k in batch["__key__"])
     lines = [r.getMessage() for r in caplog.records if "saved data position" in r.getMessage()]
     assert len(lines) == 1 and "seeded by step 2" in lines[0]
+
+
+def test_in_a_trainer_the_saved_position_is_the_consumed_batch_not_the_prefetched_one(shards):
+    straight = _module(shards, 2)
+    it = iter(straight.train_dataloader())
+    train_ref = [next(it) for _ in range(6)]
+    val_loader = straight.val_dataloader()  # Lightning builds it once and iterates it for every pass
+    val_passes = [list(val_loader) for _ in range(2)]
+    assert not _equal(*val_passes)  # passes shuffle differently: which pass comes next matters
+
+    dm = _module(shards, 2)
+    dm.trainer = _trainer(0)
+    it = iter(dm.train_dataloader())
+    fetched = [next(it)]
+    for _ in range(3):  # as Lightning's fetcher does: the next batch is pulled before this one is used
+        fetched.append(next(it))
+        dm.on_before_batch_transfer(fetched[-2], 0)
+    dm.trainer.training, dm.trainer.validating = False, True
+    next(iter(dm.val_dataloader()))  # a validation pass under way (Lightning never saves inside one)
+    state = dm.state_dict()
+
+    resumed = _module(shards, 2)
+    resumed.trainer = _trainer(3)
+    resumed.load_state_dict(state)
+    it = iter(resumed.train_dataloader())
+    assert _equal(fetched[:3] + [next(it) for _ in range(3)], train_ref)  # batch 4 was fetched, not consumed
+    assert _equal(list(resumed.val_dataloader()), val_passes[1])  # the next validation pass, from its start

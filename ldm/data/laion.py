@@ -302,14 +302,19 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's stream positions (rank 0 writes the checkpoint, so they are gathered there).
 
-        Lightning calls this on every rank while it dumps a checkpoint; it is a collective. Inside a trainer a
-        position is that of the last batch the step consumed (not of the batch Lightning has prefetched).
+        Lightning calls this on every rank while it dumps a checkpoint; it is a collective. Inside a trainer the
+        training position is that of the last batch the step consumed (not of the batch Lightning has
+        prefetched), and an evaluation loader's is the start of its next pass.
         """
         local = {}
         for split, (loader, fingerprint, resume_step) in self._loaders.items():
-            batches = loader.consumed if self.trainer is not None else None
-            local[split] = {"fingerprint": fingerprint, "resume_step": resume_step,
-                            "position": loader.snapshot(batches)}
+            if self.trainer is None:  # iterated by hand: the position after the last batch handed out
+                position = loader.snapshot()
+            elif split == "train":
+                position = loader.snapshot(loader.consumed)
+            else:  # Lightning runs every validation/test pass whole and starts the next one afresh
+                position = loader.next_pass()
+            local[split] = {"fingerprint": fingerprint, "resume_step": resume_step, "position": position}
         ranks = gather_to_rank0(local)
         return {} if ranks is None else {"version": STATE_VERSION, "ranks": ranks}
 

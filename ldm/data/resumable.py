@@ -120,6 +120,10 @@ class ResumableLoader:
                                f"..{max(self._snapshots)} are kept)")
         return self._snapshots[n]
 
+    def next_pass(self) -> dict[str, Any]:
+        """The position at the start of the next pass (what an interrupted finished pass resumes to)."""
+        return self._pending or {"epoch": self._next_epoch, "loader": None}
+
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Continue from ``snapshot`` (from :meth:`snapshot` of a loader over the same stream layout)."""
         self._pending = snapshot
