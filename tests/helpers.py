@@ -105,10 +105,10 @@ class PoisonAtStep:
         return _Poison()
 
 
-class KillAtStep:
-    """Callback (config target ``tests.helpers.KillAtStep``) that SIGKILLs its own process at the start of the
-    batch after ``global_step`` reached ``step``, i.e. right after a periodic checkpoint at ``step`` was written:
-    no handler runs, nothing is saved, prefetched batches are lost, as when a node dies."""
+class KillBeforeStep:
+    """Callback (config target ``tests.helpers.KillBeforeStep``) that SIGKILLs its own process when the batch after
+    optimizer step ``step`` starts, i.e. right after a periodic checkpoint at ``step`` was written: no handler
+    runs, nothing is saved, batches the DataLoader workers had prefetched are lost, as when a node dies."""
 
     def __new__(cls, step: int):
         import os

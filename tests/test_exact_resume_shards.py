@@ -66,7 +66,7 @@ def test_killed_after_a_checkpoint_and_resumed_equals_the_run_that_never_stopped
     rc = _main([*common, "-l", str(a), f"lightning.callbacks.keys.params.out_dir={tmp_path / 'keys_a'}"],
                tmp_path / "a.log")
     assert rc == 0, (tmp_path / "a.log").read_text()[-3000:]
-    kill = ["lightning.callbacks.kill.target=tests.helpers.KillAtStep", f"lightning.callbacks.kill.params.step={N}"]
+    kill = ["lightning.callbacks.kill.target=tests.helpers.KillBeforeStep", f"lightning.callbacks.kill.params.step={N}"]
     rc = _main([*common, *kill, "-l", str(b), f"lightning.callbacks.keys.params.out_dir={tmp_path / 'keys_b'}"],
                tmp_path / "b.log")
     run_b = _run_dir(b)
