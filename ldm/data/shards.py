@@ -153,42 +153,56 @@ class ShardReader:
 def read_groups(url: str, offsets: Sequence[int], index: int = -1) -> dict[int, dict[str, Any]]:
     """The samples that start at ``offsets`` in one shard, as :class:`ShardReader` delivered them, read
     without counting anything (to refill a shuffle buffer). Offsets that no longer hold a sample are missing
-    from the result."""
+    from the result. A local uncompressed shard is read by seeking to each sample; any other in one forward
+    pass from the first offset to the last."""
     wanted = set(int(o) for o in offsets)
-    if not wanted:
-        return {}
     out: dict[int, dict[str, Any]] = {}
+    if not wanted:
+        return out
     src = ShardFile(url)
     try:
-        src.skip(min(wanted))
-        scanner = TarScanner(src)
-        last, group = max(wanted), None
-        for member in scanner:
-            parts = _split_member(member.name)
-            if parts is None:
-                continue
-            key, ext = parts
-            if group is not None and (group["__key__"] != key or ext in group):
-                out[group[POS_KEY][1]] = group
-                group = None
-            if group is None:
-                if member.offset not in wanted:
-                    if member.offset > last:
-                        break
-                    continue
-                group = {"__key__": key, "__url__": url, POS_KEY: (index, member.offset)}
-            data = scanner.read(member)
-            if data is None:
-                break
-            group[ext] = data
-        if group is not None:
-            out[group[POS_KEY][1]] = group
+        if src.seekable:
+            for offset in sorted(wanted):
+                src.seek(offset)
+                _collect(src, url, index, {offset}, out, first_only=True)
+        else:
+            src.skip(min(wanted))
+            _collect(src, url, index, wanted, out, first_only=False)
     except READ_ERRORS as e:
         log.warning("re-reading buffered samples of %s: %s", url, e)
     finally:
         src.closed_early = True
         src.close()
     return out
+
+
+def _collect(src: ShardFile, url: str, index: int, wanted: set[int], out: dict[int, dict[str, Any]],
+             first_only: bool) -> None:
+    """Group members from ``src``'s position on, keeping the groups that start at a ``wanted`` offset."""
+    scanner = TarScanner(src)
+    last, group = max(wanted), None
+    for member in scanner:
+        parts = _split_member(member.name)
+        if parts is None:
+            continue
+        key, ext = parts
+        if group is not None and (group["__key__"] != key or ext in group):
+            out[group[POS_KEY][1]] = group
+            group = None
+            if first_only:
+                return
+        if group is None:
+            if member.offset not in wanted:
+                if member.offset > last or first_only:
+                    return
+                continue
+            group = {"__key__": key, "__url__": url, POS_KEY: (index, member.offset)}
+        data = scanner.read(member)
+        if data is None:
+            break
+        group[ext] = data
+    if group is not None:
+        out[group[POS_KEY][1]] = group
 
 
 def key_checksum(key: str) -> int:

@@ -113,6 +113,13 @@ class ShardFile:
                 return
             size -= got
 
+    def seek(self, pos: int) -> None:
+        """Jump to byte ``pos`` (local uncompressed shards only)."""
+        if not self.seekable:
+            raise io.UnsupportedOperation(f"{self.url}: only local uncompressed shards can seek")
+        self.stream.seek(pos)
+        self.pos = pos
+
     def close(self) -> None:
         try:
             if self.stream is not self.raw:
