@@ -207,3 +207,17 @@ def test_in_a_trainer_the_saved_position_is_the_consumed_batch_not_the_prefetche
     it = iter(resumed.train_dataloader())
     assert _equal(fetched[:3] + [next(it) for _ in range(3)], train_ref)  # batch 4 was fetched, not consumed
     assert _equal(list(resumed.val_dataloader()), val_passes[1])  # the next validation pass, from its start
+
+
+def test_a_new_batch_size_continues_the_same_sample_sequence(shards):
+    straight = _module(shards, 0)
+    it = iter(straight.train_dataloader())
+    ref = [k for _ in range(6) for k in next(it)["__key__"]]
+    first = _module(shards, 0)
+    it = iter(first.train_dataloader())
+    head = [k for _ in range(2) for k in next(it)["__key__"]]
+    resumed = _module(shards, 0)
+    resumed.batch_size = 2
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed.train_dataloader())
+    assert head + [k for _ in range(8) for k in next(it)["__key__"]] == ref

@@ -179,7 +179,7 @@ class _Pass:
             raise StaleStateError(f"state version {st.get('version')} (this code reads {STATE_VERSION})")
         n = len(self.ds.urls)
         buf = st["buffer"]
-        shards = [int(s) for s in buf["shard"]] + ([int(st["current"][0])] if st["current"] else [])
+        shards = buf["shard"].tolist() + ([int(st["current"][0])] if st["current"] else [])
         if any(not 0 <= s < n for s in shards):
             raise StaleStateError(f"a saved shard index is outside the {n} shards of this run")
         if self.shard_rng is not None:
