@@ -100,14 +100,14 @@ class ShuffleBuffer:
         self._pos[[i, last]] = self._pos[[last, i]]
         return self.items.pop()
 
-    def positions(self) -> dict[str, torch.Tensor]:
-        """Shard index, 512-byte block of the first header (samples start on tar block boundaries; int32 covers
-        1 TiB shards) and key CRC-32 of every buffered sample, in buffer order, as int32 tensors (12 bytes per
-        sample; tensors, so a checkpoint holding them loads with ``torch.load(weights_only=True)``)."""
-        pos = self._pos[: len(self.items)]
-        return {"shard": torch.from_numpy(pos[:, 0].astype(np.int32)),
-                "block": torch.from_numpy((pos[:, 1] // BLOCK).astype(np.int32)),
-                "key_crc32": torch.from_numpy(pos[:, 2].astype(np.uint32).view(np.int32))}
+    def positions(self) -> bytes:
+        """(shard index, 512-byte block of the first header, key CRC-32) of every buffered sample, in buffer order,
+        as little-endian uint32 triples: 12 bytes per sample (samples start on tar block boundaries, so a uint32
+        block number covers 2 TiB shards). Plain bytes pickle inline through the worker queue and load with
+        ``torch.load(weights_only=True)``."""
+        pos = self._pos[: len(self.items)].copy()
+        pos[:, 1] //= BLOCK
+        return pos.astype("<u4").tobytes()
 
     def restore(self, items: list[dict[str, Any]]) -> None:
         self.items = []
@@ -179,7 +179,7 @@ class _Pass:
             raise StaleStateError(f"state version {st.get('version')} (this code reads {STATE_VERSION})")
         n = len(self.ds.urls)
         buf = st["buffer"]
-        shards = buf["shard"].tolist() + ([int(st["current"][0])] if st["current"] else [])
+        shards = np.frombuffer(buf, dtype="<u4")[0::3].tolist() + ([int(st["current"][0])] if st["current"] else [])
         if any(not 0 <= s < n for s in shards):
             raise StaleStateError(f"a saved shard index is outside the {n} shards of this run")
         if self.shard_rng is not None:
@@ -193,10 +193,11 @@ class _Pass:
         self.index, self.delivered = int(st["index"]), int(st["delivered"])
         self.mon.restore(st["counts"], int(st["records"]), int(st["bad"]))
 
-    def _reread(self, buf: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        offsets = [b * BLOCK for b in buf["block"].tolist()]
+    def _reread(self, buf: bytes) -> list[dict[str, Any]]:
+        pos = np.frombuffer(buf, dtype="<u4").reshape(-1, 3).astype(np.int64)
+        shards, offsets, crcs = pos[:, 0].tolist(), (pos[:, 1] * BLOCK).tolist(), pos[:, 2].tolist()
         wanted: dict[int, list[int]] = {}
-        for shard, offset in zip(buf["shard"].tolist(), offsets):
+        for shard, offset in zip(shards, offsets):
             wanted.setdefault(shard, []).append(offset)
         groups: dict[tuple[int, int], dict[str, Any]] = {}
         for shard, in_shard in wanted.items():
@@ -206,8 +207,7 @@ class _Pass:
                 raise StaleStateError(f"cannot re-read {self.ds.urls[shard]}: {type(e).__name__}: {e}") from e
             groups.update({(shard, off): g for off, g in found.items()})
         items = []
-        crcs = buf["key_crc32"].numpy().view(np.uint32).tolist()
-        for shard, offset, crc in zip(buf["shard"].tolist(), offsets, crcs):
+        for shard, offset, crc in zip(shards, offsets, crcs):
             group = groups.get((shard, offset))
             if group is None or key_checksum(group["__key__"]) != crc:
                 raise StaleStateError(f"{self.ds.urls[shard]} holds no sample with the saved key at byte {offset}")
