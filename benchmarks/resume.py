@@ -44,7 +44,8 @@ from ldm.data.stats import SharedCounts  # noqa: E402
 from ldm.data.webdata import ShardStream  # noqa: E402
 
 HEADING = "Data stream resume"
-INTRO = """Script: `python benchmarks/resume.py` (about 3 minutes on the 2-core CI box; `--no-write` prints only).
+INTRO = """Script: `python benchmarks/resume.py` (several minutes: it writes 16,000 JPEGs and runs the stream to
+100,000 samples twice; `--no-write` prints only).
 
 Time from a saved training-stream position to the next batch at sample position P, the size of that saved
 position, and the cost of getting back to P without one. Exact resume is described in `docs/DECISIONS.md`
