@@ -4,7 +4,9 @@ Everything here exists because released configs or checkpoints depend on it, not
 
 * :data:`IGNORED_PARAMS` lists constructor parameters that official configs set but that have no effect in this
   implementation, each with the reason. Constructors accept them, log them once at debug level, and do nothing.
-* :func:`ema_buffer_name` is LitEma's name mangling (every '.' deleted), which fixes the ``model_ema.*`` keys.
+* :data:`IGNORED_LOG_IMAGES_KWARGS`: the same for ``log_images`` keywords (they reach it through ImageLogger).
+* :func:`ema_buffer_name` is LitEma's name mangling (every '.' deleted), which fixes the ``model_ema.*`` keys;
+  ``LitEma`` and every other user of the names call it.
 * :data:`INPAINT_FINETUNE_KEYS` are the two keys whose input channels are widened 4 -> 9 when an inpainting
   model is initialised from a text-to-image checkpoint (SPEC D4).
 """
@@ -27,24 +29,35 @@ IGNORED_PARAMS: dict[str, str] = {
     "UNetModel.image_size": "the UNet is fully convolutional; the input latent decides the size",
     "AutoencoderKL.monitor": "read by main.py for ModelCheckpoint(monitor=...), not by the model",
     "FrozenOpenCLIPEmbedder.device": "tokens follow the module's own device; moving the module moves it",
-    "ImageLogger.log_images_kwargs.inpaint": "ldm accepts it and does nothing with it for the finetune path",
-    "ImageLogger.log_images_kwargs.plot_progressive_rows": "progressive rows are not drawn",
-    "ImageLogger.log_images_kwargs.plot_diffusion_rows": "diffusion rows are not drawn",
     "ImageLogger.enable_autocast": "named by the SD2 yaml but absent from public ldm; images are logged under "
     "the trainer's precision",
 }
 
-#: keys widened from 4 to 9 input channels by LatentInpaintDiffusion (model and EMA twin). COMPAT: the EMA key is
-#: the LitEma-mangled name of ``diffusion_model.input_blocks.0.0.weight``.
-INPAINT_FINETUNE_KEYS: tuple[str, ...] = (
-    "model.diffusion_model.input_blocks.0.0.weight",
-    "model_ema.diffusion_modelinput_blocks00weight",
-)
+#: ``log_images`` keywords (ImageLogger's ``log_images_kwargs``) that ldm configs pass and that draw nothing here.
+IGNORED_LOG_IMAGES_KWARGS: dict[str, str] = {
+    "inpaint": "ldm accepts it and does nothing with it for the finetune path",
+    "plot_progressive_rows": "progressive rows are not drawn",
+    "plot_diffusion_rows": "diffusion rows are not drawn",
+    "plot_denoise_rows": "denoising rows are not drawn",
+    "quantize_denoised": "a VQ-model option; latents here are continuous",
+    "return_keys": "every key is always returned",
+    "plot_inpaint": "ldm's mask-blending inpaint rows are not drawn; the inpainting model conditions on the mask",
+    "plot_swapped_concat": "swapped-concat rows are not drawn",
+}
+IGNORED_PARAMS.update({f"ImageLogger.log_images_kwargs.{k}": v for k, v in IGNORED_LOG_IMAGES_KWARGS.items()})
+
 
 
 def ema_buffer_name(param_name: str) -> str:
     """COMPAT: LitEma names a shadow buffer by deleting every '.' from the parameter name."""
     return param_name.replace(".", "")
+
+
+#: keys widened from 4 to 9 input channels by LatentInpaintDiffusion: the first UNet conv and its EMA twin.
+INPAINT_FINETUNE_KEYS: tuple[str, ...] = (
+    "model.diffusion_model.input_blocks.0.0.weight",
+    "model_ema." + ema_buffer_name("diffusion_model.input_blocks.0.0.weight"),  # model_ema.diffusion_modelinput...
+)
 
 
 def note_ignored(owner: str, params: Mapping[str, Any]) -> None:

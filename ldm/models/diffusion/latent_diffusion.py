@@ -168,17 +168,17 @@ class LatentDiffusion(pl.LightningModule):
                 raise ConfigError(f"model.params.{name}=True is not supported by this implementation; remove it")
         if num_timesteps_cond != 1:
             raise ConfigError("model.params.num_timesteps_cond must be 1 (conditioning-noise schedules are unused)")
-        self.parameterization = parameterization_checked(parameterization)
-        if loss_type not in ("l1", "l2"):
-            raise ConfigError(f"model.params.loss_type={loss_type!r}: expected 'l1' or 'l2'")
+        try:
+            self.loss_fn = losses.DiffusionLoss(parameterization, loss_type, l_simple_weight, original_elbo_weight,
+                                                logvar_init, min_snr_gamma)
+        except ValueError as e:
+            raise ConfigError(f"model.params.{e}") from e
+        self.parameterization = self.loss_fn.parameterization
         if force_null_conditioning:
             conditioning_key = None
         elif conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         self.conditioning_key = conditioning_key
-        self.loss_type, self.l_simple_weight = loss_type, l_simple_weight
-        self.original_elbo_weight = original_elbo_weight
-        self.min_snr_gamma = min_snr_gamma
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
         self.image_size, self.channels = image_size, channels
@@ -209,7 +209,6 @@ class LatentDiffusion(pl.LightningModule):
         else:
             self.scale_factor = float(scale_factor)
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior)
-        self.logvar = torch.full((self.num_timesteps,), float(logvar_init))  # not a buffer: ldm never saved it
         self._last_ema_step = -1
         self._std_done = False  # scale_by_std: estimated once, unless a checkpoint brought a scale_factor
 
@@ -242,7 +241,8 @@ class LatentDiffusion(pl.LightningModule):
         cosine_s: float = 8e-3,
         v_posterior: float = 0.0,
     ) -> None:
-        """Register ldm's 12 persistent schedule buffers (exact names, float32) plus ``lvlb_weights``."""
+        """Register ldm's 12 persistent schedule buffers (exact names, float32) and rebuild the loss's
+        per-timestep tables for the new schedule."""
         if given_betas is not None:
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
@@ -250,12 +250,11 @@ class LatentDiffusion(pl.LightningModule):
         with torch.device("cpu"):  # the schedule is computed eagerly, also when the model is built on meta
             self.schedule = NoiseSchedule.from_betas(betas, v_posterior=v_posterior)
             buffers = self.schedule.buffers()
-            lvlb_weights = self.schedule.lvlb_weights(self.parameterization)
+            self.loss_fn.set_schedule(self.schedule)
         self.num_timesteps = len(betas)
         self.linear_start, self.linear_end, self.v_posterior = linear_start, linear_end, v_posterior
         for name, value in buffers.items():
             self.register_buffer(name, value)
-        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     finetune_keys: tuple[str, ...] = ()
@@ -350,6 +349,20 @@ class LatentDiffusion(pl.LightningModule):
         c = self.get_learned_conditioning(label[:1])
         return c.expand(batch_size, *c.shape[1:]).contiguous()
 
+    def null_conditioning(self, cond: Any, null_label: Sequence[str] | str | None = None) -> Any:
+        """The unconditional counterpart of ``cond`` for classifier-free guidance, used by every sampling path.
+
+        Only the text changes, to the encoding of ``null_label`` ("" by default, what ``ucg_training`` drops to).
+        Everything else in a hybrid ``{"c_concat": [...], "c_crossattn": [...]}`` dict, i.e. the inpainting
+        model's mask and masked-image latent, is kept as the same tensors (D5; SD2's scripts do the same).
+        """
+        if not isinstance(cond, Mapping):  # text conditioning only
+            return self.get_unconditional_conditioning(cond.shape[0], null_label)
+        if "c_crossattn" not in cond:
+            raise ValueError("null_conditioning: cond has no 'c_crossattn' text entry to replace")
+        text = cond["c_crossattn"][0]  # B x 77 x D
+        return {**cond, "c_crossattn": [self.get_unconditional_conditioning(text.shape[0], null_label)]}
+
     # ------------------------------------------------------------------------------------------------ inputs
     @staticmethod
     def image_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
@@ -406,24 +419,10 @@ class LatentDiffusion(pl.LightningModule):
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None):
         """Diffusion loss at timesteps ``t``: noise, predict, compare with the parameterization's target."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        a = extract(self.sqrt_alphas_cumprod, t, x_start.ndim)  # sqrt(abar_t), B x 1 x 1 x 1
-        s = extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim)  # sqrt(1 - abar_t)
-        x_noisy = parameterization.q_sample(x_start, noise, a, s)
-        model_output = self.apply_model(x_noisy, t, cond)
+        a, s = self._ab(t, x_start.ndim)  # sqrt(abar_t), sqrt(1 - abar_t): B x 1 x 1 x 1
+        model_output = self.apply_model(parameterization.q_sample(x_start, noise, a, s), t, cond)
         target = parameterization.training_target(self.parameterization, x_start, noise, a, s)
-        prefix = "train" if self.training else "val"
-        return losses.diffusion_loss(
-            model_output, target, t,
-            loss_type=self.loss_type,
-            logvar=self.logvar.to(self.device),
-            lvlb_weights=self.lvlb_weights,
-            l_simple_weight=self.l_simple_weight,
-            original_elbo_weight=self.original_elbo_weight,
-            min_snr_gamma=self.min_snr_gamma,
-            alphas_cumprod=self.alphas_cumprod,
-            parameterization=self.parameterization,
-            prefix=prefix,
-        )
+        return self.loss_fn(model_output, target, t, prefix="train" if self.training else "val")
 
     def forward(self, x: torch.Tensor, c: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()  # uniform t per sample
@@ -525,6 +524,10 @@ class LatentDiffusion(pl.LightningModule):
     def get_v(self, x, noise, t):
         return parameterization.v_from_x0_eps(x, noise, *self._ab(t, x.ndim))
 
+    def training_target(self, x_start, noise, t):
+        """What the model regresses on at ``t`` for the configured parameterization (eps, x0 or v)."""
+        return parameterization.training_target(self.parameterization, x_start, noise, *self._ab(t, x_start.ndim))
+
     def predict_start_from_noise(self, x_t, t, noise):
         return parameterization.x0_from_eps(x_t, noise, *self._ab(t, x_t.ndim))
 
@@ -534,9 +537,3 @@ class LatentDiffusion(pl.LightningModule):
     def predict_eps_from_z_and_v(self, x_t, t, v):
         return parameterization.eps_from_v(x_t, v, *self._ab(t, x_t.ndim))
 
-
-def parameterization_checked(mode: str) -> str:
-    try:
-        return parameterization.check_parameterization(mode)
-    except ValueError as e:
-        raise ConfigError(f"model.params.parameterization: {e}") from e
