@@ -7,6 +7,8 @@ Everything here exists because released configs or checkpoints depend on it, not
 * :data:`IGNORED_LOG_IMAGES_KWARGS`: the same for ``log_images`` keywords (they reach it through ImageLogger).
 * :func:`ema_buffer_name` is LitEma's name mangling (every '.' deleted), which fixes the ``model_ema.*`` keys;
   ``LitEma`` and every other user of the names call it.
+* :class:`LdmScheduleHelpers` keeps ldm's public helper methods of ``LatentDiffusion`` (``q_sample``, ``get_v``,
+  ``predict_start_from_noise``, ...) for scripts written against ldm.
 * :data:`INPAINT_FINETUNE_KEYS` are the two keys whose input channels are widened 4 -> 9 when an inpainting
   model is initialised from a text-to-image checkpoint (SPEC D4).
 """
@@ -16,6 +18,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from typing import Any
+
+import torch
+
+from ldm.models.diffusion import parameterization as P
+from ldm.models.diffusion.schedule import extract
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +67,47 @@ INPAINT_FINETUNE_KEYS: tuple[str, ...] = (
 )
 
 
+def reject_unsupported(owner: str, options: Mapping[str, tuple[Any, Any]], error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` for the first ldm option ``name: (value, default)`` set to anything but its default: options
+    ldm has and this implementation does not (they would otherwise be silently ignored)."""
+    for name, (value, default) in options.items():
+        is_set = value is not None if default is None else value != default
+        if is_set:
+            raise error(f"{owner}: {name}={value!r} is not supported; leave it at {default!r}")
+
+
 def note_ignored(owner: str, params: Mapping[str, Any]) -> None:
     """Log (debug) each explicitly ignored parameter that a config set to a non-default value."""
     for name, value in params.items():
         reason = IGNORED_PARAMS.get(f"{owner}.{name}")
         if reason is not None and value is not None:
             log.debug("%s.%s=%r is accepted and ignored: %s", owner, name, value, reason)
+
+
+class LdmScheduleHelpers:
+    """COMPAT: ldm's public ``LatentDiffusion`` helpers at integer timesteps ``t`` ``[B]``, for scripts and
+    third-party code; each is a one-line delegation to :mod:`ldm.models.diffusion.parameterization`. The host
+    registers the ``sqrt_alphas_cumprod`` and ``sqrt_one_minus_alphas_cumprod`` schedule buffers ``[T]``."""
+
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+
+    def _ab(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(abar_t) and sqrt(1 - abar_t), shaped ``[B, 1, ..., 1]`` to broadcast against ``ndim``-dim x."""
+        return extract(self.sqrt_alphas_cumprod, t, ndim), extract(self.sqrt_one_minus_alphas_cumprod, t, ndim)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return P.q_sample(x_start, noise, *self._ab(t, x_start.ndim))
+
+    def get_v(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return P.v_from_x0_eps(x, noise, *self._ab(t, x.ndim))
+
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return P.x0_from_eps(x_t, noise, *self._ab(t, x_t.ndim))
+
+    def predict_start_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return P.x0_from_v(x_t, v, *self._ab(t, x_t.ndim))
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return P.eps_from_v(x_t, v, *self._ab(t, x_t.ndim))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ldm import compat
 from ldm.models.diffusion.guidance import ModelFn, guided_model_fn
 from ldm.models.diffusion.parameterization import check_parameterization, q_sample, split_prediction
 from ldm.models.diffusion.sampling_utils import (
@@ -35,7 +36,6 @@ from ldm.models.diffusion.sampling_utils import (
     initial_noise,
     model_device,
     randn,
-    reject_unsupported,
 )
 from ldm.models.diffusion.schedule import ddim_coefficients, ddim_timesteps
 
@@ -189,7 +189,7 @@ class DDIMSampler:
         ``generator`` is new and seeds every random draw. Returns ``(samples, intermediates)`` with
         ``intermediates = {"x_inter": [...], "pred_x0": [...]}`` as ldm.
         """
-        reject_unsupported("DDIMSampler", {
+        compat.reject_unsupported("DDIMSampler.sample", {
             "quantize_x0": (quantize_x0, False), "score_corrector": (score_corrector, None),
             "corrector_kwargs": (corrector_kwargs, None), "dynamic_threshold": (dynamic_threshold, None),
         })

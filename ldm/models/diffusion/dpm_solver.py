@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from ldm import compat
 from ldm.models.diffusion.guidance import ModelFn, guided_model_fn
 from ldm.models.diffusion.parameterization import check_parameterization, split_prediction
 from ldm.models.diffusion.sampling_utils import (
@@ -36,7 +37,6 @@ from ldm.models.diffusion.sampling_utils import (
     check_eta,
     initial_noise,
     model_device,
-    reject_unsupported,
 )
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class DPMSolverSampler:
         like DDIM (the SD2 version returned ``None`` for the intermediates).
         """
         check_eta("DPMSolverSampler", eta, stochastic=False)
-        reject_unsupported("DPMSolverSampler", {
+        compat.reject_unsupported("DPMSolverSampler.sample", {
             "quantize_x0": (quantize_x0, False), "mask": (mask, None), "x0": (x0, None),
             "temperature": (temperature, 1.0), "noise_dropout": (noise_dropout, 0.0),
             "score_corrector": (score_corrector, None), "corrector_kwargs": (corrector_kwargs, None),

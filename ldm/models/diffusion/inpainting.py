@@ -72,6 +72,18 @@ class LatentInpaintDiffusion(LatentDiffusion):
         c_cat = self.build_c_concat({self.mask_key: mask, self.masked_image_key: masked_image}, generator=generator)
         return {"c_concat": [c_cat], "c_crossattn": [text]}
 
+    def null_conditioning(self, cond: Mapping[str, list[torch.Tensor]],
+                          null_label: Sequence[str] | str | None = None) -> dict[str, list[torch.Tensor]]:
+        """The unconditional counterpart of the hybrid ``cond``, the one rule every sampling path uses (D5).
+
+        ``c_concat`` (mask and masked-image latent, whatever ``concat_keys`` holds) is kept, as the same tensors;
+        only the text in ``c_crossattn`` becomes the encoding of ``null_label`` ("" by default), as in SD2.
+        """
+        if "c_crossattn" not in cond or "c_concat" not in cond:
+            raise ValueError(f"null_conditioning: expected a hybrid dict with 'c_concat' and 'c_crossattn', "
+                             f"got {sorted(cond) if isinstance(cond, Mapping) else type(cond).__name__}")
+        return {**cond, "c_crossattn": [super().null_conditioning(cond["c_crossattn"][0], null_label)]}
+
     def concat_conditioning(self, batch: Mapping[str, Any], latent_hw: tuple[int, int], bs: int | None = None,
                             generator: torch.Generator | None = None) -> torch.Tensor:
         """Build ``c_concat`` (B x 5 x h x w for SD2) from the batch's mask and masked image (B,H,W,C layout)."""

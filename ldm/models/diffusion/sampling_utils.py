@@ -61,14 +61,6 @@ def check_eta(sampler: str, eta: float, stochastic: bool) -> None:
                          "(use the ddim sampler for eta > 0)")
 
 
-def reject_unsupported(sampler: str, options: Mapping[str, tuple[Any, Any]]) -> None:
-    """Raise for every ldm option ``name: (value, default)`` that is set to something other than its default."""
-    for name, (value, default) in options.items():
-        is_set = value is not None if default is None else value != default
-        if is_set:
-            raise ValueError(f"{sampler}.sample: {name}={value!r} is not supported; leave it at {default!r}")
-
-
 class SamplingTrace:
     """ldm's per-step hooks: ``callback(i)``, ``img_callback(pred_x0, i)``, and the ``intermediates`` dict
     (``x_inter`` / ``pred_x0``: x_T first, then every ``log_every_t`` steps counted from the end, and step 0)."""
