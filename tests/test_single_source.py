@@ -26,24 +26,31 @@ SOURCES = sorted(p for d in ("ldm", "scripts", "benchmarks") for p in (REPO / d)
 
 
 @functools.cache
-def code_lines(path: Path, keep_strings: bool = False) -> list[tuple[int, str]]:
-    """``(line number, code)`` with comments and docstrings blanked out (all string literals unless
-    ``keep_strings``)."""
+def _code(path: Path) -> tuple[list[str], list[str]]:
+    """The file's lines with comments and docstrings blanked out: (all string literals blanked too, kept)."""
     text = path.read_text()
-    out = [list(line) for line in text.splitlines()]
+    bare, strings = [list(line) for line in text.splitlines()], [list(line) for line in text.splitlines()]
     prev = tokenize.NEWLINE
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         statement_start = prev in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
         is_string = tok.type == tokenize.STRING or tok.type == getattr(tokenize, "FSTRING_START", -1)
-        if tok.type == tokenize.COMMENT or (is_string and (statement_start or not keep_strings)):
-            (r0, c0), (r1, c1) = tok.start, tok.end
+        targets = [bare, strings] if tok.type == tokenize.COMMENT or (is_string and statement_start) else \
+            [bare] if is_string else []
+        (r0, c0), (r1, c1) = tok.start, tok.end
+        for rows in targets:
             for r in range(r0, r1 + 1):
-                row = out[r - 1]
+                row = rows[r - 1]
                 lo, hi = (c0 if r == r0 else 0), (c1 if r == r1 else len(row))
                 row[lo:hi] = " " * (hi - lo)
         if tok.type not in (tokenize.COMMENT, tokenize.NL):
             prev = tok.type
-    return [(i + 1, "".join(row)) for i, row in enumerate(out)]
+    return ["".join(r) for r in bare], ["".join(r) for r in strings]
+
+
+def code_lines(path: Path, keep_strings: bool = False) -> list[tuple[int, str]]:
+    """``(line number, code)`` without comments and docstrings (and without any string literal unless
+    ``keep_strings``)."""
+    return list(enumerate(_code(path)[1 if keep_strings else 0], start=1))
 
 
 def occurrences(pattern: str, allowed: set[str], keep_strings: bool = False) -> list[str]:
