@@ -10,7 +10,7 @@ Everything here exists because released configs or checkpoints depend on it, not
 * :class:`LdmScheduleHelpers` keeps ldm's public helper methods of ``LatentDiffusion`` (``q_sample``, ``get_v``,
   ``predict_start_from_noise``, ...) for scripts written against ldm.
 * :data:`INPAINT_FINETUNE_KEYS` are the two keys whose input channels are widened 4 -> 9 when an inpainting
-  model is initialised from a text-to-image checkpoint (SPEC D4).
+  model is initialised from a text-to-image checkpoint (DECISIONS D4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Inpainting inference: load a checkpoint for sampling, fit image and mask to the model, condition, sample.
 
-The steps follow the SD2 inpainting scripts (SPEC B.6.3) with the project's fixes made explicit:
+The steps follow the SD2 inpainting scripts (docs/DECISIONS.md R4, D11) with the project's fixes made explicit:
 
 * :func:`load_model` builds the model from its yaml and loads a ``.ckpt``/``.safetensors`` in the official layout,
   with or without ``model_ema.*`` (EMA chosen when present unless told otherwise), and rejects files that are not
@@ -33,6 +33,7 @@ from PIL import Image
 
 from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file, state_dict_of
 from ldm.data import masks
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.interop.ldm_format import read_parameterization, select_weights
 from ldm.models.diffusion.sampling import SAMPLERS as _REGISTRY
 from ldm.models.diffusion.sampling import get_sampler, sample_latents
@@ -46,7 +47,7 @@ FitMode = Literal["pad", "resize"]
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: sampler names (the registry of ``ldm.models.diffusion.sampling``), for command-line choices
 SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
-#: buffers recomputed from the config when a checkpoint lacks them (the diffusion schedule)
+#: buffers recomputed from the config when a checkpoint lacks them (the diffusion schedule, DECISIONS R1)
 SCHEDULE_BUFFERS = frozenset(NoiseSchedule.buffer_names())
 
 
@@ -206,7 +207,7 @@ def restore_size(image: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def image_tensors(image: np.ndarray, mask: np.ndarray, n: int, device: torch.device):
-    """``(image, mask, masked_image)`` as ``n x C x H x W`` float tensors (SPEC B.6.3).
+    """``(image, mask, masked_image)`` as ``n x C x H x W`` float tensors (DECISIONS R4).
 
     The image goes to [-1, 1]; the mask is binarised at 0.5 (white = 1 = inpaint); the masked image is
     ``ldm.data.masks.masked_image`` (the hole is 0, mid grey), as in training.
@@ -222,7 +223,7 @@ def inpaint_conditioning(
     model: Any, mask: torch.Tensor, masked_image: torch.Tensor, prompts: Sequence[str],
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
-    """Conditional and unconditional conditioning of an inpainting model.
+    """Conditional and unconditional conditioning of an inpainting model (DECISIONS R4).
 
     ``c_concat`` follows ``model.concat_keys``: the mask nearest-resized to the latent grid and the masked image's
     VAE posterior *sample* (drawn from ``generator``) times ``scale_factor`` -- the same tensors
@@ -250,7 +251,7 @@ class SamplingOptions:
 
     sampler: str = "ddim"
     steps: int = 50
-    scale: float = 10.0
+    scale: float = GUIDANCE_SCALE
     eta: float = 0.0
     precision: Precision = "fp32"
     paste_back: bool = False

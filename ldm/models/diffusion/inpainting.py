@@ -18,7 +18,7 @@ from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 class LatentInpaintDiffusion(LatentDiffusion):
     """SD2 inpainting: the UNet also sees the mask and the masked-image latent (``conditioning_key: hybrid``).
 
-    Conditioning (SPEC D5): ``c_concat = [mask resized to the latent grid with nearest (1 ch),
+    Conditioning (DECISIONS D5): ``c_concat = [mask resized to the latent grid with nearest (1 ch),
     scale_factor * VAE posterior sample of the masked image (4 ch)]``, so UNet input channels are
     0-3 noisy latent, 4 mask, 5-8 masked-image latent. Text goes through cross-attention.
 
@@ -74,10 +74,11 @@ class LatentInpaintDiffusion(LatentDiffusion):
 
     def null_conditioning(self, cond: Mapping[str, list[torch.Tensor]],
                           null_label: Sequence[str] | str | None = None) -> dict[str, list[torch.Tensor]]:
-        """The unconditional counterpart of the hybrid ``cond``, the one rule every sampling path uses (D5).
+        """The unconditional counterpart of the hybrid ``cond``, the one rule every sampling path uses.
 
         ``c_concat`` (mask and masked-image latent, whatever ``concat_keys`` holds) is kept, as the same tensors;
-        only the text in ``c_crossattn`` becomes the encoding of ``null_label`` ("" by default), as in SD2.
+        only the text in ``c_crossattn`` becomes the encoding of ``null_label`` ("" by default), as SD2's scripts
+        do (DECISIONS D11).
         """
         if "c_crossattn" not in cond or "c_concat" not in cond:
             raise ValueError(f"null_conditioning: expected a hybrid dict with 'c_concat' and 'c_crossattn', "

@@ -91,7 +91,7 @@ def split_prediction(
 # ------------------------------------------------------------------------------- per-timestep loss weights
 def lvlb_weights(mode: Parameterization, betas: np.ndarray, alphas_cumprod: np.ndarray,
                  posterior_variance: np.ndarray) -> np.ndarray:
-    """Per-timestep weights of ldm's ``loss_vlb`` term, float64 ``[T]`` (the schedule's arrays in).
+    """Per-timestep weights of ldm's ``loss_vlb`` term, float64 ``[T]`` (the schedule's arrays in; DECISIONS R1).
 
     eps: beta_t^2 / (2 var~_t alpha_t (1 - abar_t)); v: ones; x0: ``0.5 sqrt(abar) / (2 - abar)``.
     COMPAT: the x0 value is what ldm computes (its ``2. * 1 - abar`` reads as 2 - abar, not the intended
