@@ -348,7 +348,7 @@ def binarize_mask(mask: ArrayLike) -> ArrayLike:
 def masked_image(image: ArrayLike, mask: ArrayLike) -> ArrayLike:
     """The model's masked-image input: ``image * (mask < 0.5)``, so hole pixels become 0 (mid grey in [-1, 1]).
 
-    The one definition used by the data pipeline, training batches, inference and tests (DECISIONS D5, as SD2
+    The one definition used by the data pipeline, training batches, inference and tests (DECISIONS D5, as in SD2's
     inpainting data code). ``image`` and ``mask`` are both numpy arrays or both tensors, in broadcastable
     layouts (``H x W x 3`` with ``H x W x 1``, ``B x 3 x H x W`` with ``B x 1 x H x W``, ...). The keep-map is
     cast to the image's dtype first, which is bit-identical to the boolean product and faster in numpy.
