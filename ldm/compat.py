@@ -54,7 +54,6 @@ IGNORED_LOG_IMAGES_KWARGS: dict[str, str] = {
 IGNORED_PARAMS.update({f"ImageLogger.log_images_kwargs.{k}": v for k, v in IGNORED_LOG_IMAGES_KWARGS.items()})
 
 
-
 def ema_buffer_name(param_name: str) -> str:
     """COMPAT: LitEma names a shadow buffer by deleting every '.' from the parameter name."""
     return param_name.replace(".", "")
