@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -34,7 +34,13 @@ from ldm.models.diffusion.guidance import ModelFn, guided_model_fn
 from ldm.models.diffusion.sampling_utils import StepCallback, check_conditioning_batch, check_eta
 from ldm.models.diffusion.schedule import ddim_timesteps
 
-SamplerFn = Callable[..., torch.Tensor]  # the signature in the module docstring
+
+class SamplerFn(Protocol):
+    """The one signature every sampler function has (see the module docstring)."""
+
+    def __call__(self, model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
+                 parameterization: str, *, eta: float = 0.0, generator: torch.Generator | None = None,
+                 callback: StepCallback | None = None, verbose: bool = False) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,6 @@ class Sampler:
                  parameterization: str, *, eta: float = 0.0, generator: torch.Generator | None = None,
                  callback: StepCallback | None = None, verbose: bool = False) -> torch.Tensor:
         self.check(eta)
-        if steps < 1:
-            raise ValueError(f"{self.label}: steps must be >= 1, got {steps}")
         return self.fn(model_fn, x_T, alphas_cumprod, steps, parameterization, eta=eta, generator=generator,
                        callback=callback, verbose=verbose)
 
