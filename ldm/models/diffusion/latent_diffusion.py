@@ -85,7 +85,6 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         num_timesteps_cond: COMPAT: must be 1 (ldm's conditioning-noise schedule is unused by SD).
         scale_factor: latent scale (0.18215 for the SD VAE).
         scale_by_std: estimate ``scale_factor = 1/std(z)`` from the first training batch (stored as a buffer).
-        image_size: latent side for unconditional sampling shapes.
         channels: latent channels.
         ucg_training: ``{batch_key: {p: prob, val: replacement}}`` per-sample condition dropout for CFG.
         ucg_seed: seed of the text-dropout generator (combined with step and rank).
@@ -93,8 +92,9 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         weight_decay: AdamW weight decay (torch default 0.01, as the reference).
         adam_betas: AdamW betas.
         adam_eps: AdamW epsilon.
-        monitor, log_every_t, clip_denoised, use_positional_encodings: accepted for compatibility; see
+        monitor, image_size, log_every_t, clip_denoised: accepted for compatibility and ignored; see
             :data:`ldm.compat.IGNORED_PARAMS`.
+        use_positional_encodings: must be False (ldm's positional-encoding conditioning is not supported).
         make_it_fit: ldm's cyclic weight-tiling surgery (not supported: raises; use the zero-init widening).
         channels_last: keep the UNet weights and inputs in channels-last memory format (faster convs on GPUs).
         compile_unet: ``torch.compile`` the UNet in place (``nn.Module.compile``: state-dict keys unchanged);
@@ -161,8 +161,8 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         shard_optimizer_state: bool = False,
     ) -> None:
         super().__init__()
-        compat.note_ignored("LatentDiffusion", {"monitor": monitor, "log_every_t": log_every_t,
-                                                "clip_denoised": clip_denoised})
+        compat.note_ignored("LatentDiffusion", {"monitor": monitor, "image_size": image_size,
+                                                "log_every_t": log_every_t, "clip_denoised": clip_denoised})
         compat.reject_unsupported("model.params", {
             "learn_logvar": (learn_logvar, False), "make_it_fit": (make_it_fit, False),
             "use_positional_encodings": (use_positional_encodings, False),
@@ -181,8 +181,7 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         self.conditioning_key = conditioning_key
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
-        self.image_size, self.channels = image_size, channels
-        self.monitor = monitor
+        self.channels = channels
         self.scheduler_config = scheduler_config
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
         self.shard_optimizer_state = shard_optimizer_state
