@@ -4,8 +4,12 @@ two gloo processes against one, and the in-training evaluation on a fixed held-o
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from ldm.eval.feature_metrics import (
     frechet_distance,
 )
 from ldm.eval.metrics import PSNR_CAP, region_metrics
-from tests.helpers import REPO, build_tiny, load_script
+from tests.helpers import REPO, build_tiny, load_script, synthetic_batch
 
 evaluate_script = load_script("evaluate")
 
@@ -207,3 +211,176 @@ def test_held_out_readers_and_fixed_masks(image_dir, tmp_path):
     a, b = fixed_masks("lama-thick-256", 3, 64, seed=0), fixed_masks("lama-thick-256", 3, 64, seed=0)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], a[1]) and all(m.mean() <= 0.5 for m in a)  # LaMa's max_tamper_area
+
+
+# ------------------------------------------------------------------------------------------ the script
+def _cell(grid: np.ndarray, rows: int, cols: int, i: int, j: int, size: int = 64, pad: int = 2) -> np.ndarray:
+    """Cell (i, j) of a labelled grid of ``rows x cols`` cells: the header band and row-label band are what is
+    left above and to the left of the tiled body."""
+    top, left = grid.shape[0] - (rows * (size + pad) + pad), grid.shape[1] - (cols * (size + pad) + pad)
+    y, x = top + pad + i * (size + pad), left + pad + j * (size + pad)
+    return grid[y : y + size, x : x + size]
+
+
+def test_model_card_protocol_two_checkpoints_resumes(checkpoints, image_dir, weights, tmp_path, caplog):
+    out = tmp_path / "eval"
+    argv = ["--config", CONFIG, "--ckpt", str(checkpoints["a"]), "--ckpt", f"b={checkpoints['b']}", "--images",
+            str(image_dir), "--num-images", "2", "--size", "64", "--masks", *MODES, "--out", str(out), "--steps",
+            "2", "--scales", "2", "5", "--lpips-alexnet", str(weights["alexnet"]), "--clip-arch", "eval_tiny_clip",
+            "--clip-weights", str(weights["clip"]), "--grid-images", "1"]
+    assert evaluate_script.main(argv) == 0
+    results = {name: json.loads((out / f"{name}.json").read_text()) for name in ("a", "b")}
+    for res in results.values():
+        assert res["samples_drawn"] == 8 and [(g["scale"], g["mask"]) for g in res["groups"]] == [
+            (s, m) for s in (2.0, 5.0) for m in MODES]
+        for s in res["samples"]:  # masked PSNR recomputed independently from the PNGs on disk
+            gt = _rgb(out / "inputs" / f"{s['key']}.png").astype(np.float64) / 255
+            png = out / "samples" / res["run"] / f"scale_{s['scale']:g}" / s["mask"] / f"{s['key']}_seed{s['seed']}.png"
+            pred = _rgb(png).astype(np.float64) / 255
+            hole = np.asarray(Image.open(out / "masks" / s["mask"] / f"{s['key']}.png")) >= 128
+            assert s["psnr_hole"] == pytest.approx(10 * np.log10(1 / np.mean((pred - gt)[hole] ** 2)), rel=1e-7)
+            assert (s["clip_score"] is None) == (s["key"] == "astronaut")  # no caption, no CLIP score
+        for g in res["groups"]:
+            rows = [s for s in res["samples"] if (s["scale"], s["mask"]) == (g["scale"], g["mask"])]
+            assert g["psnr_hole"] == pytest.approx(np.mean([s["psnr_hole"] for s in rows]))
+            assert g["lpips"] == pytest.approx(np.mean([s["lpips"] for s in rows])) and g["lpips"] > 0
+    # the same seeds and masks for both checkpoints and all scales; other weights or scale -> other pixels
+    seeds = {name: [(s["key"], s["mask"], s["seed"], s["hole_fraction"]) for s in res["samples"]]
+             for name, res in results.items()}
+    assert seeds["a"] == seeds["b"] and results["a"]["run"] != results["b"]["run"]
+    assert results["a"]["samples"][0]["psnr_hole"] != results["b"]["samples"][0]["psnr_hole"]
+
+    with (out / "comparison.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [(r["mask"], r["checkpoint"], float(r["scale"])) for r in table] == [
+        (m, c, s) for m in MODES for c in ("a", "b") for s in (2.0, 5.0)]
+    assert float(table[1]["lpips"]) == pytest.approx(results["a"]["groups"][2]["lpips"])  # (mask 0, a, scale 5)
+    assert len((out / "comparison.md").read_text().splitlines()) == 2 + 8
+    grid = _rgb(out / "grids" / f"astronaut_{MODES[0]}.png")  # rows a, b; input | mask | masked | scale 2 | 5
+    seed = results["b"]["samples"][0]["seed"]
+    b_scale5 = out / "samples" / results["b"]["run"] / "scale_5" / MODES[0] / f"astronaut_seed{seed}.png"
+    assert np.array_equal(_cell(grid, 2, 5, 1, 4), _rgb(b_scale5))
+    assert np.array_equal(_cell(grid, 2, 5, 0, 0), _rgb(out / "inputs" / "astronaut.png"))
+    assert (grid[:10] < 128).any()  # the header band holds text
+    assert not (out / "curves").exists() and "no FID-vs-CLIP plot" in caplog.text  # no --inception given
+
+    # a killed run: one sample never written; the rerun draws only that one and reproduces every number
+    b_scale5.unlink()
+    caplog.clear()
+    assert evaluate_script.main(argv) == 0
+    again = {name: json.loads((out / f"{name}.json").read_text()) for name in ("a", "b")}
+    assert (again["a"]["samples_drawn"], again["b"]["samples_drawn"], again["b"]["samples_reused"]) == (0, 1, 7)
+    for name in ("a", "b"):
+        for g1, g2 in zip(again[name]["groups"], results[name]["groups"]):
+            assert {k: (g1[k], g2[k]) for k in g1 if g1[k] != g2[k]} == {}
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_fid_vs_clip_curves_one_png_per_preset(tmp_path):
+    from ldm.eval.report import write_curves
+
+    groups = [{"mask": m, "scale": s, "fid": 10 + s, "clip_score": 20 + s} for m in MODES for s in (1.5, 4.0, 8.0)]
+    results = [{"name": "a", "groups": groups}, {"name": "b", "groups": [{**g, "fid": g["fid"] + 3} for g in groups]}]
+    paths = write_curves(results, tmp_path)
+    assert [p.name for p in paths] == [f"fid_vs_clip_{m}.png" for m in MODES]
+    img = _rgb(paths[0])
+    assert img.shape[0] > 300 and len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # two coloured lines, labels
+
+
+@pytest.mark.slow  # two torchrun workers: process start-up and imports dominate
+def test_torchrun_two_gloo_processes_equal_one(checkpoints, image_dir, weights, tmp_path):
+    args = ["--config", CONFIG, "--ckpt", f"a={checkpoints['a']}", "--images", str(image_dir), "--size", "64",
+            "--masks", "lama-thin-256", "--steps", "2", "--scales", "2", "5", "--device", "cpu", "--inception",
+            str(weights["inception"]), "--fid-dims", "64", "--lpips-alexnet", str(weights["alexnet"])]
+    assert evaluate_script.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(REPO / "scripts" / "evaluate.py"), *args, "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "a.json").read_text()) for d in ("one", "two"))
+    assert two["samples_drawn"] == 6 and len(two["samples"]) == 6  # 3 images (2 + 1 per rank) x 2 scales
+    assert two["samples"] == one["samples"]  # exact: same pixels, same order
+    for g1, g2 in zip(one["groups"], two["groups"]):
+        assert g1["fid_64d"] > 0 and g2["fid_64d"] == pytest.approx(g1["fid_64d"], rel=1e-6)
+        assert {k: v for k, v in g1.items() if k != "fid_64d"} == {k: v for k, v in g2.items() if k != "fid_64d"}
+
+
+def test_evaluate_script_rejects_bad_arguments(checkpoints, image_dir, tmp_path, caplog):
+    base = ["--config", CONFIG, "--images", str(image_dir), "--out", str(tmp_path / "o"), "--masks",
+            "lama-thin-256", "--steps", "1", "--num-images", "1", "--size", "64"]
+    a = str(checkpoints["a"])
+    assert evaluate_script.main([*base, "--ckpt", a, "--ckpt", a]) == 2
+    assert evaluate_script.main([*base, "--ckpt", a, "--ckpt-config", f"zzz={CONFIG}"]) == 2
+    assert evaluate_script.main([*base[:-1], "100", "--ckpt", a]) == 2
+    assert evaluate_script.main([*base, "--ckpt", a, "--masks", "no-such-preset"]) == 2
+    assert evaluate_script.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt: file not found" in caplog.text
+    assert evaluate_script.main([*base, "--ckpt", a, "--inception", str(tmp_path / "nope.pth")]) == 2
+    # the same --out with other masks: refused instead of mixing two held-out sets
+    assert evaluate_script.main([*base, "--ckpt", a, "--scales", "3"]) == 0
+    caplog.clear()
+    assert evaluate_script.main([*base, "--ckpt", a, "--seed", "1"]) == 2
+    assert "another held-out set" in caplog.text and "Traceback" not in caplog.text
+
+
+# --------------------------------------------------------------------------------- in-training evaluation
+class _Batches(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return synthetic_batch(2, seed=i)
+
+
+def test_heldout_evaluation_during_training(image_dir, tmp_path, caplog):
+    import pytorch_lightning as pl
+    import webdataset as wds
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ldm.eval.callback import HeldOutEvaluation
+    from ldm.eval.fixed_set import load_fixed_set
+    from ldm.eval.metrics import region_metrics as metrics_of
+
+    with wds.TarWriter(str(tmp_path / "val-00000.tar")) as sink:  # validation shards -> the default set
+        for im in load_folder(image_dir, 64):
+            sink.write({"__key__": im.key, "png": Image.fromarray(im.image), "txt": im.caption or "a photo"})
+    set_dir = tmp_path / "heldout"
+    cb = HeldOutEvaluation(str(set_dir), every_n_steps=1, shards=str(tmp_path / "val-00000.tar"), num_images=2,
+                           size=64, steps=2, scale=3.0, logdir=str(tmp_path / "run"))
+    model = build_tiny("inpaint")
+    with torch.no_grad():  # raw weights away from the EMA copy, so the two columns differ
+        for p in model.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loggers = [CSVLogger(tmp_path / "run", name="csv"), TensorBoardLogger(tmp_path / "run", name="tb")]
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=loggers, callbacks=[cb], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, torch.utils.data.DataLoader(_Batches(), batch_size=None))
+
+    fixed = load_fixed_set(set_dir)
+    assert [it.key for it in fixed.items] == ["astronaut", "cat"] and fixed.size == 64
+    lines = [json.loads(x) for x in (tmp_path / "run" / "heldout" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and {x["fingerprint"] for x in lines} == {fixed.fingerprint}
+    # the logged numbers are the metrics of what the weights at step 2 draw from the fixed seeds
+    model.eval()
+    with model.ema_scope():
+        ema = cb.inpaint_set(model)
+    raw = cb.inpaint_set(model)
+    for weights, outs in (("ema", ema), ("raw", raw)):
+        expected = np.mean([metrics_of(o, it.image, it.mask)["psnr_hole"] for o, it in zip(outs, fixed.items)])
+        assert lines[-1][f"heldout/{weights}/psnr_hole"] == pytest.approx(expected)
+    assert not np.array_equal(ema[0], raw[0])
+    grid = _rgb(tmp_path / "run" / "heldout" / "step_000000002.png")  # input | mask | masked | EMA | raw
+    assert np.array_equal(_cell(grid, 2, 5, 1, 3), ema[1]) and np.array_equal(_cell(grid, 2, 5, 1, 4), raw[1])
+    # every logger: CSV rows and TensorBoard scalars + image at steps 1 and 2
+    with open(next((tmp_path / "run" / "csv").rglob("metrics.csv"))) as f:
+        csv_rows = [r for r in csv.DictReader(f) if r.get("heldout/raw/psnr_hole")]
+    assert [int(r["step"]) for r in csv_rows] == [1, 2]
+    acc = EventAccumulator(str(next((tmp_path / "run" / "tb").rglob("events.*")).parent)).Reload()
+    assert [e.step for e in acc.Scalars("heldout/ema/ssim_hole")] == [1, 2]
+    assert [e.step for e in acc.Images("heldout/grid")] == [1, 2]
+
+    (set_dir / "masks" / "cat.png").write_bytes((set_dir / "masks" / "astronaut.png").read_bytes())
+    with pytest.raises(ValueError, match="cat.png is missing or changed"):
+        load_fixed_set(set_dir)

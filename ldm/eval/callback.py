@@ -49,7 +49,7 @@ class HeldOutEvaluation(pl.Callback):
         scale: classifier-free guidance scale.
         sampler: "ddim" or "dpm".
         precision: "fp32", "bf16" or "fp16" (autocast) for sampling.
-        log_first_step: also evaluate at step 0 (before any update).
+        log_first_step: also evaluate the weights training starts (or resumes) from.
         logdir: run directory for the PNG grids and ``metrics.jsonl`` (default: the trainer's log directory).
     """
 
@@ -64,7 +64,7 @@ class HeldOutEvaluation(pl.Callback):
         self.options = SamplingOptions(sampler, steps, scale, 0.0, precision)  # validates sampler and precision
         self.log_first_step, self.logdir = log_first_step, logdir
         self.fixed: FixedSet | None = None
-        self.last_step = -1
+        self.last_step = self.start_step = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:  # noqa: ARG002
         if stage != "fit" or not trainer.is_global_zero:
@@ -75,11 +75,22 @@ class HeldOutEvaluation(pl.Callback):
         log.info("held-out evaluation every %d steps on %s (%d images, fingerprint %s)", self.every, self.set_dir,
                  len(self.fixed.items), self.fixed.fingerprint)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,  # noqa: ARG002
-                           batch: Any, batch_idx: int) -> None:  # noqa: ARG002 (Lightning's hook signature)
+    # The weights after N optimizer steps are read at the start of the next batch (or at the end of training):
+    # Lightning runs callbacks' on_train_batch_end before the module's, where the EMA of step N is taken.
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: ARG002
+        self.start_step = trainer.global_step  # a resumed run does not repeat the evaluation it resumed from
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,  # noqa: ARG002
+                             batch_idx: int) -> None:  # noqa: ARG002 (Lightning's hook signature)
+        self.maybe_evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.maybe_evaluate(trainer, pl_module)
+
+    def maybe_evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if step == self.last_step or step % self.every or (step == 0 and not self.log_first_step):
-            return  # gradient accumulation repeats a global step; evaluate once per optimizer step
+        if step == self.last_step or step % self.every or (step == self.start_step and not self.log_first_step):
+            return  # gradient accumulation repeats a global step: once per optimizer step
         self.last_step = step
         if trainer.is_global_zero:
             self.evaluate(trainer, pl_module)

@@ -65,7 +65,9 @@ def file_sha256(path: str | Path) -> str:
 
 def _nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """``N x H x W x 3`` uint8 -> ``N x 3 x H x W`` uint8 tensor on ``device``."""
-    return torch.from_numpy(np.array(images, dtype=np.uint8)).to(device).permute(0, 3, 1, 2)
+    # a C-order copy: the same pixels in another memory layout (a transposed view) would take another conv
+    # algorithm and change the float32 result in the last bits
+    return torch.from_numpy(np.array(images, dtype=np.uint8, order="C")).to(device).permute(0, 3, 1, 2)
 
 
 class InceptionFeatures(nn.Module):

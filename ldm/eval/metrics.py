@@ -32,7 +32,8 @@ def _unit(x: np.ndarray) -> torch.Tensor:
     """``H x W x 3`` uint8 -> ``3 x H x W`` float64 in [0, 1]."""
     if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
         raise ValueError(f"expected an H x W x 3 uint8 image, got {x.dtype} {x.shape}")
-    return torch.from_numpy(x.astype(np.float64) / 255.0).permute(2, 0, 1)
+    # contiguous: a cropped view and the same pixels read from a PNG must reduce in the same order (same bits)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64) / 255.0).permute(2, 0, 1)
 
 
 def _psnr(p: torch.Tensor, t: torch.Tensor) -> float:
