@@ -28,14 +28,10 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards
-from ldm.eval.feature_metrics import FID_DIMS, LPIPS, ClipScore, InceptionFeatures, TorchvisionInceptionFeatures
-from ldm.eval.report import write_curves, write_grids, write_json, write_tables
-from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol
-from ldm.eval.shard import Shard, close_shard, init_shard
-from ldm.inference import PRECISIONS, SAMPLERS
+from ldm.defaults import GUIDANCE_SCALE, PRECISION_NAMES
 
-log = logging.getLogger("evaluate")
+#: pooled Inception layers for FID (``ldm.eval.feature_metrics.FID_DIMS``; written out so --help needs no torch)
+FID_DIMS = (64, 192, 768, 2048)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,18 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--shards", help="WebDataset shard pattern, e.g. 'val/{00000..00009}.tar'")
     p.add_argument("--num-images", type=int, default=None, help="use the first N images")
     p.add_argument("--size", type=int, default=512, help="square evaluation size (multiple of 64)")
-    p.add_argument("--masks", nargs="+", default=list(DEFAULT_MASK_MODES), help="mask presets (ldm.data.masks)")
-    p.add_argument("--out", required=True, help="output folder (reused samples live here)")
+    p.add_argument("--masks", nargs="+", default=None,
+                   help="mask modes of ldm.data.masks (default: ldm.eval.data.DEFAULT_MASK_MODES, LaMa "
+                   "thin/medium/thick 512 and SD 512train-large)")
+    p.add_argument("--out", "--outdir", required=True, help="output folder (samples are kept and reused here)")
     p.add_argument("--seed", type=int, default=0, help="seeds masks and sampling")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scales", type=float, nargs="+", default=[7.5],
-                   help="guidance scales (model card: 1.5 2 3 4 5 6 7 8)")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--sampler", default="ddim", help="sampler name, e.g. ddim (default) or dpm (DPM-Solver++ 2M)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--scales", "--scale", type=float, nargs="+", default=[GUIDANCE_SCALE],
+                   help=f"classifier-free guidance scales, each a full run (default {GUIDANCE_SCALE}; the model "
+                   "card sweeps 1.5 2 3 4 5 6 7 8)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32", help="autocast dtype")
     p.add_argument("--paste-back", action="store_true", help="score outputs with the known pixels pasted back")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--grid-images", type=int, default=8, help="labelled grids for the first N images")
     m = p.add_argument_group("feature metrics (local weight files; docs/EVALUATION.md)")
     m.add_argument("--inception", help="standard FID Inception weights (weights-inception-2015-12-05-6726825d.pth)")
@@ -75,6 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--clip-weights", help="open_clip weights file -> CLIP score (with --clip-arch)")
     m.add_argument("--clip-arch", default="ViT-H-14", help="open_clip architecture of --clip-weights")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
+
+from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards  # noqa: E402
+from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures, TorchvisionInceptionFeatures  # noqa: E402
+from ldm.eval.report import write_curves, write_grids, write_json, write_tables  # noqa: E402
+from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol  # noqa: E402
+from ldm.eval.shard import Shard, close_shard, init_shard  # noqa: E402
+
+log = logging.getLogger("evaluate")
 
 
 def _named(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         feats = feature_metrics(args, shard)
         images = (load_folder(args.images, args.size, args.num_images) if args.images
                   else load_shards(args.shards, args.size, args.num_images))
-        masks = {mode: fixed_masks(mode, len(images), args.size, args.seed) for mode in args.masks}
+        masks = {mode: fixed_masks(mode, len(images), args.size, args.seed)
+                 for mode in args.masks or DEFAULT_MASK_MODES}
         results = Evaluation(images, masks, protocol, out, feats, shard).run(specs)
         if shard.is_main:
             for result in results:

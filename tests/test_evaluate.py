@@ -237,7 +237,7 @@ def test_model_card_protocol_two_checkpoints_resumes(checkpoints, image_dir, wei
             gt = _rgb(out / "inputs" / f"{s['key']}.png").astype(np.float64) / 255
             png = out / "samples" / res["run"] / f"scale_{s['scale']:g}" / s["mask"] / f"{s['key']}_seed{s['seed']}.png"
             pred = _rgb(png).astype(np.float64) / 255
-            hole = np.asarray(Image.open(out / "masks" / s["mask"] / f"{s['key']}.png")) >= 128
+            hole = np.asarray(Image.open(out / "masks" / f"{s['key']}_{s['mask']}.png")) >= 128
             assert s["psnr_hole"] == pytest.approx(10 * np.log10(1 / np.mean((pred - gt)[hole] ** 2)), rel=1e-7)
             assert (s["clip_score"] is None) == (s["key"] == "astronaut")  # no caption, no CLIP score
         for g in res["groups"]:

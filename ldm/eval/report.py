@@ -128,7 +128,7 @@ def write_grids(results: Sequence[dict[str, Any]], keys: Sequence[str], modes: S
         image = load_rgb(out_dir / "inputs" / f"{key}.png")
         blank = np.full_like(image, 255)
         for mode in modes:
-            mask = load_mask(out_dir / "masks" / mode / f"{key}.png")
+            mask = load_mask(out_dir / "masks" / f"{key}_{mode}.png")
             masked = np.where((mask >= 0.5)[..., None], 127, image).astype(np.uint8)
             s = sample_seed(seed, mode, index)
             rows = [[*((image, mask, masked) if j == 0 else (blank,) * 3),

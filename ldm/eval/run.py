@@ -9,7 +9,7 @@ and a finished one can be re-scored (say, with CLIP weights added) without sampl
 ``RUN`` is the first 16 hex digits of the SHA-256 of the checkpoint file's SHA-256, the model config, the EMA
 choice and the sampler settings (``samples/RUN/run.json`` spells them out); ``S`` is the guidance scale, ``KEY``
 the image, ``N`` its sampling seed, fixed by ``(seed, preset, image index)`` and shared by all checkpoints and
-scales. ``inputs/KEY.png`` and ``masks/PRESET/KEY.png`` hold the set as evaluated; a later run into the same
+scales. ``inputs/KEY.png`` and ``masks/KEY_PRESET.png`` hold the set as evaluated; a later run into the same
 folder with different images or masks stops with an error instead of mixing the two. Files are written
 atomically (temporary name, then rename), so a killed run never leaves a truncated sample behind.
 """
@@ -204,7 +204,7 @@ def write_inputs(images: Sequence[EvalImage], masks: dict[str, list[np.ndarray]]
         put(im.image, out_dir / "inputs" / f"{im.key}.png", load_rgb)
     for mode, ms in masks.items():
         for im, m in zip(images, ms):
-            put((m >= 0.5).astype(np.float32), out_dir / "masks" / mode / f"{im.key}.png",
+            put((m >= 0.5).astype(np.float32), out_dir / "masks" / f"{im.key}_{mode}.png",
                 lambda p: (load_mask(p) >= 0.5).astype(np.float32))
 
 
