@@ -384,3 +384,16 @@ def test_heldout_evaluation_during_training(image_dir, tmp_path, caplog):
     (set_dir / "masks" / "cat.png").write_bytes((set_dir / "masks" / "astronaut.png").read_bytes())
     with pytest.raises(ValueError, match="cat.png is missing or changed"):
         load_fixed_set(set_dir)
+
+
+def test_image_logger_overview_labels_every_column():
+    from ldm.callbacks import ImageLogger
+
+    logger = ImageLogger(batch_frequency=1, max_images=2, log_images_kwargs={"seed": 3})
+    g = torch.Generator().manual_seed(0)
+    images = {k: torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+              for k in ("inputs", "mask", "masked_image", "samples", "samples_cfg_scale_5.00")}
+    grid = logger.overview(images)
+    cell = logger.to_grid(images["samples_cfg_scale_5.00"][1:2])  # 20 x 20: the image and make_grid's padding
+    assert np.array_equal(_cell(grid, 2, 5, 1, 4, size=cell.shape[0]), cell)
+    assert (grid[: grid.shape[0] - 2 * (20 + 2) - 2] < 128).any()  # header text above the two rows
