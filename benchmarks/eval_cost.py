@@ -30,8 +30,8 @@ if __name__ == "__main__":
     parse_args()  # --help answers before torch is imported
 
 import torch  # noqa: E402
-
 from flops import count_flops, flops_from_config  # noqa: E402
+
 from ldm.callbacks import PEAK_TFLOPS  # noqa: E402
 from ldm.util import load_config  # noqa: E402
 

@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "published FIDs)")
     m.add_argument("--lpips-alexnet", help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth) -> LPIPS")
     m.add_argument("--clip-weights", help="open_clip weights file -> CLIP score (with --clip-arch)")
-    m.add_argument("--clip-arch", default="ViT-H-14", help="open_clip architecture of --clip-weights")
+    m.add_argument("--clip-arch", default="ViT-H-14",
+                   help="open_clip architecture of --clip-weights (a model name or a model-config .json)")
     return p.parse_args(argv)
 
 

@@ -86,7 +86,8 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     (d / "eval_tiny_clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(d / "eval_tiny_clip.json")
     torch.save(open_clip.create_model("eval_tiny_clip").state_dict(), d / "clip.pt")
-    return {"inception": d / "inception.pth", "alexnet": d / "alexnet.pth", "clip": d / "clip.pt"}
+    return {"inception": d / "inception.pth", "alexnet": d / "alexnet.pth", "clip": d / "clip.pt",
+            "clip_config": d / "eval_tiny_clip.json"}
 
 
 def _rgb(path: Path) -> np.ndarray:
@@ -291,7 +292,8 @@ def test_fid_vs_clip_curves_one_png_per_preset(tmp_path):
 def test_torchrun_two_gloo_processes_equal_one(checkpoints, image_dir, weights, tmp_path):
     args = ["--config", CONFIG, "--ckpt", f"a={checkpoints['a']}", "--images", str(image_dir), "--size", "64",
             "--masks", "lama-thin-256", "--steps", "2", "--scales", "2", "5", "--device", "cpu", "--inception",
-            str(weights["inception"]), "--fid-dims", "64", "--lpips-alexnet", str(weights["alexnet"])]
+            str(weights["inception"]), "--fid-dims", "64", "--lpips-alexnet", str(weights["alexnet"]),
+            "--clip-arch", str(weights["clip_config"]), "--clip-weights", str(weights["clip"])]
     assert evaluate_script.main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -304,6 +306,8 @@ def test_torchrun_two_gloo_processes_equal_one(checkpoints, image_dir, weights, 
     for g1, g2 in zip(one["groups"], two["groups"]):
         assert g1["fid_64d"] > 0 and g2["fid_64d"] == pytest.approx(g1["fid_64d"], rel=1e-6)
         assert {k: v for k, v in g1.items() if k != "fid_64d"} == {k: v for k, v in g2.items() if k != "fid_64d"}
+    for d in ("one", "two"):  # FID (here its 64-d variant) against CLIP score, a point per scale
+        assert (tmp_path / d / "curves" / "fid_vs_clip_lama-thin-256.png").is_file()
 
 
 def test_evaluate_script_rejects_bad_arguments(checkpoints, image_dir, tmp_path, caplog):

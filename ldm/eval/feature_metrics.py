@@ -188,7 +188,8 @@ class ClipScore:
     """CLIP score with an open_clip model loaded from a local file.
 
     Args:
-        arch: open_clip model name (``ViT-H-14`` for SD2's text encoder family, ``ViT-B-32``, ...).
+        arch: open_clip model name (``ViT-H-14`` for SD2's text encoder family, ``ViT-B-32``, ...) or the path of
+            an open_clip model-config ``.json`` (registered under its file stem).
         weights: the matching open_clip weights file (``open_clip_pytorch_model.bin`` / ``.safetensors``).
         device: where to run.
     """
@@ -197,6 +198,11 @@ class ClipScore:
         import open_clip
 
         path = _require(weights, "CLIP score", "--clip-weights")
+        if arch.endswith(".json"):
+            if not Path(arch).is_file():
+                raise ValueError(f"--clip-arch {arch}: file not found")
+            open_clip.add_model_config(arch)
+            arch = Path(arch).stem
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), device=device)
         self.model, self.preprocess = model.eval(), preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
