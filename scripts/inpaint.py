@@ -62,6 +62,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.data.masks import is_hole  # noqa: E402
 from ldm.image_io import find_pairs, load_mask, load_rgb, make_grid, read_prompts, save_png  # noqa: E402
 from ldm.inference import SamplingOptions, inpaint, load_model  # noqa: E402
 from ldm.util import ConfigError  # noqa: E402
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples = inpaint(loaded.model, image, mask, prompt, seed, args.num_samples, options, fit=args.fit)
                 for k, sample in enumerate(samples):
                     save_png(sample, out / f"{img_path.stem}_seed{seed}_{k}.png")
-                masked = np.where((mask >= 0.5)[..., None], 127, image).astype(np.uint8)
+                masked = np.where(is_hole(mask)[..., None], 127, image).astype(np.uint8)
                 rows.append([image, mask, masked, *samples])
                 bar.update(1)
             if not args.no_grid:

@@ -26,6 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.data.masks import is_hole
 from ldm.eval.fixed_set import FixedSet, build_fixed_set, load_fixed_set
 from ldm.eval.metrics import region_metrics
 from ldm.grids import labelled_grid
@@ -122,7 +123,7 @@ class HeldOutEvaluation(pl.Callback):
         return metrics
 
     def grid(self, outputs: dict[str, list[np.ndarray]]) -> np.ndarray:
-        rows = [[it.image, it.mask, np.where((it.mask >= 0.5)[..., None], 127, it.image).astype(np.uint8),
+        rows = [[it.image, it.mask, np.where(is_hole(it.mask)[..., None], 127, it.image).astype(np.uint8),
                  *(outs[i] for outs in outputs.values())] for i, it in enumerate(self.fixed.items)]
         opts = self.options
         headers = ["input", "mask", "masked input",

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ldm.data.masks import is_hole
+
 PSNR_CAP = 100.0
 CHANGE_THRESHOLD = 2.0 / 255.0
 
@@ -55,7 +57,7 @@ def region_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> di
         p[None], t[None], gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0, k1=0.01, k2=0.03,
         return_full_image=True)
     ssim_map = ssim_map[0].mean(0)  # H x W, channel mean
-    hole = torch.from_numpy(np.asarray(mask) >= 0.5)
+    hole = torch.from_numpy(is_hole(np.asarray(mask)))
     diff = (p - t).abs()  # 3 x H x W
     out = {"psnr": _psnr(p, t), "ssim": float(ssim)}
     for name, region in (("hole", hole), ("known", ~hole)):

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm.data.masks import is_hole
 from ldm.eval.run import sample_path, sample_seed
 from ldm.grids import labelled_grid
 from ldm.image_io import load_mask, load_rgb, save_png
@@ -129,7 +130,7 @@ def write_grids(results: Sequence[dict[str, Any]], keys: Sequence[str], modes: S
         blank = np.full_like(image, 255)
         for mode in modes:
             mask = load_mask(out_dir / "masks" / f"{key}_{mode}.png")
-            masked = np.where((mask >= 0.5)[..., None], 127, image).astype(np.uint8)
+            masked = np.where(is_hole(mask)[..., None], 127, image).astype(np.uint8)
             s = sample_seed(seed, mode, index)
             rows = [[*((image, mask, masked) if j == 0 else (blank,) * 3),
                      *(load_rgb(sample_path(out_dir, r["run"], scale, mode, key, s)) for scale in r["scales"])]

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.data.masks import binarize_mask
 from ldm.data.rng import stable_hash
 from ldm.eval.data import EvalImage
 from ldm.eval.feature_metrics import (
@@ -204,8 +205,7 @@ def write_inputs(images: Sequence[EvalImage], masks: dict[str, list[np.ndarray]]
         put(im.image, out_dir / "inputs" / f"{im.key}.png", load_rgb)
     for mode, ms in masks.items():
         for im, m in zip(images, ms):
-            put((m >= 0.5).astype(np.float32), out_dir / "masks" / f"{im.key}_{mode}.png",
-                lambda p: (load_mask(p) >= 0.5).astype(np.float32))
+            put(binarize_mask(m), out_dir / "masks" / f"{im.key}_{mode}.png", lambda p: binarize_mask(load_mask(p)))
 
 
 # --------------------------------------------------------------------------------------------------- scoring
