@@ -385,6 +385,9 @@ def test_heldout_evaluation_during_training(image_dir, tmp_path, caplog):
     assert [e.step for e in acc.Scalars("heldout/ema/ssim_hole")] == [1, 2]
     assert [e.step for e in acc.Images("heldout/grid")] == [1, 2]
 
+    other = HeldOutEvaluation(str(set_dir), every_n_steps=1, num_images=3, size=64)  # the set has 2 images
+    with pytest.raises(ValueError, match="never changes"):
+        other.setup(trainer, model, "fit")
     (set_dir / "masks" / "cat.png").write_bytes((set_dir / "masks" / "astronaut.png").read_bytes())
     with pytest.raises(ValueError, match="cat.png is missing or changed"):
         load_fixed_set(set_dir)

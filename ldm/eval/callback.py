@@ -32,6 +32,7 @@ from ldm.eval.metrics import region_metrics
 from ldm.grids import labelled_grid
 from ldm.image_io import save_png
 from ldm.inference import SamplingOptions, inpaint
+from ldm.util import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ class HeldOutEvaluation(pl.Callback):
         set_dir: folder of the set (``set.json``, ``images/``, ``masks/``).
         every_n_steps: evaluate when the global step is a multiple of this.
         shards: validation shards to build the set from when ``set_dir`` holds none yet (None: it must exist).
-        num_images: images in a newly built set.
-        size: image side of a newly built set (the model's training resolution).
-        seed: seeds the masks and sampling of a newly built set.
+        num_images: images of the set (used to build it; an existing set built otherwise is an error).
+        size: image side of the set (the model's training resolution; checked like ``num_images``).
+        seed: seeds the set's masks and sampling (checked like ``num_images``).
         steps: sampler steps.
         scale: classifier-free guidance scale.
         sampler: "ddim" or "dpm".
@@ -59,10 +60,13 @@ class HeldOutEvaluation(pl.Callback):
                  precision: str = "fp32", log_first_step: bool = False, logdir: str | None = None) -> None:
         super().__init__()
         if every_n_steps < 1:
-            raise ValueError(f"HeldOutEvaluation: every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"HeldOutEvaluation: every_n_steps must be >= 1, got {every_n_steps}")
         self.set_dir, self.every, self.shards = Path(set_dir), every_n_steps, shards
         self.build_args = {"num_images": num_images, "size": size, "seed": seed}
-        self.options = SamplingOptions(sampler, steps, scale, 0.0, precision)  # validates sampler and precision
+        try:
+            self.options = SamplingOptions(sampler, steps, scale, 0.0, precision)
+        except ValueError as e:
+            raise ConfigError(f"HeldOutEvaluation: {e}") from None
         self.log_first_step, self.logdir = log_first_step, logdir
         self.fixed: FixedSet | None = None
         self.last_step = self.start_step = -1
@@ -73,6 +77,10 @@ class HeldOutEvaluation(pl.Callback):
         if not (self.set_dir / "set.json").exists() and self.shards is not None:
             build_fixed_set(self.shards, self.set_dir, **self.build_args)
         self.fixed = load_fixed_set(self.set_dir)  # fails before the first step, not at the first evaluation
+        if self.fixed.built_with != self.build_args:
+            raise ConfigError(f"held-out set {self.set_dir} was built with {self.fixed.built_with}, the callback "
+                             f"config asks for {self.build_args}: a set never changes; point set_dir at a new "
+                             "folder to build another, or set the config to the set's values")
         log.info("held-out evaluation every %d steps on %s (%d images, fingerprint %s)", self.every, self.set_dir,
                  len(self.fixed.items), self.fixed.fingerprint)
 
