@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm.data.masks import MASK_MODES, MaskGenerator, MaxCoverage, get_mask_generator
+from ldm.data.masks import MASK_MODES, MaskGenerator, MaskMode, MaxCoverage, get_mask_generator
 from ldm.data.rng import Stream, sample_rng
 from ldm.util import instantiate_from_config
 
@@ -49,7 +49,7 @@ class AddMask:
 
     def __init__(
         self,
-        mode: str | Mapping[str, Any] = "512train",
+        mode: MaskMode | Mapping[str, Any] = "512train",
         p_drop: float = 0.0,
         max_coverage: float | None = None,
         seed: int = 0,
