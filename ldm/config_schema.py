@@ -210,7 +210,7 @@ def check_value(value: Any, annotation: Any) -> str | None:
         return f"one of {', '.join(names)}"
     container = origin or annotation
     if container in _SEQUENCES:
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, cabc.Sequence) or isinstance(value, (str, bytes)):
             return "a list"
         if container is tuple and len(args) >= 1 and args[-1] is not Ellipsis:
             if len(value) != len(args):
@@ -232,6 +232,13 @@ def check_value(value: Any, annotation: Any) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+def _at(message: str) -> ConfigError:
+    """A ConfigError whose message already names its place in the config."""
+    err = ConfigError(message)
+    err.located = True
+    return err
+
+
 def check_params(obj: Any, params: Mapping[str, Any], where: str, complete: bool = False) -> None:
     """Raise :class:`ConfigError` for a key ``obj`` does not accept or a value of the wrong type.
 
@@ -244,15 +251,15 @@ def check_params(obj: Any, params: Mapping[str, Any], where: str, complete: bool
     name = getattr(obj, "__qualname__", str(obj))
     for key, value in params.items():
         if key not in accepted:
-            raise ConfigError(f"{where}.{key}: unknown key for '{name}'{suggest(key, accepted)}. "
-                              f"Valid keys: {', '.join(accepted)}")
+            raise _at(f"{where}.{key}: unknown key for '{name}'{suggest(key, accepted)}. "
+                      f"Valid keys: {', '.join(accepted)}")
         expected = check_value(value, accepted[key].annotation)
         if expected is not None:
-            raise ConfigError(f"{where}.{key}: expected {expected}, got {_fmt(value)}")
+            raise _at(f"{where}.{key}: expected {expected}, got {_fmt(value)}")
     if complete:
         missing = [k for k, p in accepted.items() if p.required and k not in params]
         if missing:
-            raise ConfigError(f"{where}: '{name}' needs the key(s) {', '.join(missing)}")
+            raise _at(f"{where}: '{name}' needs the key(s) {', '.join(missing)}")
 
 
 def check_tree(node: Any, where: str, extra_keys: Mapping[str, Any] | None = None) -> None:

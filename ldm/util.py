@@ -54,8 +54,13 @@ def default(val: Any, d: Any) -> Any:
 
 
 def _to_container(x: Any) -> Any:
+    """Plain dicts and lists all the way down (OmegaConf nodes may also sit inside plain containers)."""
     if isinstance(x, (DictConfig, ListConfig)):
         return OmegaConf.to_container(x, resolve=True)
+    if isinstance(x, dict):
+        return {k: _to_container(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_to_container(v) for v in x]
     return x
 
 
@@ -108,8 +113,10 @@ def instantiate_from_config(config: Mapping[str, Any] | DictConfig, *, where: st
     token = _CHILD_PATHS.set({**(_CHILD_PATHS.get() or {}), **_child_paths(params, f"{where}.params", {})})
     try:
         return obj(**params)
-    except ValueError as e:  # ConfigError included: a constructor rejected a value; say where it came from
-        raise _located(e, where) from e
+    except ValueError as e:
+        if type(e) not in (ValueError, ConfigError):  # CheckpointError & co. carry their own message and type
+            raise
+        raise _located(e, where) from e  # a constructor rejected a value: say where it came from
     finally:
         _CHILD_PATHS.reset(token)
 
