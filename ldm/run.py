@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,24 @@ def count_devices(devices: Any) -> int:
     return int(devices)
 
 
+#: a string value with one of these endings names a weights file, which must exist before anything is built
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def _strings(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    """``(key path, value)`` of every string in a plain config tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(node, str):
+        yield key, node
+
+
 def preflight(cfg: DictConfig) -> None:
-    """Fail fast, before building a 1.3B-parameter model, on a missing init checkpoint or missing GPUs."""
+    """Fail fast, before building a 1.3B-parameter model, on a missing weights file or missing GPUs."""
     ckpt = OmegaConf.select(cfg, "model.params.ckpt_path")
     if ckpt and not Path(ckpt).is_file():
         raise ConfigError(
@@ -218,6 +235,9 @@ def preflight(cfg: DictConfig) -> None:
             f"{ckpt}, or point to it with model.params.ckpt_path=/path/to/512-base-ema.ckpt "
             "(model.params.ckpt_path=null trains from scratch)."
         )
+    for key, value in _strings(OmegaConf.to_container(cfg.get("model") or {}, resolve=True), "model"):
+        if value.endswith(WEIGHT_SUFFIXES) and not Path(value).is_file():  # a text encoder's or VAE's weights
+            raise ConfigError(f"{key}={value}: weights file not found; fix the path or set {key}=null")
     accel = str(OmegaConf.select(cfg, "lightning.trainer.accelerator") or "auto")
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(

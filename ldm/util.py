@@ -131,10 +131,13 @@ def _absolute_paths(node: Any, folder: Path) -> Any:
             or "\n" in node or len(node) > 1024 or Path(node).is_absolute()
             or not ("/" in node or Path(node).suffix)):
         return node
-    if (folder / node).exists():
-        return str((folder / node).resolve())
-    if not Path(node).exists() and (REPO_ROOT / node).exists():  # the working directory's own file wins
-        return str((REPO_ROOT / node).resolve())
+    try:
+        if (folder / node).exists():
+            return str((folder / node).resolve())
+        if not Path(node).exists() and (REPO_ROOT / node).exists():  # the working directory's own file wins
+            return str((REPO_ROOT / node).resolve())
+    except (OSError, ValueError):  # not a possible path (too long, NUL byte): a plain string
+        pass
     return node
 
 

@@ -91,6 +91,8 @@ def test_constructor_errors_name_their_place(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
+    ("model.params.cond_stage_config.params.version=/nope/open_clip.bin",
+     "model.params.cond_stage_config.params.version=/nope/open_clip.bin: weights file not found"),
     ("lightning.callbacks.image_loger.params.batch_frequency=3",
      "lightning.callbacks.image_loger: no default callback has this name (did you mean 'image_logger'?)"),
     ("~data", "--train needs a 'data' section"),
