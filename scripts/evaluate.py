@@ -93,7 +93,7 @@ def _named(items: list[str], flag: str) -> list[tuple[str, str]]:
     out = []
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep:
+        if not sep or Path(item).exists():  # an existing path wins: checkpoint names contain '=' (step=...)
             name, path = Path(item).stem, item
         if not name or not path:
             raise ValueError(f"{flag} {item!r}: expected NAME=PATH or PATH")

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Inpaint images with an SD2-style inpainting checkpoint (.ckpt or .safetensors) and its yaml config.
 
-Mask convention: white = inpaint. Inputs are padded (edge, default) or resized to multiples of 64 and the outputs
-are brought back to the input size. Writes ``NAME_seed{S}_{k}.png`` per sample and ``NAME_grid.png``
+Mask convention: white = inpaint; RGBA/LA masks follow the rule of ``ldm.image_io`` (what the mask shows on
+black, or its alpha channel when all visible pixels share one colour); a mask of another size than its image
+is resized (nearest neighbour) with a warning. Inputs are padded (edge, default) or resized to multiples of 64
+and the outputs are brought back to the input size. Writes ``NAME_seed{S}_{k}.png`` per sample and ``NAME_grid.png``
 (column headers input | mask | masked input | each sample with its scale; one row per seed, labelled).
 
     # one image
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         bar = tqdm(total=len(jobs) * len(args.seed), desc="inpainting", unit="seed")
         for img_path, mask_path, prompt in jobs:
-            image, mask = load_rgb(img_path), load_mask(mask_path)
+            image = load_rgb(img_path)
+            mask = load_mask(mask_path, size=(image.shape[1], image.shape[0]))
             rows = []
             for seed in args.seed:
                 samples = inpaint(loaded.model, image, mask, prompt, seed, args.num_samples, options, fit=args.fit)
