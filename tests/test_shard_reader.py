@@ -70,8 +70,13 @@ def _verdict(group: dict[str, bytes]) -> str:
     """What the sample checks make of a group (no filters configured, so json is optional)."""
     if "jpg" not in group:
         return "missing_image"
-    if "txt" not in group or not group["txt"].decode("utf-8", "replace").strip():
+    if "txt" not in group:
         return "missing_caption"
+    try:
+        if not group["txt"].decode("utf-8").strip():
+            return "missing_caption"
+    except UnicodeDecodeError:
+        return "bad_caption"
     if "json" in group:
         try:
             if not isinstance(json.loads(group["json"]), dict):
