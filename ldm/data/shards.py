@@ -73,7 +73,8 @@ class ShardReader:
 
     Args:
         url: The shard URL.
-        mon: The worker's skip counter.
+        mon: The skip counter: a :class:`BadDataMonitor`, or anything with its ``skip(reason, url, detail)``
+            and ``shard_opened()``.
         start: Byte offset (in the uncompressed tar) of the first sample to deliver.
         index: The shard's index in the stream's URL list, recorded with each sample for resuming.
     """
@@ -150,6 +151,11 @@ class ShardReader:
         return True
 
 
+def read_shard(url: str, mon: BadDataMonitor) -> Iterator[dict[str, Any]]:
+    """Every sample of one shard from its start, with failures counted on ``mon`` (:class:`ShardReader`)."""
+    return iter(ShardReader(url, mon))
+
+
 def read_groups(url: str, offsets: Sequence[int], index: int = -1) -> dict[int, dict[str, Any]]:
     """The samples that start at ``offsets`` in one shard, as :class:`ShardReader` delivered them, read
     without counting anything (to refill a shuffle buffer). Offsets that no longer hold a sample are missing
@@ -209,4 +215,4 @@ def key_checksum(key: str) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogateescape"))
 
 
-__all__ = ["POS_KEY", "ShardReader", "expand_shards", "key_checksum", "read_groups", "shard_name"]
+__all__ = ["POS_KEY", "ShardReader", "expand_shards", "key_checksum", "read_groups", "read_shard", "shard_name"]

@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset
 
 from ldm.data.decode import SampleProcessor, collate
 from ldm.data.rng import Stream, make_rng, split_id, stable_hash
-from ldm.data.shards import POS_KEY, ShardReader, expand_shards, key_checksum, read_groups, shard_name
+from ldm.data.shards import POS_KEY, ShardReader, expand_shards, key_checksum, read_groups, read_shard, shard_name
 from ldm.data.stats import BadDataError, BadDataMonitor, SharedCounts
 from ldm.data.tarstream import BLOCK
 
@@ -341,4 +341,5 @@ class ShardStream(IterableDataset):
         self._live = None
 
 
-__all__ = ["ShardReader", "ShardStream", "ShuffleBuffer", "StaleStateError", "expand_shards", "shard_name"]
+__all__ = ["ShardReader", "ShardStream", "ShuffleBuffer", "StaleStateError", "expand_shards", "read_shard",
+           "shard_name"]
