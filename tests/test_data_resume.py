@@ -3,6 +3,7 @@ loud reseed when the saved position does not fit the run."""
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from pathlib import Path
@@ -77,6 +78,9 @@ def test_a_restored_stream_continues_exactly(shards, workers):
     vhead = [next(vit) for _ in range(3)]
     state = first.state_dict()
     assert len(pickle.dumps(state)) < 20_000  # positions and a few numbers, no image bytes
+    buf = io.BytesIO()
+    torch.save(state, buf)  # through a checkpoint file, loaded the strict way
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
 
     resumed = _module(shards, workers)
     resumed.load_state_dict(state)

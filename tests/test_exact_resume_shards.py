@@ -6,6 +6,7 @@ and end with bit-equal UNet and AdamW state. Once with one process, once with 2 
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,8 @@ def test_killed_after_a_checkpoint_and_resumed_equals_the_run_that_never_stopped
 
     ck_a = torch.load(_run_dir(a) / "checkpoints/last.ckpt", weights_only=False)
     ck_b = torch.load(run_b / "checkpoints/last.ckpt", weights_only=False)
+    data_state = ck_b["WebDataModuleFromConfig"]
+    assert len(data_state["ranks"]) == ranks and len(pickle.dumps(data_state)) < 8_000 * ranks  # small, per rank
     assert ck_a["global_step"] == ck_b["global_step"] == 2 * N
     unet = [k for k in ck_a["state_dict"] if k.startswith("model.diffusion_model.")]
     assert unet and all(torch.equal(ck_a["state_dict"][k], ck_b["state_dict"][k]) for k in unet)
