@@ -49,7 +49,7 @@ INTRO = """Script: `python benchmarks/resume.py` (several minutes: it writes 16,
 
 Time from a saved training-stream position to the next batch at sample position P, the size of that saved
 position, and the cost of getting back to P without one. Exact resume is described in `docs/DECISIONS.md`
-(D14) and `ldm/data/webdata.py`; the target is a resume cost bounded by the shuffle buffer and the shard size,
+(D15) and `ldm/data/webdata.py`; the target is a resume cost bounded by the shuffle buffer and the shard size,
 independent of P."""
 
 

@@ -29,7 +29,7 @@ float32 {0, 1}, 1 = hole; ``masked_image`` = jpg * (mask < 0.5); ``json`` list o
 Rank and world size come from the attached trainer, else ``torch.distributed``, else ``RANK``/``WORLD_SIZE``;
 they are resolved in the training process and handed to the workers (DECISIONS R11, spawn trap).
 
-Exact resume (DECISIONS D14): the data module is stateful. Its ``state_dict`` holds every rank's stream
+Exact resume (DECISIONS D15): the data module is stateful. Its ``state_dict`` holds every rank's stream
 positions as of the last batch the training step consumed (gathered to rank 0, which writes the checkpoint);
 ``load_state_dict`` hands each rank its own, and the next ``train_dataloader()`` continues there, so a resumed
 run sees the samples an uninterrupted run would, in the same order, on every rank. When the saved position does
@@ -271,7 +271,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             why = f"the checkpoint holds no {split} stream position (older code, or another data module)"
         if why is not None and rank == 0:
             log.warning("data: %s; continuing with a new stream seeded by step %d (not sample-exact, see "
-                        "docs/DECISIONS.md D14)", why, step)
+                        "docs/DECISIONS.md D15)", why, step)
         return step, None
 
     def _loader(self, split: str) -> ResumableLoader:

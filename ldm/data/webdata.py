@@ -4,7 +4,7 @@ Shards are read by ``ldm.data.shards`` (samples of one tar) on ``ldm.data.tarstr
 rather than by ``wds.WebDataset``: in webdataset 1.0.2 the node splitter reads the rank inside each worker
 (silently wrong with ``spawn``/``forkserver`` workers), ``resampled=True`` ignores the seed, its error handlers
 cannot tell a truncated tar from a corrupt image (DECISIONS R11), and its pipeline has no position that could
-be saved (DECISIONS D14). Here the rank and world size are constructor arguments of :class:`ShardStream`,
+be saved (DECISIONS D15). Here the rank and world size are constructor arguments of :class:`ShardStream`,
 resolved in the training process and pickled into the workers.
 
 Streams (seed words in ``ldm.data.rng``):
