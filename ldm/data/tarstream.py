@@ -72,12 +72,17 @@ class ShardFile:
 
     def __init__(self, url: str) -> None:
         self.url, self.pos, self.closed_early = url, 0, False
-        self.raw = gopen(url)
-        self.seekable = isinstance(self.raw, io.BufferedReader) and self.raw.seekable()
-        head = self.raw.peek(6)[:6] if self.seekable else self.raw.read(6)
-        opener = next((cls for magic, cls in _MAGIC if head.startswith(magic)), None)
-        source = self.raw if self.seekable else _Prepend(head, self.raw)
-        self.stream = self.raw if opener is None else opener(source)
+        self.raw = self.stream = gopen(url)
+        try:
+            self.seekable = isinstance(self.raw, io.BufferedReader) and self.raw.seekable()
+            head = self.raw.peek(6)[:6] if self.seekable else self.raw.read(6)
+            opener = next((cls for magic, cls in _MAGIC if head.startswith(magic)), None)
+            source = self.raw if self.seekable else _Prepend(head, self.raw)
+            self.stream = self.raw if opener is None else opener(source)
+        except BaseException:
+            self.closed_early = True
+            self.close()
+            raise
         self._head = b"" if self.seekable or opener is not None else head  # a plain stream: hand the peek back
         self.compressed = opener is not None
         self.seekable = self.seekable and opener is None
@@ -121,12 +126,11 @@ class ShardFile:
         self.pos = pos
 
     def close(self) -> None:
-        try:
-            if self.stream is not self.raw:
-                self.stream.close()
-            self.raw.close()
-        except OSError as e:  # a pipe: command that exits non-zero (also when we stopped reading early)
-            (log.debug if self.closed_early else log.warning)("closing %s: %s", self.url, e)
+        for f in dict.fromkeys((self.stream, self.raw)):  # the decompressor (if any), then the source
+            try:
+                f.close()
+            except OSError as e:  # a pipe: command that exits non-zero (also when we stopped reading early)
+                (log.debug if self.closed_early else log.warning)("closing %s: %s", self.url, e)
 
 
 @dataclass
