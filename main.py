@@ -4,8 +4,11 @@
 The ldm command line (SPEC B.3.1): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
 ``-t/--train``, ``-r/--resume`` (a run dir or a checkpoint), ``-n/--name``, ``-l/--logdir``, ``-s/--seed``,
 ``--scale_lr`` (off by default here; the formula is logged). Trainer settings live in ``lightning.trainer``
-(e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run`` and ``ldm.callbacks``; the
-names below are re-exported so ``main.ImageLogger`` & co. resolve as config targets.
+(e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run``, ``ldm.resume`` and
+``ldm.callbacks``; the callback names are re-exported so ldm configs' ``main.ImageLogger`` & co. resolve.
+
+Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 2 bad input (config, checkpoint, full disk:
+one line), 3 too much bad data, 4 non-finite loss or exploded gradient norm (the step was not applied).
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ import pytorch_lightning as pl
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: F401 - config targets main.*
+from ldm.callbacks import (  # noqa: F401 - ldm configs target main.<Name>
+    CUDACallback,
+    GracefulStop,
+    ImageLogger,
+    SetupCallback,
+)
 from ldm.checkpoint import CheckpointError
 from ldm.data.stats import BadDataError
 from ldm.run import (
@@ -106,6 +114,8 @@ def run(argv: list[str]) -> int:
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
     model = instantiate_from_config(cfg.model)
+    # every checkpoint records the resolved config it was trained with (ldm.provenance)
+    model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)
     data = instantiate_from_config(cfg.data) if "data" in cfg else None
     tcfg = lightning_cfg.get("trainer", {}) or {}
     bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as e:  # too much bad data: the message names the shards
         log.error("%s", str(e).strip().splitlines()[-1])
         return 3
-    except FloatingPointError as e:  # non-finite loss: the message names the step; last.ckpt is untouched
+    except FloatingPointError as e:  # non-finite loss / gradient norm: names the step; checkpoints are untouched
         log.error("%s", e)
         return 4
 

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from ldm.run import check_overrides, check_sections, count_devices, effective_lr, resolve_run_dirs
@@ -18,26 +19,34 @@ def test_new_run_name_and_layout(tmp_path):
     assert d.ckptdir == tmp_path / d.nowname / "checkpoints" and d.resume_ckpt is None
 
 
+def full_state(step: int) -> dict:
+    """The top-level layout of a Lightning training checkpoint (what ldm.resume.probe checks), tiny."""
+    return {"state_dict": {"w": torch.full((2,), float(step))}, "optimizer_states": [{}], "lr_schedulers": [],
+            "loops": {}, "callbacks": {}, "global_step": step, "epoch": 0}
+
+
 def test_resume_picks_newest_of_last_and_hpc(tmp_path):
     run = tmp_path / "2026-01-01T00-00-00_inpaint"
     (run / "checkpoints").mkdir(parents=True)
     (run / "configs").mkdir()
     (run / "configs" / "a-project.yaml").write_text("model: {}\n")
     last, hpc = run / "checkpoints" / "last.ckpt", run / "hpc_ckpt_1.ckpt"
-    last.write_bytes(b"x")
-    hpc.write_bytes(b"x")
+    torch.save(full_state(10), last)
+    torch.save(full_state(12), hpc)
     now = time.time()
     os.utime(last, (now - 100, now - 100))
     d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(run))
-    assert d.resume_ckpt == hpc and d.logdir == run and d.resume_configs == [run / "configs" / "a-project.yaml"]
+    assert d.resume_ckpt == hpc and d.resume_step == 12
+    assert d.logdir == run and d.resume_configs == [run / "configs" / "a-project.yaml"]
     os.utime(last, (now + 100, now + 100))
-    assert resolve_run_dirs("t", str(tmp_path), None, "", [], str(run)).resume_ckpt == last
-    # a checkpoint file: the run dir is found above "checkpoints", also for hpc and trainstep checkpoints
-    snap = run / "checkpoints" / "trainstep_checkpoints" / "s.ckpt"
-    snap.parent.mkdir()
-    snap.write_bytes(b"x")
-    for f in (last, hpc, snap):
-        assert resolve_run_dirs("t", str(tmp_path), None, "", [], str(f)).logdir == run
+    d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(run))
+    assert (d.resume_ckpt, d.resume_step) == (last, 10)
+    # a checkpoint file: the run dir is found above "checkpoints", also for hpc and periodic checkpoints
+    step = run / "checkpoints" / "step=000000005.ckpt"
+    torch.save(full_state(5), step)
+    for f, n in ((last, 10), (hpc, 12), (step, 5)):
+        d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(f))
+        assert (d.logdir, d.resume_ckpt, d.resume_step) == (run, f, n)
     with pytest.raises(ConfigError, match="no such run"):
         resolve_run_dirs("t", str(tmp_path), None, "", [], str(tmp_path / "nope"))
 
