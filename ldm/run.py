@@ -231,7 +231,8 @@ def log_version(dirs: RunDirs, name: str) -> int:
 
 
 def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
-    """CSV and TensorBoard by default; ``lightning.loggers.<name>`` adds (a target config) or removes (null).
+    """CSV and TensorBoard by default; ``lightning.loggers.<name>`` adds (a target config), tunes a default one
+    (``params`` only, merged into its defaults) or removes one (null).
 
     A resume continues the same CSV and TensorBoard version directory; rows and events at or after the resume
     step (written by the interrupted attempt, and about to be recomputed) are dropped (``purge_step``).
@@ -248,6 +249,8 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
         if spec is None:
             specs.pop(name, None)
             continue
+        if name in specs and "target" not in spec:  # params for a default logger: merged into its defaults
+            spec = OmegaConf.merge(specs[name], spec)
         spec = OmegaConf.to_container(spec, resolve=True)
         if name == "wandb":
             spec.setdefault("target", "pytorch_lightning.loggers.WandbLogger")

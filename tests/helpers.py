@@ -103,3 +103,21 @@ class PoisonAtStep:
                         next(pl_module.model.parameters()).fill_(float("nan"))
 
         return _Poison()
+
+
+class KillAtStep:
+    """Callback (config target ``tests.helpers.KillAtStep``) that SIGKILLs its own process at the end of optimizer
+    step ``step``: no handler, no cleanup, no flush -- what a node failure or the OOM killer does."""
+
+    def __new__(cls, step: int):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Killer(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Killer()

@@ -137,14 +137,20 @@ class StepProgressBar(TQDMProgressBar):
     ``train step 30/200000`` plus the usual metrics.
     """
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
+    def _count_steps(self, trainer: pl.Trainer) -> None:
         bar = self.train_progress_bar
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         bar.reset(total=total)
         bar.initial = bar.n = trainer.global_step  # the rate counts only this launch's steps
         bar.set_description("train step")
-        bar.refresh()
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)  # a resume mid-epoch gets no on_train_epoch_start
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._count_steps(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
