@@ -181,3 +181,58 @@ def test_slurm_requeue_checkpoint_then_resume_is_exact(runs, monkeypatch, caplog
     assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null"]) == 0
     assert f"from {hpc} (step {saved_at})" in caplog.text
     assert_same_training_state(runs["a"] / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+
+
+def test_real_checkpoints_record_provenance(runs):
+    ckpts = runs["a"] / "checkpoints"
+    for path in (ckpts / "last.ckpt", sorted((ckpts / "trainstep_checkpoints").glob("*.ckpt"))[0]):
+        ck = load(path)
+        rec = ck["provenance"]
+        assert ck["parameterization"] == rec["parameterization"] == "v", path.name
+        assert rec["scale_factor"] == pytest.approx(0.18215)
+        assert rec["config"]["lightning"]["trainer"]["max_steps"] == 2 * N  # the resolved run config
+        assert rec["config"]["model"]["params"]["parameterization"] == "v"
+        assert rec["package_version"] and "git_revision" in rec
+
+
+def test_resume_from_a_weights_only_snapshot_says_how_to_start_from_it(runs, caplog):
+    import shlex
+
+    from ldm.util import instantiate_from_config, load_config
+
+    snap = sorted((runs["a"] / "checkpoints" / "trainstep_checkpoints").glob("*.ckpt"))[-1]
+    assert main.main(["-r", str(snap), "--train"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "weights-only snapshot" in errors[0], errors
+    # the suggested command starts a new run from the snapshot's weights: check that those are what it loads
+    argv = shlex.split(errors[0].split("python main.py ", 1)[1])
+    bases = argv[argv.index("--base") + 1: argv.index("--train")]
+    override = argv[argv.index("--train") + 1:]
+    assert override == [f"model.params.ckpt_path={snap}"] and all(Path(b).is_file() for b in bases)
+    cfg = load_config(bases, override)
+    model = instantiate_from_config(cfg.model)
+    sd = load(snap)["state_dict"]
+    for key in ("model.diffusion_model.out.2.weight", "model_ema.diffusion_modelout2weight",
+                "model.diffusion_model.input_blocks.0.0.weight"):
+        assert torch.equal(model.state_dict()[key], sd[key]), key
+
+
+def test_lr_and_schedule_changed_on_resume_take_effect(runs):
+    """Resume B with a new base LR and a new warm-up: the optimizer uses exactly what is logged."""
+    from ldm.lr_scheduler import LambdaLinearScheduler
+
+    run = runs["root"] / "b_lr" / runs["b"].name
+    shutil.copytree(runs["b"], run)
+    assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null", "model.base_learning_rate=5e-4",
+                      "model.params.scheduler_config.params.warm_up_steps=[6]"]) == 0
+    f = LambdaLinearScheduler(warm_up_steps=[6], f_min=[1.0], f_max=[1.0], f_start=[1e-6],
+                              cycle_lengths=[10000000000000])
+    rows = list(csv.DictReader(open(run / "csv" / "version_0" / "metrics.csv")))
+    logged = {int(r["step"]): float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")}
+    abs_logged = {int(r["step"]): float(r["lr_abs"]) for r in rows if r.get("lr_abs")}
+    for s in range(N, 2 * N):
+        assert logged[s] == pytest.approx(5e-4 * f(s), rel=1e-6), (s, logged[s])
+        assert abs_logged[s] == pytest.approx(logged[s], rel=1e-6)
+    group = load(run / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]
+    assert group["initial_lr"] == 5e-4 and group["lr"] == pytest.approx(5e-4 * f(2 * N), rel=1e-9)
+    assert logged[N - 1] == pytest.approx(1e-3 * (1e-6 + (1 - 1e-6) * (N - 1) / 10), rel=1e-6)  # before: old settings
