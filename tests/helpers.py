@@ -121,3 +121,22 @@ class KillAtStep:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         return _Killer()
+
+
+class ScaleGradsAtStep:
+    """Callback (config target ``tests.helpers.ScaleGradsAtStep``) that multiplies every UNet gradient by
+    ``factor`` after the backward pass of optimizer step ``step`` (``nan`` poisons them): an exploding or non-finite
+    gradient with a perfectly finite loss."""
+
+    def __new__(cls, step: int, factor: float):
+        import pytorch_lightning as pl
+
+        class _Scale(pl.Callback):
+            def on_after_backward(self, trainer, pl_module):
+                if trainer.global_step == step:
+                    with torch.no_grad():
+                        for p in pl_module.model.parameters():
+                            if p.grad is not None:
+                                p.grad.mul_(float(factor))
+
+        return _Scale()
