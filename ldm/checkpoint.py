@@ -13,7 +13,7 @@ plugin, :func:`atomic_checkpoint_io`), sampling, evaluation and export -- goes t
 
 Loading into a model (:func:`load_into`) is strict: a missing or unexpected tensor is an error that gives the
 count and the first keys, except for prefixes the caller names as allowed. :func:`widen_input_channels` is the
-inpainting 4 -> 9 input-conv surgery (docs/DECISIONS.md, D4).
+inpainting 4 -> 9 input-conv surgery (DECISIONS D4).
 
 Writing. :func:`atomic_torch_save` writes a temp file beside the target, fsyncs and renames it, so a crash leaves the
 old file or the new one; a full disk becomes one :class:`DiskFullError` line naming the directory. Temp files
@@ -149,7 +149,7 @@ def widen_input_channels(
     keys: Iterable[str],
     keep_dims: int = 4,
 ) -> dict[str, torch.Tensor]:
-    """Zero-pad dim 1 of each key in ``keys`` from the checkpoint's width to the model's (docs/DECISIONS.md, D4).
+    """Zero-pad dim 1 of each key in ``keys`` from the checkpoint's width to the model's (DECISIONS D4).
 
     Input channels ``[0, keep_dims)`` are copied, the rest are zero; the bias is never touched. A key whose
     checkpoint shape already equals the model's is left alone (resuming an inpainting checkpoint). Any other

@@ -6,7 +6,7 @@ Everything here exists because released configs or checkpoints depend on it, not
   implementation, each with the reason. Constructors accept them, log them once at debug level, and do nothing.
 * :func:`ema_buffer_name` is LitEma's name mangling (every '.' deleted), which fixes the ``model_ema.*`` keys.
 * :data:`INPAINT_FINETUNE_KEYS` are the two keys whose input channels are widened 4 -> 9 when an inpainting
-  model is initialised from a text-to-image checkpoint (SPEC D4).
+  model is initialised from a text-to-image checkpoint (DECISIONS D4).
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ IGNORED_PARAMS: dict[str, str] = {
     "LatentDiffusion.log_every_t": "only controlled how often ldm stored intermediate samples for its progressive "
     "plots; our samplers take log_every_t per call",
     "LatentDiffusion.clip_denoised": "ldm forces it to False for latent models; latents are never clipped",
-    "LatentDiffusion.use_positional_encodings": "unused by every SD config (must be False)",
-    "LatentDiffusion.monitor": "read by main.py for ModelCheckpoint(monitor=...), not by the model",
+    "LatentDiffusion.monitor": "ldm's main.py passed it to ModelCheckpoint(monitor=..., save_top_k=3); here the "
+    "full-state checkpoint keeps the newest by step, because SD configs never validate and the metric would not "
+    "exist. For best-k checkpoints set lightning.modelcheckpoint.params.monitor",
+    "LatentDiffusion.image_size": "ldm used it as the latent size of the samples drawn for image logs; here "
+    "sample shapes follow the batch or the conditioning latent. Only the diffusers export reads it from the "
+    "config, as the UNet's sample_size (the default size diffusers pipelines generate)",
     "UNetModel.image_size": "the UNet is fully convolutional; the input latent decides the size",
-    "AutoencoderKL.monitor": "read by main.py for ModelCheckpoint(monitor=...), not by the model",
+    "AutoencoderKL.monitor": "see LatentDiffusion.monitor",
     "FrozenOpenCLIPEmbedder.device": "tokens follow the module's own device; moving the module moves it",
     "ImageLogger.log_images_kwargs.inpaint": "ldm accepts it and does nothing with it for the finetune path",
     "ImageLogger.log_images_kwargs.plot_progressive_rows": "progressive rows are not drawn",

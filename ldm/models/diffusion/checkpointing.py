@@ -62,7 +62,7 @@ class CheckpointMixin:
 
         The exceptions to strictness are listed under ``ckpt_path`` in LatentDiffusion's docstring. When the
         checkpoint carries no ``model_ema.*`` tensors (or ``reset_ema``), the EMA is re-initialised from the
-        freshly loaded weights, so it never averages towards a random initialisation (docs/DECISIONS.md, D3).
+        freshly loaded weights, so it never averages towards a random initialisation (DECISIONS D3).
 
         Raises:
             CheckpointError: unreadable file, impossible shapes, or missing/unexpected tensors (count, first keys).

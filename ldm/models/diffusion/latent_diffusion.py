@@ -11,7 +11,7 @@ Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`,
 (init, EMA timing, save/resume) in :mod:`ldm.models.diffusion.checkpointing`; legacy quirks in
 :mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
 
-Deliberate differences from the reference (SPEC Part A):
+Deliberate differences from the reference (docs/DECISIONS.md):
 * the training step never decodes latents back to pixels (D8);
 * the EMA is updated once per optimizer step, also with gradient accumulation, right after the step, so every
   checkpoint of step N holds N updates (D3; :mod:`ldm.models.diffusion.checkpointing`);
@@ -61,7 +61,7 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         linear_start, linear_end, cosine_s: schedule parameters.
         given_betas: explicit betas overriding the named schedule.
         v_posterior: weight of beta_t in the posterior variance (0 in SD).
-        parameterization: what the UNet predicts: "eps", "x0" or "v" (SPEC D1: our inpainting run uses "v").
+        parameterization: what the UNet predicts: "eps", "x0" or "v" (DECISIONS D1: our inpainting run uses "v").
         loss_type: "l2" (SD) or "l1", per-sample mean over C,H,W.
         l_simple_weight: weight of the simple loss.
         original_elbo_weight: weight of the VLB term (0 in SD).
@@ -93,7 +93,6 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         num_timesteps_cond: COMPAT: must be 1 (ldm's conditioning-noise schedule is unused by SD).
         scale_factor: latent scale (0.18215 for the SD VAE).
         scale_by_std: estimate ``scale_factor = 1/std(z)`` from the first training batch (stored as a buffer).
-        image_size: latent side for unconditional sampling shapes.
         channels: latent channels.
         ucg_training: ``{batch_key: {p: prob, val: replacement}}`` per-sample condition dropout for CFG.
         ucg_seed: seed of the text-dropout generator (combined with step and rank).
@@ -101,8 +100,9 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         weight_decay: AdamW weight decay (torch default 0.01, as the reference).
         adam_betas: AdamW betas.
         adam_eps: AdamW epsilon.
-        monitor, log_every_t, clip_denoised, use_positional_encodings: accepted for compatibility; see
+        monitor, image_size, log_every_t, clip_denoised: accepted for compatibility and ignored; see
             :data:`ldm.compat.IGNORED_PARAMS`.
+        use_positional_encodings: must be False (ldm's positional-encoding conditioning is not supported).
         make_it_fit: ldm's cyclic weight-tiling surgery (not supported: raises; use the zero-init widening).
         channels_last: keep the UNet weights and inputs in channels-last memory format (faster convs on GPUs).
         compile_unet: ``torch.compile`` the UNet in place (``nn.Module.compile``: state-dict keys unchanged);
@@ -170,8 +170,8 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         shard_optimizer_state: bool = False,
     ) -> None:
         super().__init__()
-        compat.note_ignored("LatentDiffusion", {"monitor": monitor, "log_every_t": log_every_t,
-                                                "clip_denoised": clip_denoised})
+        compat.note_ignored("LatentDiffusion", {"monitor": monitor, "image_size": image_size,
+                                                "log_every_t": log_every_t, "clip_denoised": clip_denoised})
         for name, value in (("learn_logvar", learn_logvar), ("make_it_fit", make_it_fit),
                             ("use_positional_encodings", use_positional_encodings)):
             if value:
@@ -191,8 +191,7 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         self.min_snr_gamma = min_snr_gamma
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
-        self.image_size, self.channels = image_size, channels
-        self.monitor = monitor
+        self.channels = channels
         self.scheduler_config = scheduler_config
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
         self.shard_optimizer_state = shard_optimizer_state
@@ -278,7 +277,7 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
     def get_first_stage_encoding(
         self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Scaled latent. SPEC B.2.5: the posterior is *sampled* (not its mode), in training and sampling."""
+        """Scaled latent. DECISIONS D5: the posterior is *sampled* (not its mode), in training and sampling."""
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample(generator=generator)
         elif isinstance(encoder_posterior, torch.Tensor):
@@ -309,7 +308,7 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ inputs
     @staticmethod
     def image_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
-        """Batch images are B,H,W,C in [-1,1] (SPEC B.4.1); the networks want B,C,H,W contiguous."""
+        """Batch images are B,H,W,C in [-1,1] (DECISIONS R7); the networks want B,C,H,W contiguous."""
         x = batch[key]
         if x.ndim == 3:
             x = x[..., None]
@@ -319,7 +318,7 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         """Return ``(z, c)``: the scaled image latent and the encoded conditioning.
 
         ldm's extra return flags (``return_first_stage_outputs`` and friends) are not supported: they made the
-        reference decode every training batch (SPEC D8). Passing them raises.
+        reference decode every training batch (DECISIONS D8). Passing them raises.
         """
         if any(_legacy.values()):
             raise ValueError(f"get_input: options {sorted(k for k, v in _legacy.items() if v)} are not supported")
