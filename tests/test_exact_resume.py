@@ -218,13 +218,15 @@ def test_resume_from_a_weights_only_snapshot_says_how_to_start_from_it(runs, cap
 
 
 def test_lr_and_schedule_changed_on_resume_take_effect(runs):
-    """Resume B with a new base LR and a new warm-up: the optimizer uses exactly what is logged."""
+    """Resume B with a new base LR, warm-up, weight decay and EMA decay: all of them are used, the LR exactly as
+    logged."""
     from ldm.lr_scheduler import LambdaLinearScheduler
 
     run = runs["root"] / "b_lr" / runs["b"].name
     shutil.copytree(runs["b"], run)
     assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null", "model.base_learning_rate=5e-4",
-                      "model.params.scheduler_config.params.warm_up_steps=[6]"]) == 0
+                      "model.params.scheduler_config.params.warm_up_steps=[6]", "model.params.weight_decay=0.02",
+                      "model.params.ema_decay=0.99"]) == 0
     f = LambdaLinearScheduler(warm_up_steps=[6], f_min=[1.0], f_max=[1.0], f_start=[1e-6],
                               cycle_lengths=[10000000000000])
     rows = list(csv.DictReader(open(run / "csv" / "version_0" / "metrics.csv")))
@@ -233,6 +235,8 @@ def test_lr_and_schedule_changed_on_resume_take_effect(runs):
     for s in range(N, 2 * N):
         assert logged[s] == pytest.approx(5e-4 * f(s), rel=1e-6), (s, logged[s])
         assert abs_logged[s] == pytest.approx(logged[s], rel=1e-6)
-    group = load(run / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]
+    last = load(run / "checkpoints" / "last.ckpt")
+    group = last["optimizer_states"][0]["param_groups"][0]
     assert group["initial_lr"] == 5e-4 and group["lr"] == pytest.approx(5e-4 * f(2 * N), rel=1e-9)
+    assert group["weight_decay"] == 0.02 and float(last["state_dict"]["model_ema.decay"]) == pytest.approx(0.99)
     assert logged[N - 1] == pytest.approx(1e-3 * (1e-6 + (1 - 1e-6) * (N - 1) / 10), rel=1e-6)  # before: old settings

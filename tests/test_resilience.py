@@ -188,3 +188,29 @@ def test_non_finite_weights_are_never_written():
     with pytest.raises(CheckpointError, match=r"refusing to write a checkpoint at step 9: 1 tensors hold NaN or inf "
                                               r"\(first: model\.diffusion_model\.out\.2\.bias\)"):
         model.on_save_checkpoint({"state_dict": model.state_dict(), "global_step": 9})
+
+
+def test_grad_norm_guard_leaves_fp16_overflow_to_the_grad_scaler():
+    """With a fp16 GradScaler, inf/NaN gradients are routine (the scaler skips the step); only the threshold stops."""
+    from types import SimpleNamespace
+
+    import pytorch_lightning as pl
+
+    from ldm.callbacks import GradNormGuard
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p])
+    module = pl.LightningModule()
+    guard = GradNormGuard(max_grad_norm=100.0)
+    plain = SimpleNamespace(global_step=7, precision_plugin=SimpleNamespace())
+    scaled = SimpleNamespace(global_step=7, precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])  # norm 5: fine
+    guard.on_before_optimizer_step(plain, module, opt)
+    p.grad = torch.tensor([float("inf"), 0.0, 0.0])
+    guard.on_before_optimizer_step(scaled, module, opt)  # the scaler's business
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+        guard.on_before_optimizer_step(plain, module, opt)
+    p.grad = torch.tensor([300.0, 400.0, 0.0])  # norm 500 > 100: stops with or without a scaler
+    for trainer in (plain, scaled):
+        with pytest.raises(FloatingPointError, match="gradient norm 500 exceeds max_grad_norm=100"):
+            guard.on_before_optimizer_step(trainer, module, opt)

@@ -76,3 +76,43 @@ def test_checkpoint_callbacks_without_a_modelcheckpoint_section(tmp_path):
     d = resolve_run_dirs("t", str(tmp_path), None, "", ["x.yaml"], None)
     (cb,) = checkpoint_callbacks(d, OmegaConf.create({"trainer": {}}))
     assert cb.dirpath == str(d.ckptdir) and cb.save_last
+
+
+def test_resume_with_no_loadable_checkpoint_is_one_line_naming_each(tmp_path):
+    from ldm.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {"w": torch.ones(1)}, "global_step": 3}, run / "hpc_ckpt_1.ckpt")  # weights only
+    with pytest.raises(CheckpointError) as info:
+        resolve_run_dirs("t", str(tmp_path), None, "", [], str(run))
+    msg = str(info.value)
+    assert "\n" not in msg and "last.ckpt: " in msg and "empty (0 bytes)" in msg
+    assert "hpc_ckpt_1.ckpt: " in msg and "weights-only snapshot" in msg
+
+
+def test_default_callbacks_target_the_library_and_ldm_paths_still_resolve(tmp_path):
+    import main
+    from ldm import callbacks
+    from ldm.run import default_callbacks
+    from ldm.util import get_obj_from_str
+
+    d = resolve_run_dirs("t", str(tmp_path), None, "", ["x.yaml"], None)
+    specs = default_callbacks(d, "t", OmegaConf.create({"model": {}}), OmegaConf.create({}), 1, False, None)
+    ours = [s["target"] for s in specs.values() if not s["target"].startswith("pytorch_lightning.")]
+    assert ours and all(t.startswith("ldm.callbacks.") for t in ours), ours
+    assert specs["image_logger"]["params"]["logdir"] == str(d.logdir)  # passed explicitly, not via the trainer
+    for name in ("ImageLogger", "SetupCallback", "CUDACallback", "GracefulStop"):  # ldm configs say main.<Name>
+        assert get_obj_from_str(f"main.{name}") is getattr(callbacks, name) is getattr(main, name)
+
+
+def test_the_checkpoint_io_cannot_be_replaced():
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    from ldm.run import checkpoint_plugins
+
+    (plugin,) = checkpoint_plugins(None)
+    assert type(plugin).__name__ == "AtomicCheckpointIO"
+    with pytest.raises(ConfigError, match="CheckpointIO"):
+        checkpoint_plugins([TorchCheckpointIO()])
