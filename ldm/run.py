@@ -19,9 +19,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm import resume as resume_ckpt
 from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
 from ldm.checkpoint import atomic_checkpoint_io
+from ldm.resume import check_file, pick, remove_orphans
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,11 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
         else:
             logdir = path
         configs = sorted((logdir / "configs").glob("*.yaml"))
-        resume_ckpt.remove_orphans(logdir)
+        remove_orphans(logdir)
         if path.is_file():
-            ckpt, step = path, resume_ckpt.check_file(path, configs)
+            ckpt, step = path, check_file(path, configs)
         else:
-            ckpt, step = resume_ckpt.pick(logdir)
+            ckpt, step = pick(logdir)
         log.info("resuming %s from %s (step %d)", logdir, ckpt, step)
         return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step)
     stem = name or (Path(base[0]).stem if base else "run")
