@@ -243,12 +243,16 @@ def load_into(
 
 
 def non_finite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors in ``sd`` holding a NaN or an infinity (one device sync)."""
-    names = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    if not names:
-        return []
-    flags = torch.stack([sd[k].isfinite().all().cpu() for k in names])
-    return [k for k, ok in zip(names, flags.tolist()) if not ok]
+    """Names of floating-point tensors in ``sd`` holding a NaN or an infinity (one sync per device)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            by_device.setdefault(v.device, []).append(k)
+    bad = []
+    for names in by_device.values():  # one stacked reduction (and one sync) per device
+        flags = torch.stack([sd[k].isfinite().all() for k in names]).tolist()
+        bad += [k for k, ok in zip(names, flags) if not ok]
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------------- writing
