@@ -57,7 +57,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--name", default="", help="run name postfix (default: first config's stem)")
     p.add_argument("-p", "--project", default=None, help="accepted for ldm compatibility; unused")
     p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False, help="debug logging")
-    p.add_argument("-s", "--seed", type=int, default=23, help="global seed (ldm default 23)")
+    p.add_argument("-s", "--seed", type=int, default=None,
+                   help="global seed (default: ldm's 23 for a new run, the run's own seed on resume)")
     p.add_argument("-f", "--postfix", default="", help="suffix appended to the run name")
     p.add_argument("-l", "--logdir", default="logs", help="root directory of runs")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
@@ -81,6 +82,7 @@ from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
 from ldm.run import (  # noqa: E402
+    DEFAULT_SEED,
     build_trainer,
     check_overrides,
     check_sections,
@@ -114,7 +116,7 @@ def run(argv: list[str]) -> int:
         preflight(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     else:
         cfg.model.params.ckpt_path = None  # the resume checkpoint supersedes the init checkpoint
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(DEFAULT_SEED if opt.seed is None else opt.seed, workers=True)
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
     model = instantiate_from_config(cfg.model)

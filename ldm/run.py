@@ -27,6 +27,8 @@ from ldm.util import ConfigError, instantiate_from_config
 log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
+#: ldm's default ``--seed`` (a resume without ``--seed`` keeps the run's own, stored in the checkpoint)
+DEFAULT_SEED = 23
 #: keys of the ``lightning`` section and what reads them
 LIGHTNING_KEYS = {
     "trainer": "pytorch_lightning.Trainer arguments",
@@ -178,9 +180,12 @@ def build_strategy(lightning_cfg: DictConfig, world: int) -> Any:
     )
 
 
-def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int,
+def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
                       resume: bool, flops_per_sample: float | None) -> dict[str, Any]:
-    """ldm's default callbacks plus ours, as target configs keyed by name (``lightning.callbacks`` merges in)."""
+    """ldm's default callbacks plus ours, as target configs keyed by name (``lightning.callbacks`` merges in).
+
+    ``seed`` None: :data:`DEFAULT_SEED` for a new run, the checkpoint's seed on resume.
+    """
     project = OmegaConf.masked_copy(cfg, ["model", "data"])
     return {
         "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": {
@@ -198,7 +203,8 @@ def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: D
         "finite_loss": {"target": "ldm.callbacks.FiniteLossGuard"},
         "grad_norm_guard": {"target": "ldm.callbacks.GradNormGuard"},
         "data_stats": {"target": "ldm.callbacks.DataStatsLogger", "params": {"every_n_steps": 500}},
-        "step_seed": {"target": "ldm.callbacks.StepSeed", "params": {"seed": seed}},
+        "step_seed": {"target": "ldm.callbacks.StepSeed", "params": {
+            "seed": DEFAULT_SEED if seed is None else seed, "keep_checkpoint_seed": seed is None}},
     }
 
 
@@ -262,7 +268,7 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
     return [instantiate_from_config(s) for s in specs.values()]
 
 
-def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int,
+def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
                   resume: bool) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(lightning_cfg.get("trainer", {}) or {}, resolve=True)
     devices = count_devices(trainer_kwargs.get("devices", "auto"))

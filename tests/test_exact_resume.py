@@ -32,6 +32,7 @@ import main
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
 N = 4
+SEED = "7"  # not the default: every resume below omits --seed and must keep the run's own
 COMMON = [
     f"lightning.trainer.max_steps={2 * N}",
     "lightning.trainer.accumulate_grad_batches=2",
@@ -84,11 +85,11 @@ def assert_same_training_state(a: Path, b: Path) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("exact")
     # A: straight
-    assert main.main(["--base", TINY, "--train", "-l", str(root / "a"), *COMMON]) == 0
+    assert main.main(["--base", TINY, "--train", "-s", SEED, "-l", str(root / "a"), *COMMON]) == 0
     # B: killed without warning after the step-N checkpoint (a real SIGKILL needs its own process)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed = subprocess.run(
-        [sys.executable, "main.py", "--base", TINY, "--train", "-l", str(root / "b"), *COMMON,
+        [sys.executable, "main.py", "--base", TINY, "--train", "-s", SEED, "-l", str(root / "b"), *COMMON,
          "lightning.callbacks.kill.target=tests.helpers.KillAtStep", f"lightning.callbacks.kill.params.step={N + 1}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -163,7 +164,7 @@ def test_slurm_requeue_checkpoint_then_resume_is_exact(runs, monkeypatch, caplog
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("PATH", f"{fakebin}{os.pathsep}{os.environ['PATH']}")
     logs = runs["root"] / "c"
-    assert main.main(["--base", TINY, "--train", "-l", str(logs), *COMMON,
+    assert main.main(["--base", TINY, "--train", "-s", SEED, "-l", str(logs), *COMMON,
                       "lightning.callbacks.kill.target=tests.helpers.SignalAtStep",
                       f"lightning.callbacks.kill.params.step={N - 2}",
                       "lightning.callbacks.kill.params.signal_name=SIGUSR1"]) == 0

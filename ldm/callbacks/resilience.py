@@ -199,13 +199,33 @@ class StepSeed(pl.Callback):
     history: a resumed run draws exactly what an uninterrupted run draws, on every rank, without storing
     per-rank RNG states (a checkpoint written by rank 0 could not hold the others').
 
+    The seed is part of the checkpoint (callback state), so ``-r`` without ``--seed`` continues with the run's
+    own seed; a different explicit ``--seed`` on resume is honoured with a warning (the draws then differ from an
+    uninterrupted run).
+
     Args:
         seed: the run seed (``--seed``).
+        keep_checkpoint_seed: on resume, take the seed stored in the checkpoint (main.py sets this when ``--seed``
+            was not given).
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, keep_checkpoint_seed: bool = False) -> None:
         super().__init__()
-        self.seed = seed
+        self.seed, self.keep_checkpoint_seed = seed, keep_checkpoint_seed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("seed")
+        if saved is None or saved == self.seed:
+            return
+        if self.keep_checkpoint_seed:
+            log.info("resume: using the run's seed %d (from the checkpoint)", saved)
+            self.seed = int(saved)
+        else:
+            log.warning("resume: --seed %d differs from the run's seed %d; from here on the random draws differ "
+                        "from an uninterrupted run", self.seed, saved)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
