@@ -36,19 +36,21 @@ class ResumableCSVLogger(CSVLogger):
                  resume_step: int | None = None, **kwargs: Any) -> None:
         super().__init__(save_dir, name=name, version=version, **kwargs)
         self.resume_step = resume_step
+        self.continued = False  # the earlier rows are restored once, before the first write
 
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is not None:
-            return self._experiment
+        if self.continued:
+            return super().experiment
+        self.continued = True
         path = Path(self.log_dir) / "metrics.csv"
         header, rows = [], []
         if path.is_file():
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 header, rows = list(reader.fieldnames or []), list(reader)
-            path.unlink()  # the parent would delete it anyway; it is rewritten below
+            path.unlink()  # the parent's writer would delete it; it is rewritten below
         writer = super().experiment
         if self.resume_step is not None:
             kept = [r for r in rows if r.get("step") in (None, "") or float(r["step"]) < self.resume_step]
@@ -61,5 +63,5 @@ class ResumableCSVLogger(CSVLogger):
                 out = csv.DictWriter(f, fieldnames=header)
                 out.writeheader()
                 out.writerows(rows)
-            writer.metrics_keys = list(header)
+            writer.metrics_keys = list(header)  # new rows append under the same columns
         return writer

@@ -116,3 +116,18 @@ def test_the_checkpoint_io_cannot_be_replaced():
     assert type(plugin).__name__ == "AtomicCheckpointIO"
     with pytest.raises(ConfigError, match="CheckpointIO"):
         checkpoint_plugins([TorchCheckpointIO()])
+
+
+def test_harness_uses_no_private_lightning_api():
+    """Private Lightning attributes (``fit_loop._should_accumulate()``, ``self._trainer``, attributes parked on the
+    trainer) break silently across Lightning releases; the harness sticks to the public API."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    private = re.compile(r"fit_loop\._|\bself\._trainer\b|\btrainer\._\w+|\bstrategy\._\w+|_ldm_logdir")
+    hits = [f"{p.relative_to(root)}:{i + 1}: {line.strip()}"
+            for p in [root / "main.py", *sorted((root / "ldm").rglob("*.py"))]
+            for i, line in enumerate(p.read_text().splitlines()) if private.search(line)]
+    assert not hits, "\n".join(hits)
+    assert private.search("if trainer.fit_loop._should_accumulate():")  # the pattern can fail
