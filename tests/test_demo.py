@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm.data.masks import masked_image
 from ldm.util import instantiate_from_config, load_config
 from tests.helpers import load_script
 
@@ -91,7 +92,7 @@ def _heldin_batch(demo_out: Path, repeats: int = 4) -> dict:
         ..., None
     ]
     txt = [(heldin / f"{n}.txt").read_text().strip() for n in names]
-    return {"jpg": jpg, "mask": mask, "masked_image": jpg * (1 - mask), "txt": txt}
+    return {"jpg": jpg, "mask": mask, "masked_image": masked_image(jpg, mask), "txt": txt}
 
 
 @torch.no_grad()
@@ -127,7 +128,7 @@ def test_finetune_starts_from_the_base(demo_out, monkeypatch):
     torch.manual_seed(1)
     random_cfg = load_config([REPO / "configs/demo/inpaint.yaml"], ["model.params.ckpt_path=null"])
     random_model = instantiate_from_config(random_cfg.model).eval()
-    target = inpaint.get_v(z, noise, t)
+    target = inpaint.training_target(z, noise, t)
     random_loss = float((random_model.apply_model(x_t, t, cond) - target).pow(2).mean())
     base_loss = float((out_inp - target).pow(2).mean())
     assert base_loss < 0.5 * random_loss, (base_loss, random_loss)

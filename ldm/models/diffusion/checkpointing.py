@@ -35,6 +35,7 @@ from ldm.checkpoint import (
     non_finite_tensors,
     widen_input_channels,
 )
+from ldm.models.diffusion.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class CheckpointMixin:
             sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
         shapes = {k: v.shape for k, v in self.state_dict().items()}
         sd = widen_input_channels(sd, shapes, self.finetune_keys, self.keep_finetune_dims)
-        allowed = [*allow_missing_prefixes, *self.schedule.buffers(), "scale_factor"]  # recomputed from the config
+        allowed = [*allow_missing_prefixes, *NoiseSchedule.buffer_names(), "scale_factor"]  # from the config
         if only_model:
             allowed += ["first_stage_model.", "cond_stage_model."]  # they come from their own configs
         if self.use_ema and not has_ema:

@@ -5,11 +5,11 @@
 ldm configs name.
 
 This file owns the *training wiring* only. The math lives in pure modules called from here:
-``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets),
-``losses`` (per-sample reductions) and ``guidance`` (classifier-free guidance, used by the samplers).
-Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`, the module's checkpoint hooks
-(init, EMA timing, save/resume) in :mod:`ldm.models.diffusion.checkpointing`; legacy quirks in
-:mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
+``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets, the
+per-mode loss weights), ``losses`` (the loss object) and ``conditioning`` (caption dropout); samplers are reached
+through ``sampling``. Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`, the
+module's checkpoint hooks (init, EMA timing, save/resume) in :mod:`ldm.models.diffusion.checkpointing`; legacy
+quirks and ldm's helper methods in :mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
 
 Deliberate differences from the reference (docs/DECISIONS.md):
 * the training step never decodes latents back to pixels (D8);
@@ -33,7 +33,8 @@ from einops import rearrange
 from ldm import compat
 from ldm.models.diffusion import losses, parameterization
 from ldm.models.diffusion.checkpointing import CheckpointMixin
-from ldm.models.diffusion.schedule import NoiseSchedule, extract, make_beta_schedule
+from ldm.models.diffusion.conditioning import drop_captions
+from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -49,7 +50,7 @@ def disabled_train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
     return self
 
 
-class LatentDiffusion(CheckpointMixin, pl.LightningModule):
+class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningModule):
     """Text-conditioned latent diffusion (SD2 layout) as a LightningModule.
 
     Args:
@@ -172,23 +173,22 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         super().__init__()
         compat.note_ignored("LatentDiffusion", {"monitor": monitor, "image_size": image_size,
                                                 "log_every_t": log_every_t, "clip_denoised": clip_denoised})
-        for name, value in (("learn_logvar", learn_logvar), ("make_it_fit", make_it_fit),
-                            ("use_positional_encodings", use_positional_encodings)):
-            if value:
-                raise ConfigError(f"model.params.{name}=True is not supported by this implementation; remove it")
-        if num_timesteps_cond != 1:
-            raise ConfigError("model.params.num_timesteps_cond must be 1 (conditioning-noise schedules are unused)")
-        self.parameterization = parameterization_checked(parameterization)
-        if loss_type not in ("l1", "l2"):
-            raise ConfigError(f"model.params.loss_type={loss_type!r}: expected 'l1' or 'l2'")
+        compat.reject_unsupported("model.params", {
+            "learn_logvar": (learn_logvar, False), "make_it_fit": (make_it_fit, False),
+            "use_positional_encodings": (use_positional_encodings, False),
+            "num_timesteps_cond": (num_timesteps_cond, 1),
+        }, error=ConfigError)
+        try:
+            self.loss_fn = losses.DiffusionLoss(parameterization, loss_type, l_simple_weight, original_elbo_weight,
+                                                logvar_init, min_snr_gamma)
+        except ValueError as e:
+            raise ConfigError(f"model.params.{e}") from e
+        self.parameterization = self.loss_fn.parameterization
         if force_null_conditioning:
             conditioning_key = None
         elif conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         self.conditioning_key = conditioning_key
-        self.loss_type, self.l_simple_weight = loss_type, l_simple_weight
-        self.original_elbo_weight = original_elbo_weight
-        self.min_snr_gamma = min_snr_gamma
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
         self.channels = channels
@@ -218,7 +218,6 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         else:
             self.scale_factor = float(scale_factor)
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior)
-        self.logvar = torch.full((self.num_timesteps,), float(logvar_init))  # not a buffer: ldm never saved it
         self._std_done = False  # scale_by_std: estimated once, unless a checkpoint brought a scale_factor
         self._resumed = False  # set when Lightning restores a training checkpoint (on_load_checkpoint)
         #: the resolved run config, recorded in every checkpoint's provenance (set by main.py)
@@ -244,17 +243,11 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         model = instantiate_from_config(config)
         return model if self.cond_stage_trainable else self._frozen(model)
 
-    def register_schedule(
-        self,
-        given_betas: Sequence[float] | None = None,
-        beta_schedule: str = "linear",
-        timesteps: int = 1000,
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
-        v_posterior: float = 0.0,
-    ) -> None:
-        """Register ldm's 12 persistent schedule buffers (exact names, float32) plus ``lvlb_weights``."""
+    def register_schedule(self, given_betas: Sequence[float] | None = None, beta_schedule: str = "linear",
+                          timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                          cosine_s: float = 8e-3, v_posterior: float = 0.0) -> None:
+        """Register ldm's 12 persistent schedule buffers (exact names, float32) and rebuild the loss's
+        per-timestep tables for the new schedule."""
         if given_betas is not None:
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
@@ -262,12 +255,11 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         with torch.device("cpu"):  # the schedule is computed eagerly, also when the model is built on meta
             self.schedule = NoiseSchedule.from_betas(betas, v_posterior=v_posterior)
             buffers = self.schedule.buffers()
-            lvlb_weights = self.schedule.lvlb_weights(self.parameterization)
+            self.loss_fn.set_schedule(self.schedule)
         self.num_timesteps = len(betas)
         self.linear_start, self.linear_end, self.v_posterior = linear_start, linear_end, v_posterior
         for name, value in buffers.items():
             self.register_buffer(name, value)
-        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
 
     # ------------------------------------------------------------------------------------- encoders (frozen)
     @torch.no_grad()
@@ -305,6 +297,13 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         c = self.get_learned_conditioning(label[:1])
         return c.expand(batch_size, *c.shape[1:]).contiguous()
 
+    def null_conditioning(self, cond: torch.Tensor, null_label: Sequence[str] | str | None = None) -> Any:
+        """The unconditional counterpart of the text conditioning ``cond`` (B x 77 x D) for classifier-free
+        guidance: the encoding of ``null_label`` ("" by default, what ``ucg_training`` drops captions to)."""
+        if not isinstance(cond, torch.Tensor):  # a hybrid dict: LatentInpaintDiffusion keeps its c_concat
+            raise TypeError(f"{type(self).__name__}.null_conditioning takes the text tensor, not {type(cond).__name__}")
+        return self.get_unconditional_conditioning(cond.shape[0], null_label)
+
     # ------------------------------------------------------------------------------------------------ inputs
     @staticmethod
     def image_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
@@ -333,22 +332,11 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
         return z, c
 
     def apply_ucg(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Classifier-free-guidance dropout: replace each caption by ``val`` with probability ``p``.
-
-        The replacement is the *string* (encoded later), so the unconditional embedding is the text encoder's
-        output for "" - exactly what sampling uses. Draws are deterministic in (ucg_seed, global step, rank).
-        """
+        """Caption dropout for CFG training (``conditioning.drop_captions``), seeded by (ucg_seed, step, rank)."""
         if not self.ucg_training:
             return batch
         rng = np.random.default_rng([self.ucg_seed, int(self.global_step), int(self.global_rank)])
-        batch = dict(batch)
-        for key, spec in self.ucg_training.items():
-            p, val = float(spec.get("p", 0.0)), spec.get("val", "")
-            val = "" if val is None else val
-            values = list(batch[key])
-            drop = rng.random(len(values)) < p
-            batch[key] = [val if d else v for v, d in zip(values, drop)]
-        return batch
+        return drop_captions(batch, self.ucg_training, rng)
 
     # ------------------------------------------------------------------------------------------------- model
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -361,24 +349,10 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None):
         """Diffusion loss at timesteps ``t``: noise, predict, compare with the parameterization's target."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        a = extract(self.sqrt_alphas_cumprod, t, x_start.ndim)  # sqrt(abar_t), B x 1 x 1 x 1
-        s = extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim)  # sqrt(1 - abar_t)
-        x_noisy = parameterization.q_sample(x_start, noise, a, s)
-        model_output = self.apply_model(x_noisy, t, cond)
+        a, s = self._ab(t, x_start.ndim)  # sqrt(abar_t), sqrt(1 - abar_t): B x 1 x 1 x 1
+        model_output = self.apply_model(parameterization.q_sample(x_start, noise, a, s), t, cond)
         target = parameterization.training_target(self.parameterization, x_start, noise, a, s)
-        prefix = "train" if self.training else "val"
-        return losses.diffusion_loss(
-            model_output, target, t,
-            loss_type=self.loss_type,
-            logvar=self.logvar.to(self.device),
-            lvlb_weights=self.lvlb_weights,
-            l_simple_weight=self.l_simple_weight,
-            original_elbo_weight=self.original_elbo_weight,
-            min_snr_gamma=self.min_snr_gamma,
-            alphas_cumprod=self.alphas_cumprod,
-            parameterization=self.parameterization,
-            prefix=prefix,
-        )
+        return self.loss_fn(model_output, target, t, prefix="train" if self.training else "val")
 
     def forward(self, x: torch.Tensor, c: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()  # uniform t per sample
@@ -458,29 +432,7 @@ class LatentDiffusion(CheckpointMixin, pl.LightningModule):
 
         return log_images(self, batch, **kwargs)
 
-    # ---------------------------------------------------------- ldm's public helpers (one-line delegations)
-    def _ab(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract(self.sqrt_alphas_cumprod, t, ndim), extract(self.sqrt_one_minus_alphas_cumprod, t, ndim)
+    def training_target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model regresses on at ``t`` for the configured parameterization (eps, x0 or v)."""
+        return parameterization.training_target(self.parameterization, x_start, noise, *self._ab(t, x_start.ndim))
 
-    def q_sample(self, x_start, t, noise=None):
-        noise = torch.randn_like(x_start) if noise is None else noise
-        return parameterization.q_sample(x_start, noise, *self._ab(t, x_start.ndim))
-
-    def get_v(self, x, noise, t):
-        return parameterization.v_from_x0_eps(x, noise, *self._ab(t, x.ndim))
-
-    def predict_start_from_noise(self, x_t, t, noise):
-        return parameterization.x0_from_eps(x_t, noise, *self._ab(t, x_t.ndim))
-
-    def predict_start_from_z_and_v(self, x_t, t, v):
-        return parameterization.x0_from_v(x_t, v, *self._ab(t, x_t.ndim))
-
-    def predict_eps_from_z_and_v(self, x_t, t, v):
-        return parameterization.eps_from_v(x_t, v, *self._ab(t, x_t.ndim))
-
-
-def parameterization_checked(mode: str) -> str:
-    try:
-        return parameterization.check_parameterization(mode)
-    except ValueError as e:
-        raise ConfigError(f"model.params.parameterization: {e}") from e
