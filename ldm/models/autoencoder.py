@@ -24,6 +24,7 @@ from ldm import compat
 from ldm.checkpoint import drop_prefixes, load_into, load_state_dict_file
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.random_weights import mark_loaded, note_random, reports_random_weights
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class AutoencoderKL(pl.LightningModule):
     ``base_learning_rate`` (default 4.5e-6) is used.
     """
 
+    @reports_random_weights
     def __init__(
         self,
         ddconfig: Mapping[str, Any],
@@ -97,6 +99,7 @@ class AutoencoderKL(pl.LightningModule):
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
         if learn_logvar and not isinstance(getattr(self.loss, "logvar", None), nn.Parameter):
             raise ValueError("learn_logvar=True needs a loss with a `logvar` parameter (ReconstructionKLLoss).")
+        note_random(self, "no ckpt_path")
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, allow_missing_prefixes=allow_missing_prefixes)
 
@@ -117,6 +120,7 @@ class AutoencoderKL(pl.LightningModule):
         sd = {k: v for k, v in drop_prefixes(sd, ignore_keys).items() if k not in extra_loss}
         load_into(self, sd, source=f"AutoencoderKL ckpt_path={path}", allow_missing=allow_missing_prefixes,
                   hint="Allow missing model keys with allow_missing_prefixes, drop extra ones with ignore_keys.")
+        mark_loaded(self, sd)
 
     # ---------------------------------------------------------------- model
 

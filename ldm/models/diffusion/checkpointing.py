@@ -36,6 +36,7 @@ from ldm.checkpoint import (
     widen_input_channels,
 )
 from ldm.models.diffusion.schedule import NoiseSchedule
+from ldm.modules.random_weights import mark_loaded
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class CheckpointMixin:
             self, sd, source=str(path), allow_missing=allowed,
             hint="To load it partially, list the model key prefixes it may lack in "
                  "model.params.allow_missing_prefixes; drop extra checkpoint keys with model.params.ignore_keys.")
+        mark_loaded(self, sd)  # the sub-models this file filled are no longer reported as random
         self._std_done = self.scale_by_std and "scale_factor" in sd
         if self.use_ema:
             if reset_ema or not has_ema:

@@ -38,6 +38,7 @@ from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.random_weights import note_random, reports_random_weights
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
             posterior is still *sampled*, as online. The masked image is always encoded online.
     """
 
+    @reports_random_weights
     def __init__(
         self,
         unet_config: dict[str, Any],
@@ -200,6 +202,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        note_random(self.model, "no model.params.ckpt_path")
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
