@@ -167,7 +167,8 @@ def test_exploding_gradient_stops_before_the_step(tmp_path, caplog, factor, expe
                     "lightning.modelcheckpoint.params.every_n_train_steps=2",
                     "lightning.callbacks.metrics_over_trainsteps_checkpoint.params.every_n_train_steps=1",
                     "lightning.callbacks.scale.target=tests.helpers.ScaleGradsAtStep",
-                    "lightning.callbacks.scale.params.step=3", f"lightning.callbacks.scale.params.factor={factor}"])
+                    "lightning.callbacks.scale.params.step=3",
+                    f"lightning.callbacks.scale.params.factor={'.nan' if factor != factor else factor}"])  # yaml NaN
     assert rc == 4
     assert expected in caplog.text and "global step 3 (before its optimizer step)" in caplog.text
     ckpts = next(tmp_path.iterdir()) / "checkpoints"
