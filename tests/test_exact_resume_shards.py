@@ -1,7 +1,7 @@
 """Exact resume on real JPEG shards through ``main.py``: a run SIGKILLed right after a periodic checkpoint and
 resumed with ``-r`` equals the run that never stopped. Both use 2 DataLoader workers per rank, the resampled
 training stream and a shuffle buffer; they must see the same sample keys per rank and step, in the same order,
-and end with bit-equal UNet and AdamW state. Once with one process, once with 2 ranks over gloo."""
+and end with bit-equal UNet, EMA and AdamW state. Once with one process, once with 2 ranks over gloo."""
 
 from __future__ import annotations
 
@@ -89,8 +89,12 @@ def test_killed_after_a_checkpoint_and_resumed_equals_the_run_that_never_stopped
     data_state = ck_b["WebDataModuleFromConfig"]
     assert len(data_state["ranks"]) == ranks and len(pickle.dumps(data_state)) < 8_000 * ranks  # small, per rank
     assert ck_a["global_step"] == ck_b["global_step"] == 2 * N
-    unet = [k for k in ck_a["state_dict"] if k.startswith("model.diffusion_model.")]
-    assert unet and all(torch.equal(ck_a["state_dict"][k], ck_b["state_dict"][k]) for k in unet)
+    sd_a, sd_b = ck_a["state_dict"], ck_b["state_dict"]
+    unet = [k for k in sd_a if k.startswith("model.diffusion_model.")]
+    ema = [k for k in sd_a if k.startswith("model_ema.")]
+    assert unet and len(ema) == len(unet) + 2  # + num_updates and decay
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in unet + ema)
+    assert int(sd_b["model_ema.num_updates"]) == 2 * N
     opt_a, opt_b = ck_a["optimizer_states"][0]["state"], ck_b["optimizer_states"][0]["state"]
     assert opt_a.keys() == opt_b.keys() and len(opt_a) == len(unet)
     for i in opt_a:
