@@ -16,14 +16,14 @@ Streams (seed words in ``ldm.data.rng``):
   read in order, so one pass over all ranks and workers delivers every good sample exactly once.
 
 Both are **resumable**. :meth:`ShardStream.state_dict` (called in each worker by torchdata's
-``StatefulDataLoader``, see ``ldm.data.resumable``) gives a worker's position after the batch it just made, in
-a few numbers: the shard-choice generator's state, the current shard and the byte offset of its next sample,
-each buffered sample as (shard, tar block, key checksum), the shuffle generator's state, the sample counter
-and the skip counts; 12 bytes per buffered sample plus about 1 kB. :meth:`ShardStream.load_state_dict`
-continues from there without decoding anything already consumed: the current shard is re-entered by reading
-its headers only (a seek per member for local uncompressed shards), and the shuffle buffer is refilled by
-reading back just the buffered samples. A resume therefore costs at most a shard's headers plus a buffer's
-worth of samples, however far the stream had run (docs/BENCHMARKS.md).
+``StatefulDataLoader``, see ``ldm.data.resumable``) gives a worker's position after the batch it just made, in a
+few numbers: the shard-choice generator's state, the current shard and the byte offset of its next sample, each
+buffered sample as (shard, tar block, key checksum), the shuffle generator's state, the sample counter and the
+skip counts; 12 bytes per buffered sample plus a few hundred bytes. :meth:`ShardStream.load_state_dict` continues
+from there without decoding anything already consumed: the current shard is re-entered by reading its headers only
+(a seek per member for local uncompressed shards), and the shuffle buffer is refilled by reading back just the
+buffered samples. A resume therefore costs at most a shard's headers plus a buffer's worth of samples, however far
+the stream had run (docs/BENCHMARKS.md).
 
 Left out: webdataset's caching (``cache_dir``) and ``select_files``; every member of a sample is read.
 """
