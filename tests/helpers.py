@@ -141,3 +141,22 @@ class ScaleGradsAtStep:
                                 p.grad.mul_(float(factor))
 
         return _Scale()
+
+
+class KillBeforeStep:
+    """Callback (config target ``tests.helpers.KillBeforeStep``) that SIGKILLs its own process when the batch after
+    optimizer step ``step`` starts, i.e. right after a periodic checkpoint at ``step`` was written: no handler
+    runs, nothing is saved, batches the DataLoader workers had prefetched are lost, as when a node dies."""
+
+    def __new__(cls, step: int):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Killer(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Killer()

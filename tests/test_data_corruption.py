@@ -80,8 +80,9 @@ def broken_shards(tmp_path) -> tuple[list[str], set[str]]:
     return shards, good_keys
 
 
+# c2 lost its image to the cut and goes on without it: one more missing_image (every sample gets a verdict)
 EXPECTED = {"corrupt_image": 2, "missing_caption": 2, "missing_json": 1, "bad_json": 1, "missing_size": 1,
-            "missing_image": 1, "too_small": 1, "truncated_tar": 1, "read_error": 1}
+            "missing_image": 2, "too_small": 1, "truncated_tar": 1, "read_error": 1}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
