@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: F401 - config targets main.*
 from ldm.checkpoint import CheckpointError
 from ldm.data.stats import BadDataError
+from ldm.quiet import explain_eval_modules, silence_known_noise
 from ldm.run import (
     build_trainer,
     check_overrides,
@@ -106,6 +107,7 @@ def run(argv: list[str]) -> int:
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
     model = instantiate_from_config(cfg.model)
+    explain_eval_modules(model)
     data = instantiate_from_config(cfg.data) if "data" in cfg else None
     tcfg = lightning_cfg.get("trainer", {}) or {}
     bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = any(a in ("-d", "--debug") for a in argv)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    silence_known_noise()
     try:
         return run(argv)
     except (ConfigError, CheckpointError) as e:  # user mistakes: one clear line, no traceback

@@ -8,7 +8,7 @@
 With SD's settings (``logvar`` all zero, ``l_simple_weight`` 1, ``original_elbo_weight`` 0, ``w_i`` = 1) the loss
 is exactly the batch mean of ``loss_simple``. ``w_i`` is 1 unless Min-SNR-gamma weighting is switched on
 (:func:`min_snr_weights`; off by default for parity with SD). Logged scalars are ``{prefix}/loss_simple``
-(unweighted), ``{prefix}/loss_vlb`` and ``{prefix}/loss``, detached.
+(unweighted), ``{prefix}/loss`` and, only when ``original_elbo_weight`` is not 0, ``{prefix}/loss_vlb``, detached.
 Left out: learned ``logvar`` (ldm's ``learn_logvar``; its ``loss_gamma``/``logvar`` logs) and other weightings.
 """
 
@@ -99,9 +99,8 @@ def diffusion_loss(
         per_sample = per_sample * min_snr_weights(abar_t, min_snr_gamma, parameterization)
     loss_vlb = (lvlb_weights.to(t.device)[t] * loss_simple).mean()
     loss = l_simple_weight * per_sample.mean() + original_elbo_weight * loss_vlb
-    logs = {
-        f"{prefix}/loss_simple": loss_simple.mean().detach(),
-        f"{prefix}/loss_vlb": loss_vlb.detach(),
-        f"{prefix}/loss": loss.detach(),
-    }
+    logs = {f"{prefix}/loss_simple": loss_simple.mean().detach()}
+    if original_elbo_weight:  # with weight 0 it is not part of the loss (and equals loss_simple for v): not logged
+        logs[f"{prefix}/loss_vlb"] = loss_vlb.detach()
+    logs[f"{prefix}/loss"] = loss.detach()
     return loss, logs
