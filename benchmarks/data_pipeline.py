@@ -4,7 +4,7 @@
     python benchmarks/data_pipeline.py                 # defaults finish in about a minute on 2 cores
     python benchmarks/data_pipeline.py --no-write      # print only, do not append to docs/BENCHMARKS.md
 
-What is measured (targets from PERFORMANCE.md):
+What is measured (targets: docs/DECISIONS.md R12):
 
 1. **samples/s per worker core**: the real training loader (``WebDataModuleFromConfig`` with the SD2
    inpainting train split: json filters and word list, bicubic Resize 512 + RandomCrop 512, ``AddMask``

@@ -13,7 +13,7 @@ model of ``configs/inpaint.yaml`` at the chosen scale with random weights. Two t
   on) against the plain path (explicit softmax attention, fp32, NCHW, eager), for DDIM-50 and DPM-Solver++-20;
 * one guided UNet evaluation (the per-step cost), interleaved, each switch off alone against the fast path.
 
-Target (PERFORMANCE.md): <= 1.0 s per 512 x 512 image at 50 DDIM steps on an A100-class GPU with SDPA + bf16.
+Target (docs/DECISIONS.md R12): <= 1.0 s per 512 x 512 image at 50 DDIM steps on an A100-class GPU with SDPA + bf16.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ thread; `--device cuda`: full size, 512 px, compiled). One image = `ldm.inferenc
 encode, text encodes, sampler with classifier-free guidance (two UNet evaluations per step, batched), VAE
 decode. Whole images are timed interleaved for the fast path (SDPA, bf16 autocast, channels_last, compiled
 UNet when compile is on) and the plain path (explicit softmax attention, fp32, NCHW, eager); one guided UNet
-evaluation is timed with each switch off alone. Target (PERFORMANCE.md): <= 1.0 s per 512 x 512 image at
+evaluation is timed with each switch off alone. Target (docs/DECISIONS.md R12): <= 1.0 s per 512 x 512 image at
 50 DDIM steps on an A100-class GPU."""
 SAMPLERS = {"DDIM-50": ("ddim", 50), "DPM-Solver++-20": ("dpm", 20)}
 

@@ -6,7 +6,7 @@ Everything here exists because released configs or checkpoints depend on it, not
   implementation, each with the reason. Constructors accept them, log them once at debug level, and do nothing.
 * :func:`ema_buffer_name` is LitEma's name mangling (every '.' deleted), which fixes the ``model_ema.*`` keys.
 * :data:`INPAINT_FINETUNE_KEYS` are the two keys whose input channels are widened 4 -> 9 when an inpainting
-  model is initialised from a text-to-image checkpoint (SPEC D4).
+  model is initialised from a text-to-image checkpoint (DECISIONS D4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Inpainting inference: load a checkpoint for sampling, fit image and mask to the model, condition, sample.
 
-The steps follow the SD2 inpainting scripts (SPEC B.6.3) with the project's fixes made explicit:
+The steps follow the SD2 inpainting scripts (docs/DECISIONS.md R4, D11) with the project's fixes made explicit:
 
 * :func:`load_model` builds the model from its yaml and loads a ``.ckpt``/``.safetensors`` in the official layout,
   with or without ``model_ema.*`` (EMA chosen when present unless told otherwise), and rejects files that are not
@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file, state_dict_of
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.interop.ldm_format import read_parameterization, select_weights
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
@@ -41,7 +42,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 FitMode = Literal["pad", "resize"]
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = ("ddim", "dpm")
-#: buffers recomputed from the config when a checkpoint lacks them (diffusion schedule, SPEC B.2.2)
+#: buffers recomputed from the config when a checkpoint lacks them (diffusion schedule, DECISIONS R1)
 SCHEDULE_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -205,7 +206,7 @@ def restore_size(image: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def image_tensors(image: np.ndarray, mask: np.ndarray, n: int, device: torch.device):
-    """``(image, mask, masked_image)`` as ``n x C x H x W`` float tensors (SPEC B.6.3).
+    """``(image, mask, masked_image)`` as ``n x C x H x W`` float tensors (DECISIONS R4).
 
     The image goes to [-1, 1]; the mask is binarised at 0.5 (white = 1 = inpaint); ``masked_image = image *
     (mask < 0.5)``, i.e. the hole is 0 (mid grey), as in training.
@@ -221,7 +222,7 @@ def inpaint_conditioning(
     model: Any, mask: torch.Tensor, masked_image: torch.Tensor, prompts: Sequence[str],
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
-    """Conditional and unconditional conditioning of an inpainting model (SPEC B.6.3).
+    """Conditional and unconditional conditioning of an inpainting model (DECISIONS R4).
 
     ``c_concat`` follows ``model.concat_keys``: the mask nearest-resized to the latent grid and the masked image's
     VAE posterior *sample* (drawn from ``generator``) times ``scale_factor`` -- the same tensors
@@ -251,7 +252,7 @@ class SamplingOptions:
 
     sampler: Literal["ddim", "dpm"] = "ddim"
     steps: int = 50
-    scale: float = 10.0
+    scale: float = GUIDANCE_SCALE
     eta: float = 0.0
     precision: Precision = "fp32"
     paste_back: bool = False

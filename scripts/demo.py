@@ -56,6 +56,28 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", "--outdir", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    p.add_argument("--fast", action="store_true", help="the shortened CI run (fewer photos and steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of every stage (overrides the profile; e.g. 10 for a smoke run)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared or 2-core machine more threads rarely help)")
+    p.add_argument("--restart", action="store_true", help="redo every stage instead of reusing finished ones")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below
+
 import demo_plots as plots  # noqa: E402 - sibling module in scripts/
 import demo_report as report  # noqa: E402 - sibling module in scripts/
 import torch  # noqa: E402
@@ -336,7 +358,7 @@ class Demo:
             shutil.rmtree(out, ignore_errors=True)
             call("scripts/inpaint.py", load_script("inpaint").main, [
                 "--config", CONFIGS["inpaint"], "--ckpt", str(self.ckpt["inpaint"]), "--input-dir", str(folder),
-                "--prompts-file", str(self.write_prompts(folder)), "--outdir", str(out), "--seed", str(self.seed),
+                "--prompts-file", str(self.write_prompts(folder)), "--out", str(out), "--seed", str(self.seed),
                 *self.sampling_args(), *extra])
         return {"samples": str(self.out / "samples")}
 
@@ -440,24 +462,6 @@ def summary(demo: Demo, passed: bool) -> None:
     log.info("  loss curves: %s/{autoencoder,base,inpaint}_loss.png", out / "plots")
     if not passed:
         log.error("the fine-tuned model did not reach the learning criterion; see %s", out / "report.md")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
-    p.add_argument("--fast", action="store_true", help="the shortened CI run (fewer photos and steps)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training steps of every stage (overrides the profile; e.g. 10 for a smoke run)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared or 2-core machine more threads rarely help)")
-    p.add_argument("--restart", action="store_true", help="redo every stage instead of reusing finished ones")
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""SPEC D3/D4: an inpainting model initialised from a 4-channel base equals the base, whatever the mask says.
+"""DECISIONS D3/D4: an inpainting model initialised from a 4-channel base equals the base, whatever the mask says.
 
 The base is a tiny random text-to-image model saved to disk; the inpainting model loads it through the real
 ``ckpt_path`` route (4 -> 9 channel widening). For the same noisy latent, timestep and text, the inpainting

@@ -4,7 +4,7 @@ Every generator is a frozen dataclass with ``__call__(rng, height, width) -> np.
 array of shape ``(height, width)`` with values in {0, 1}, **1 = hole** (the pixels the model must fill).
 Nothing here reads or writes global RNG state; the caller owns the seed (see ``ldm.data.rng``).
 
-What is here (numbers from SPEC B.4.3 and B.5):
+What is here (numbers: docs/DECISIONS.md R5):
 
 * :class:`SDMask` -- the SD "synthetic mask" generator behind ``AddMask(mode=...)`` in the SD inpainting
   configs: 1-4 straight thick strokes *or* 1-3 boxes (half plain rectangles, half rounded squares).
@@ -21,7 +21,7 @@ linear-ramp curriculum (LaMa's configs use a constant coefficient of 1, which is
 
 COMPAT: the draw *distributions* follow the references; bit-exact masks are not reproducible (the SD code
 mixes the global numpy RNG with a per-process ``RandomState``, LaMa draws with OpenCV). Coverage statistics
-are checked against SPEC B.4.4 in tests/test_masks.py.
+are checked against docs/DECISIONS.md R6 in tests/test_masks.py.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class SDMask:
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         img, draw = _canvas(height, width)
         # COMPAT: the reference picks the branch with the *global* np.random; we use the per-sample rng so
-        # that ranks and workers never share the choice (SPEC B.9 item 12).
+        # that ranks and workers never share the choice (DECISIONS D6).
         if rng.random() < self.p_irregular:
             self._strokes(rng, draw, height, width)
         else:
@@ -297,7 +297,7 @@ def _lama_eval(irregular: LamaIrregularMask, box: LamaBoxMask | None) -> MaskGen
     return irregular if box is None else MixedMask((irregular, box), (1.0, 0.3))
 
 
-# Named modes, as AddMask(mode=...) and the configs spell them. Numbers: SPEC B.4.3 (SD) and B.5 (LaMa).
+# Named modes, as AddMask(mode=...) and the configs spell them. Numbers: docs/DECISIONS.md R5 (SD and LaMa).
 MASK_MODES: dict[str, MaskGenerator] = {
     "256train": SDMask(0.5, strokes=(1, 5), max_len=200, max_width=100, boxes=(1, 4), box_side=(30, 150)),
     "256narrow": SDMask(1.0, strokes=(4, 50), max_len=40, max_width=10),

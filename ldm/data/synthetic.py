@@ -4,7 +4,7 @@ Batch ``k`` of rank ``r`` is a pure function of ``(seed, r, k)``: smooth random 
 naming their dominant colour, plus masks from :mod:`ldm.data.masks`. Because the stream restarts at the
 trainer's resumed ``global_step`` (times the accumulation factor), a resumed run sees exactly the batches an
 uninterrupted run sees, which is what the exact-resume test relies on. The batch layout is the LAION
-pipeline's (SPEC B.4.1).
+pipeline's (DECISIONS R7).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 class LatentInpaintDiffusion(LatentDiffusion):
     """SD2 inpainting: the UNet also sees the mask and the masked-image latent (``conditioning_key: hybrid``).
 
-    Conditioning (SPEC D5): ``c_concat = [mask resized to the latent grid with nearest (1 ch),
+    Conditioning (DECISIONS D5): ``c_concat = [mask resized to the latent grid with nearest (1 ch),
     scale_factor * VAE posterior sample of the masked image (4 ch)]``, so UNet input channels are
     0-3 noisy latent, 4 mask, 5-8 masked-image latent. Text goes through cross-attention.
 

@@ -10,7 +10,7 @@ This file owns the *training wiring* only. The math lives in pure modules called
 Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`; legacy quirks in
 :mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
 
-Deliberate differences from the reference (SPEC Part A):
+Deliberate differences from the reference (docs/DECISIONS.md):
 * the training step never decodes latents back to pixels (D8);
 * the EMA is updated once per optimizer step, also with gradient accumulation (D3);
 * when a checkpoint has no ``model_ema.*`` keys the EMA starts from the loaded weights, not random init (D3);
@@ -60,7 +60,7 @@ class LatentDiffusion(pl.LightningModule):
         linear_start, linear_end, cosine_s: schedule parameters.
         given_betas: explicit betas overriding the named schedule.
         v_posterior: weight of beta_t in the posterior variance (0 in SD).
-        parameterization: what the UNet predicts: "eps", "x0" or "v" (SPEC D1: our inpainting run uses "v").
+        parameterization: what the UNet predicts: "eps", "x0" or "v" (DECISIONS D1: our inpainting run uses "v").
         loss_type: "l2" (SD) or "l1", per-sample mean over C,H,W.
         l_simple_weight: weight of the simple loss.
         original_elbo_weight: weight of the VLB term (0 in SD).
@@ -272,7 +272,7 @@ class LatentDiffusion(pl.LightningModule):
         """Initialise from a checkpoint: drop ``ignore_keys``, widen ``finetune_keys``, load, fix up the EMA.
 
         When the checkpoint carries no ``model_ema.*`` tensors (or ``reset_ema``), the EMA is re-initialised from
-        the freshly loaded weights, so it never averages towards a random initialisation (SPEC D3).
+        the freshly loaded weights, so it never averages towards a random initialisation (DECISIONS D3).
         """
         sd = drop_prefixes(load_state_dict_file(path), ignore_keys)
         if only_model:
@@ -322,7 +322,7 @@ class LatentDiffusion(pl.LightningModule):
     def get_first_stage_encoding(
         self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Scaled latent. SPEC B.2.5: the posterior is *sampled* (not its mode), in training and sampling."""
+        """Scaled latent. DECISIONS D5: the posterior is *sampled* (not its mode), in training and sampling."""
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample(generator=generator)
         elif isinstance(encoder_posterior, torch.Tensor):
@@ -353,7 +353,7 @@ class LatentDiffusion(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ inputs
     @staticmethod
     def image_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
-        """Batch images are B,H,W,C in [-1,1] (SPEC B.4.1); the networks want B,C,H,W contiguous."""
+        """Batch images are B,H,W,C in [-1,1] (DECISIONS R7); the networks want B,C,H,W contiguous."""
         x = batch[key]
         if x.ndim == 3:
             x = x[..., None]
@@ -363,7 +363,7 @@ class LatentDiffusion(pl.LightningModule):
         """Return ``(z, c)``: the scaled image latent and the encoded conditioning.
 
         ldm's extra return flags (``return_first_stage_outputs`` and friends) are not supported: they made the
-        reference decode every training batch (SPEC D8). Passing them raises.
+        reference decode every training batch (DECISIONS D8). Passing them raises.
         """
         if any(_legacy.values()):
             raise ValueError(f"get_input: options {sorted(k for k, v in _legacy.items() if v)} are not supported")
@@ -461,7 +461,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ARG002
         # Lightning calls this per micro-batch; global_step only moves on an optimizer step, so the EMA is
-        # updated exactly once per optimizer step even with gradient accumulation (SPEC D3).
+        # updated exactly once per optimizer step even with gradient accumulation (DECISIONS D3).
         if self.use_ema and self.global_step != self._last_ema_step:
             self._last_ema_step = self.global_step
             self.model_ema(self.model)

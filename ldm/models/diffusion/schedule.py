@@ -113,7 +113,7 @@ class NoiseSchedule:
         return {f.name: torch.tensor(getattr(self, f.name), dtype=torch.float32) for f in fields(self)}
 
     def lvlb_weights(self, parameterization: str) -> torch.Tensor:
-        """Per-timestep weights of ldm's ``loss_vlb`` term, float32 ``[T]`` (SPEC B.2.2).
+        """Per-timestep weights of ldm's ``loss_vlb`` term, float32 ``[T]`` (DECISIONS R1).
 
         eps: beta_t^2 / (2 var~_t alpha_t (1 - abar_t)); v: ones; x0: ``0.5 sqrt(abar) / (2 - abar)``.
         COMPAT: the x0 value is what ldm computes (its ``2. * 1 - abar`` reads as 2 - abar, not the intended
