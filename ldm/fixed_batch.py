@@ -3,8 +3,9 @@
 The logged training loss of a diffusion model jumps from batch to batch because every step draws new timesteps,
 noise and masks; on a small run that noise hides the trend. :class:`FixedBatchLoss` evaluates the model's own
 loss on batches whose images, masks, captions, timesteps, noise and VAE posterior samples never change, so the
-curve moves only when the weights do. The first evaluation is at the start of training (step 0 of a fresh run):
-it is the level the rest of the curve is read against.
+curve moves only when the weights do. The first evaluation is made during the first training step, after its
+forward pass and before any weight changes (step 0 of a fresh run): it is the level the rest of the curve is read
+against.
 
 Each batch is a folder in the layout ``scripts/inpaint.py --input-dir`` reads: ``NAME.png`` with ``NAME_mask.png``
 (white = hole) and, optionally, ``NAME.txt`` (caption; empty when missing). Images must be the training size.
@@ -88,13 +89,18 @@ class FixedBatchLoss(pl.Callback):
         self._last_step: int | None = None
         self.history: list[tuple[int, str, float]] = []
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: ARG002
         if not (hasattr(pl_module, "p_losses") or hasattr(pl_module, "image_key")):
             raise TypeError(f"FixedBatchLoss: {type(pl_module).__name__} has neither p_losses (diffusion) nor "
                             "image_key (autoencoder)")
         self._batches = {name: folder_batch(folder, self.repeats if hasattr(pl_module, "p_losses") else 1)
                          for name, folder in self.folders.items()}
-        self._evaluate(trainer, pl_module)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        # The first evaluation waits for the first forward pass (weights still untouched): what the model sets
+        # up there, such as scale_by_std's latent scale, is part of the step-0 model.
+        if self._last_step is None:
+            self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         if trainer.global_step % self.every == 0:

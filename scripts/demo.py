@@ -45,7 +45,6 @@ import logging
 import os
 import shutil
 import sys
-import tarfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -55,6 +54,10 @@ from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+#: with --images: the fraction of the user's photos held out (at least one)
+USER_HELDOUT_FRACTION = 0.2
+#: photos per split written to the held-in / held-out folders (evaluation, fixed batches, grids)
+EVAL_IMAGES = 8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="the shortened CI run (fewer photos and steps)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of every stage (overrides the profile; e.g. 10 for a smoke run)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="your own photos instead of the embedded ones: a folder with a caption NAME.txt next to "
+                        f"each image (or --captions); {round(USER_HELDOUT_FRACTION * 100)}%% of them are held out")
+    p.add_argument("--captions", type=Path, default=None, help="caption table for --images (see make_shards.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared or 2-core machine more threads rarely help)")
@@ -72,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.captions is not None and args.images is None:
+        p.error("--captions goes with --images")
+    if args.images is not None and not args.images.is_dir():
+        p.error(f"--images {args.images}: not a folder")
     return args
 
 
@@ -81,13 +92,10 @@ if __name__ == "__main__":
 import demo_plots as plots  # noqa: E402 - sibling module in scripts/
 import demo_report as report  # noqa: E402 - sibling module in scripts/
 import torch  # noqa: E402
-import yaml  # noqa: E402
-from demo_data import DEMO_MANIFEST  # noqa: E402 - sibling module in scripts/
+from demo_data import DEMO_MANIFEST, HELDOUT, shard_names, split_manifest, write_folder  # noqa: E402, F401 - sibling
 
 from ldm.checkpoint import load_checkpoint_file  # noqa: E402
-from ldm.eval.data import fixed_masks, load_shards  # noqa: E402
 from ldm.fixed_batch import folder_batch  # noqa: E402
-from ldm.image_io import save_png  # noqa: E402
 from ldm.inference import load_model  # noqa: E402
 from ldm.quiet import silence_known_noise  # noqa: E402
 from ldm.util import load_config  # noqa: E402
@@ -96,8 +104,6 @@ log = logging.getLogger("demo")
 
 CONFIGS = {name: f"configs/demo/{name}.yaml" for name in ("autoencoder", "base", "inpaint")}
 SIZE = 64
-#: photos never trained on (in every profile): a portrait and a still life
-HELDOUT = ("coffee", "grace_hopper")
 SPLITS = ("heldin", "heldout")
 #: evaluation masks: LaMa's thick and medium evaluation presets. They are drawn for 256 px, so at 64 px they
 #: cover ~30-35% after LaMa's "at most half the image" rule. Grids and the fixed batches use the first one.
@@ -105,17 +111,11 @@ EVAL_MASKS = ("lama-thick-256", "lama-medium-256")
 #: bump when a stage's outputs change meaning, so that older cached stages are redone
 CACHE_VERSION = 2
 #: known-noisy third-party warnings that tell a demo user nothing (CPU, no workers, streaming dataset)
-QUIET_WARNINGS = (
-    r".*infer the `batch_size`.*",
-    r".*does not have many workers.*",
-    r".*GPU available but not used.*",
-    r".*sync_dist=True.*",
-)
+QUIET_WARNINGS = (r".*infer the `batch_size`.*", r".*does not have many workers.*",
+                  r".*GPU available but not used.*", r".*sync_dist=True.*")
 #: measured seconds per unit on one idle core (``--threads 1``): training steps of each stage, one sampled
 #: image of evaluate.py / inpaint.py, and fixed overheads (loading, probes); see the README
-SECONDS = {
-    "autoencoder_step": 0.32, "base_step": 0.22, "inpaint_step": 0.27, "sample": 0.45, "stage_overhead": 4.0,
-}
+SECONDS = {"autoencoder_step": 0.32, "base_step": 0.22, "inpaint_step": 0.27, "sample": 0.45, "stage_overhead": 4.0}
 
 
 @dataclass(frozen=True)
@@ -198,14 +198,14 @@ class Stage:
 class Demo:
     """The stages of one demo run; each writes under ``out`` and records what it produced in ``metrics``."""
 
-    def __init__(self, out: Path, profile: Profile, seed: int) -> None:
+    def __init__(self, out: Path, profile: Profile, seed: int, images: Path | None = None,
+                 captions: Path | None = None) -> None:
         self.out, self.profile, self.seed = out, profile, seed
+        self.images, self.captions = images, captions
         self.shards = out / "shards" / "{00000..00000}.tar"
         self.folders = {split: out / split for split in SPLITS}
-        self.ckpt = {
-            name: out / "checkpoints" / f"{name}.ckpt"
-            for name in ("autoencoder", "base", "inpaint", "step0", "untrained_unet")
-        }
+        self.ckpt = {n: out / "checkpoints" / f"{n}.ckpt" for n in ("autoencoder", "base", "inpaint", "step0",
+                                                                      "untrained_unet")}
         self.ckpt["finetuned"] = self.ckpt["inpaint"]  # the evaluation's name for the fine-tuned model
         self.records: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, Any] = {"profile": asdict(profile), "seed": seed, "seconds": {}, "reused": []}
@@ -217,7 +217,7 @@ class Demo:
         samples = 3 * 2 * (n_train + len(HELDOUT)) + 2 * len(HELDOUT)  # evaluate.py + inpaint.py images
         return [
             Stage("data", "build shards of the training photos and the held-in / held-out folders", self.make_data,
-                  [read_text(DEMO_MANIFEST.relative_to(REPO)), HELDOUT, p.train_photos, SIZE, EVAL_MASKS[0]], 2.0),
+                  [self.data_identity(), SIZE, EVAL_MASKS[0], EVAL_IMAGES], 2.0),
             Stage("autoencoder", "train the autoencoder", self.train_autoencoder,
                   [read_text(CONFIGS["autoencoder"]), p.autoencoder_steps, p.autoencoder_batch_size,
                    p.fixed_batch_every], p.autoencoder_steps * sec["autoencoder_step"] + sec["stage_overhead"]),
@@ -236,41 +236,47 @@ class Demo:
                   cached=False),
         ]
 
-    def make_data(self) -> dict[str, Any]:
-        photos = yaml.safe_load(DEMO_MANIFEST.read_text(encoding="utf-8"))
-        entries = photos["photos"]
-        unknown = set(HELDOUT) - {e["name"] for e in entries}
-        if unknown:
-            raise DemoError(f"{DEMO_MANIFEST}: held-out photo(s) {sorted(unknown)} are not in the manifest")
-        train = [e for e in entries if e["name"] not in HELDOUT][: self.profile.train_photos]
-        heldout = [e for e in entries if e["name"] in HELDOUT]
-        for split, chosen in (("train", train), ("heldout", heldout)):
-            manifest = self.out / "manifests" / f"{split}.yaml"
-            manifest.parent.mkdir(parents=True, exist_ok=True)
-            manifest.write_text(yaml.safe_dump({**photos, "photos": chosen}, sort_keys=False), encoding="utf-8")
-            shard_dir = self.out / ("shards" if split == "train" else "heldout_shards")
-            shutil.rmtree(shard_dir, ignore_errors=True)
-            call("scripts/make_shards.py", load_script("make_shards").main, [
-                "--demo", "--manifest", str(manifest), "--size", str(SIZE), "--resize-mode", "center_crop",
-                "--augment", "none", "--samples-per-shard", "16", "--seed", str(self.seed), "--out", str(shard_dir)])
-        self.write_folder(self.out / "shards", self.folders["heldin"])
-        self.write_folder(self.out / "heldout_shards", self.folders["heldout"])
-        return {"train_photos": [e["name"] for e in train], "heldout_photos": list(HELDOUT)}
+    def data_identity(self) -> Any:
+        """What the data stage reads: the manifest and split, or every file of --images (name, size, mtime)."""
+        if self.images is None:
+            return [DEMO_MANIFEST.read_text(encoding="utf-8"), HELDOUT, self.profile.train_photos]
+        files = [self.images / f for f in sorted(p.relative_to(self.images) for p in self.images.rglob("*"))]
+        files += [self.captions] if self.captions else []
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
-    def write_folder(self, shard_dir: Path, folder: Path) -> None:
-        """Photos of a shard folder as NAME.png, NAME.txt (caption) and NAME_mask.png (a fixed mask)."""
-        shutil.rmtree(folder, ignore_errors=True)
-        names = {}
-        for shard in sorted(shard_dir.glob("*.tar")):
-            names.update(shard_names(shard))
-        images = load_shards(sorted(map(str, shard_dir.glob("*.tar"))), SIZE)
-        images = sorted(images, key=lambda im: names.get(im.key, im.key))
-        masks = fixed_masks(EVAL_MASKS[0], len(images), SIZE, self.seed)
-        for im, mask in zip(images, masks):
-            name = names.get(im.key, im.key)
-            save_png(im.image, folder / f"{name}.png")
-            save_png(mask, folder / f"{name}_mask.png")
-            (folder / f"{name}.txt").write_text(im.caption + "\n", encoding="utf-8")
+    def make_data(self) -> dict[str, Any]:
+        """Training shards (``shards/``) and held-out shards (``heldout_shards/``), then the two folders."""
+        for d in ("shards", "heldout_shards", "split"):
+            shutil.rmtree(self.out / d, ignore_errors=True)
+        if self.images is not None:
+            record = self.split_user_images()
+        else:
+            record = self.split_demo_photos()
+        for split, shard_dir in (("heldin", "shards"), ("heldout", "heldout_shards")):
+            write_folder(self.out / shard_dir, self.folders[split], SIZE, EVAL_MASKS[0], EVAL_IMAGES, self.seed)
+        return record
+
+    def split_demo_photos(self) -> dict[str, Any]:
+        manifests = split_manifest(DEMO_MANIFEST, HELDOUT, self.profile.train_photos, self.out / "manifests")
+        for split, manifest in manifests.items():
+            shard_dir = self.out / ("shards" if split == "train" else "heldout_shards")
+            call("scripts/make_shards.py", load_script("make_shards").main, [
+                "--demo", "--manifest", str(manifest), "--augment", "none", "--samples-per-shard", "100000",
+                *self.shard_args(shard_dir)])
+        return {"manifests": {k: str(v) for k, v in manifests.items()}, "heldout_photos": list(HELDOUT)}
+
+    def split_user_images(self) -> dict[str, Any]:
+        """``--images``: make_shards.py holds out a seeded fraction of the folder's images."""
+        call("scripts/make_shards.py", load_script("make_shards").main, [
+            "--images", str(self.images), *(["--captions", str(self.captions)] if self.captions else []),
+            "--val-fraction", str(USER_HELDOUT_FRACTION), "--samples-per-shard", "100000",
+            *self.shard_args(self.out / "split")])
+        os.replace(self.out / "split" / "train", self.out / "shards")
+        os.replace(self.out / "split" / "val", self.out / "heldout_shards")
+        return {"images": str(self.images), "heldout_fraction": USER_HELDOUT_FRACTION}
+
+    def shard_args(self, out: Path) -> list[str]:
+        return ["--size", str(SIZE), "--resize-mode", "center_crop", "--seed", str(self.seed), "--out", str(out)]
 
     def train(self, name: str, steps: int, overrides: Sequence[str]) -> dict[str, Any]:
         """``main.py --base configs/demo/<name>.yaml --train``; its last.ckpt -> checkpoints/<name>.ckpt."""
@@ -387,23 +393,15 @@ class Demo:
         results = {split: {m: json.loads((self.out / "eval" / split / f"{m}.json").read_text())
                            for m in ("finetuned", *report.MODEL_BASELINES, *report.FILLS)} for split in SPLITS}
         comparison = report.compare(results)
-        gate = report.verdict(comparison)
+        fixed = {name: [v for _, v in plots.read_metrics_csv(Path(self.records[name]["run"]) / "csv" / "version_0"
+                                                             / "metrics.csv")["fixed_batch/heldin"]]
+                 for name in stage_plots}
+        gate = report.verdict(comparison, fixed)
         (self.out / "report.md").write_text(report.report_markdown(comparison, gate), encoding="utf-8")
         plots.method_grid({s: self.out / "eval" / s for s in SPLITS}, EVAL_MASKS[0], self.out / "inpainting_grid.png")
         plots.paste_back_grid(self.folders["heldout"], self.out / "samples", self.seed,
                               self.out / "paste_back_grid.png")
         return {"comparison": comparison, "learning": gate}
-
-
-def shard_names(shard: Path) -> dict[str, str]:
-    """``{sample key: demo photo name}`` from a demo shard's ``.json`` members."""
-    names = {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.name.endswith(".json"):
-                meta = json.load(tar.extractfile(member))
-                names[member.name[: -len(".json")]] = str(meta.get("demo_name", member.name))
-    return names
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -475,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None:
         profile = replace(profile, autoencoder_steps=args.steps, base_steps=args.steps, inpaint_steps=args.steps,
                           fixed_batch_every=max(1, min(profile.fixed_batch_every, args.steps // 2)))
-    demo = Demo(out, profile, args.seed)
+    images = args.images.resolve() if args.images is not None else None
+    captions = args.captions.resolve() if args.captions is not None else None
+    demo = Demo(out, profile, args.seed, images, captions)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     silence_known_noise()

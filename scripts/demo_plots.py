@@ -1,8 +1,8 @@
 """Pictures of the CPU demo (``scripts/demo.py``): loss curves a person can read, and labelled image grids.
 
 * :func:`plot_stage` -- one stage's training loss (raw and smoothed) with the loss on fixed batches (fixed
-  images, masks, timesteps and noise, logged by :class:`ldm.fixed_batch.FixedBatchLoss`) and its step-0 level as
-  a dashed line, so that a person can see whether the weights got better, free of the batch-to-batch noise.
+  images, masks, timesteps and noise, logged by :class:`ldm.fixed_batch.FixedBatchLoss`) and their step-0 levels
+  as dashed lines, so that a person can see whether the weights got better, free of the batch-to-batch noise.
 * :func:`method_grid` / :func:`paste_back_grid` -- rows of photos, columns of methods (or of raw and pasted-back
   output), every column and row labelled (:func:`ldm.grids.labelled_grid`).
 """
@@ -45,10 +45,12 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_stage(csv_path: str | Path, train_key: str, ylabel: str, title: str, out_png: str | Path) -> Path:
-    """Training loss (raw, faint; moving average, bold) and every ``fixed_batch/*`` column of a metrics.csv.
+    """Two panels from a run's metrics.csv. Left: the training loss (raw, faint; moving average, bold) and the
+    loss on the fixed held-in batch; right: the loss on the fixed held-out batch (``fixed_batch/heldout``), which
+    lives on another scale. Each fixed-batch curve has its step-0 value as a dashed line.
 
-    The y axis is linear from 0, so the distance from the dashed step-0 lines reads as the improvement; raw
-    training losses above the top of the axis are clipped (the smoothed curve and fixed-batch losses never are).
+    The y axes are linear from 0, so the distance from a dashed line reads as the change since step 0; raw
+    training losses above the top of the axis are clipped (the moving average and fixed-batch losses never are).
     """
     import matplotlib
 
@@ -56,31 +58,35 @@ def plot_stage(csv_path: str | Path, train_key: str, ylabel: str, title: str, ou
     import matplotlib.pyplot as plt
 
     series = read_metrics_csv(csv_path)
-    if train_key not in series:
-        raise ValueError(f"{csv_path}: no column {train_key}; columns: {sorted(series)}")
     fixed = {k[len(FIXED_PREFIX):]: v for k, v in series.items() if k.startswith(FIXED_PREFIX)}
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    steps, values = (np.asarray(v) for v in zip(*series[train_key]))
-    smoothed = smooth(values, max(5, len(values) // 8))
-    ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=1, label=f"{train_key} (each logged batch)")
-    ax.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"{train_key}, moving average")
-    top = float(smoothed.max())
-    colours = ["tab:orange", "tab:green", "tab:red", "tab:purple"]
-    for (name, points), colour in zip(sorted(fixed.items()), colours):
-        f_steps, f_values = (np.asarray(v) for v in zip(*points))
-        ax.plot(f_steps, f_values, "o-", color=colour, markersize=3, linewidth=1.5,
-                label=f"fixed batch, {name} ({f_values[0]:.3g} -> {f_values[-1]:.3g})")
-        ax.axhline(f_values[0], color=colour, linestyle="--", linewidth=1, alpha=0.8)
-        top = max(top, float(f_values.max()))
-    ax.set_ylim(0, top * 1.15)
-    ax.set_xlim(0, max(steps.max(), *(max(s for s, _ in p) for p in fixed.values())) if fixed else steps.max())
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    if fixed:
-        ax.text(0.01, 0.02, "dashed: fixed-batch loss at step 0", transform=ax.transAxes, fontsize=7, alpha=0.8)
+    if train_key not in series and not fixed:
+        raise ValueError(f"{csv_path}: no column {train_key} and no fixed-batch loss; columns: {sorted(series)}")
+    panels = [("photos trained on", [n for n in fixed if n != "heldout"], True)]
+    if "heldout" in fixed:
+        panels.append(("held-out photos (never trained on)", ["heldout"], False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), dpi=110, squeeze=False)
+    for ax, (panel_title, names, with_train) in zip(axes[0], panels):
+        top, last_step = 0.0, 1
+        if with_train and train_key in series:  # absent when the run was shorter than the logging interval
+            steps, values = (np.asarray(v) for v in zip(*series[train_key]))
+            smoothed = smooth(values, max(5, len(values) // 8))
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=1, label=f"{train_key} (each batch)")
+            ax.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"{train_key}, moving average")
+            top, last_step = float(smoothed.max()), int(steps.max())
+        for name, colour in zip(names, ("tab:orange", "tab:green", "tab:red", "tab:purple")):
+            f_steps, f_values = (np.asarray(v) for v in zip(*fixed[name]))
+            ax.plot(f_steps, f_values, "o-", color=colour, markersize=3, linewidth=1.5,
+                    label=f"fixed {name} batch ({f_values[0]:.3g} -> {f_values[-1]:.3g})")
+            ax.axhline(f_values[0], color=colour, linestyle="--", linewidth=1, alpha=0.8, label="its step-0 value")
+            top, last_step = max(top, float(f_values.max())), max(last_step, int(f_steps.max()))
+        ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+        ax.set_xlim(0, last_step)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
