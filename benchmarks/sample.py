@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flops import ModelFlops, flops_from_config
 
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.inference import SamplingOptions, inpaint
 from ldm.modules.attention import attention_backend
 from ldm.util import instantiate_from_config
@@ -215,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", choices=sorted(common.SCALES), help="default: full on GPU, else small")
     p.add_argument("--resolution", type=int, help="image side in px (default: 512 on GPU, 256 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="images per call (seconds are reported per image)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="compile the fast path's UNet; auto = on for GPUs, off on CPUs (inductor's CPU "
                         "compile of the UNet forward takes about 3 minutes on a 2-core machine)")

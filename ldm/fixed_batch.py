@@ -29,6 +29,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.data.masks import binarize_mask, masked_image
 from ldm.image_io import find_pairs, load_mask, load_rgb
 
 __all__ = ["FixedBatchLoss", "folder_batch"]
@@ -54,8 +55,8 @@ def folder_batch(folder: str | Path, repeats: int = 1) -> dict[str, Any]:
     if len({im.shape for im in images}) != 1:
         raise ValueError(f"{folder}: images of different sizes {sorted({im.shape[:2] for im in images})}")
     jpg = torch.from_numpy(np.stack(images)).float() / 127.5 - 1.0
-    mask = torch.from_numpy((np.stack(masks) >= 0.5).astype(np.float32))[..., None]
-    return {"jpg": jpg, "mask": mask, "masked_image": jpg * (1.0 - mask), "txt": captions}
+    mask = torch.from_numpy(binarize_mask(np.stack(masks)))[..., None]
+    return {"jpg": jpg, "mask": mask, "masked_image": masked_image(jpg, mask), "txt": captions}
 
 
 def _stratified_timesteps(n: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from ldm.data.masks import masked_image
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def synthetic_batch(b: int = 2, size: int = 64, seed: int = 0) -> dict[str, Any]
         "jpg": img,
         "txt": [f"a photo number {i}" for i in range(b)],
         "mask": mask,
-        "masked_image": img * (mask < 0.5),
+        "masked_image": masked_image(img, mask),
     }
 
 

@@ -28,9 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 MaskGenerator = Callable[[np.random.Generator, int, int], np.ndarray]
 
@@ -324,6 +328,35 @@ def get_mask_generator(mode: str) -> MaskGenerator:
         raise ValueError(f"unknown mask mode '{mode}'; valid modes: {', '.join(MASK_MODES)}") from None
 
 
+# ------------------------------------------------------------------------ mask polarity and the masked image
+#: a mask value at or above this marks a hole (1 = hole, the pixels to fill; docs/DECISIONS.md D5, D6)
+HOLE_THRESHOLD = 0.5
+ArrayLike = TypeVar("ArrayLike", np.ndarray, "torch.Tensor")  # this module stays importable without torch
+
+
+def is_hole(mask: ArrayLike) -> ArrayLike:
+    """Boolean hole map of a mask (numpy or torch): ``mask >= 0.5``."""
+    return mask >= HOLE_THRESHOLD
+
+
+def binarize_mask(mask: ArrayLike) -> ArrayLike:
+    """The mask as float32 {0, 1}, 1 = hole (numpy or torch, same shape)."""
+    hole = is_hole(mask)
+    return hole.astype(np.float32) if isinstance(hole, np.ndarray) else hole.float()
+
+
+def masked_image(image: ArrayLike, mask: ArrayLike) -> ArrayLike:
+    """The model's masked-image input: ``image * (mask < 0.5)``, so hole pixels become 0 (mid grey in [-1, 1]).
+
+    The one definition used by the data pipeline, training batches, inference and tests (DECISIONS D5, as in SD2's
+    inpainting data code). ``image`` and ``mask`` are both numpy arrays or both tensors, in broadcastable
+    layouts (``H x W x 3`` with ``H x W x 1``, ``B x 3 x H x W`` with ``B x 1 x H x W``, ...). The keep-map is
+    cast to the image's dtype first, which is bit-identical to the boolean product and faster in numpy.
+    """
+    keep = mask < HOLE_THRESHOLD
+    return image * (keep.astype(image.dtype) if isinstance(keep, np.ndarray) else keep.to(image.dtype))
+
+
 def coverage(mask: np.ndarray) -> float:
     """Fraction of hole pixels (mask == 1)."""
     return float(mask.mean())
@@ -335,6 +368,7 @@ def full_mask(height: int, width: int) -> np.ndarray:
 
 
 __all__ = [
+    "HOLE_THRESHOLD",
     "MASK_MODES",
     "LamaBoxMask",
     "LamaIrregularMask",
@@ -343,7 +377,10 @@ __all__ = [
     "MixedMask",
     "OutpaintingMask",
     "SDMask",
+    "binarize_mask",
     "coverage",
     "full_mask",
     "get_mask_generator",
+    "is_hole",
+    "masked_image",
 ]
