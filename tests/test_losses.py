@@ -38,7 +38,6 @@ def test_default_loss_is_plain_mse_with_ldm_log_names(sched):
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(4, 4, 3, 3, generator=g), torch.randn(4, 4, 3, 3, generator=g)
     t = torch.tensor([0, 10, 500, 999])
-    lvlb = sched.lvlb_weights("eps")
     loss, logs = make_loss(sched)(pred, target, t, prefix="val")
     mse = ((pred - target) ** 2).mean()
     torch.testing.assert_close(loss, mse)
