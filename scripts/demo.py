@@ -130,6 +130,7 @@ class Profile:
         autoencoder_batch_size: stage-2 batch size (None = the config's 8). Smaller batches, more steps:
             on CPU the autoencoder memorises the photos faster per second that way.
         fixed_batch_every: optimizer steps between two fixed-batch loss evaluations.
+        eval_mask_presets: how many of ``EVAL_MASKS`` the evaluation uses (each photo is scored under each).
     """
 
     autoencoder_steps: int
@@ -140,13 +141,14 @@ class Profile:
     train_photos: int | None = None
     autoencoder_batch_size: int | None = None
     fixed_batch_every: int = 25
+    eval_mask_presets: int = 2
 
 
 PROFILES = {
     "full": Profile(autoencoder_steps=800, base_steps=500, inpaint_steps=500, autoencoder_batch_size=4),
     # CI: the same pipeline on 4 training photos, so that memorising them takes fewer steps
-    "fast": Profile(autoencoder_steps=400, base_steps=150, inpaint_steps=150, sampler_steps=15, train_photos=4,
-                    autoencoder_batch_size=4, fixed_batch_every=15),
+    "fast": Profile(autoencoder_steps=320, base_steps=150, inpaint_steps=150, sampler_steps=10, train_photos=4,
+                    autoencoder_batch_size=4, fixed_batch_every=30, eval_mask_presets=1),
 }
 
 
@@ -200,6 +202,7 @@ class Demo:
                  captions: Path | None = None) -> None:
         self.out, self.profile, self.seed = out, profile, seed
         self.images, self.captions = images, captions
+        self.masks = EVAL_MASKS[: profile.eval_mask_presets]
         self.shards = out / "shards" / "{00000..00000}.tar"
         self.folders = {split: out / split for split in SPLITS}
         self.ckpt = {n: out / "checkpoints" / f"{n}.ckpt" for n in ("autoencoder", "base", "inpaint", "step0",
@@ -213,7 +216,7 @@ class Demo:
     def stages(self) -> list[Stage]:
         p, sec = self.profile, SECONDS
         n_train = p.train_photos or 8
-        samples = 3 * 2 * (n_train + len(HELDOUT)) + 2 * len(HELDOUT)  # evaluate.py + inpaint.py images
+        samples = 3 * len(self.masks) * (n_train + len(HELDOUT)) + 2 * len(HELDOUT)  # evaluate.py + inpaint.py
         return [
             Stage("data", "build shards of the training photos and the held-in / held-out folders", self.make_data,
                   [self.data_identity(), SIZE, EVAL_MASKS[0], EVAL_IMAGES], 2.0),
@@ -227,7 +230,7 @@ class Demo:
                   [read_text(CONFIGS["inpaint"]), p.inpaint_steps, p.fixed_batch_every],
                   p.inpaint_steps * sec["inpaint_step"] + 2 * sec["stage_overhead"]),
             Stage("evaluate", "evaluate held-in and held-out photos against the baselines", self.evaluate,
-                  [p.sampler_steps, p.guidance_scale, EVAL_MASKS, report.OPENCV_RADIUS],
+                  [p.sampler_steps, p.guidance_scale, self.masks, report.OPENCV_RADIUS],
                   samples * sec["sample"] * p.sampler_steps / 25 + 2 * sec["stage_overhead"]),
             Stage("inpaint_script", "inpaint the held-out photos with scripts/inpaint.py, raw and pasted back",
                   self.inpaint_heldout, [p.sampler_steps, p.guidance_scale], 2 * sec["stage_overhead"]),
@@ -345,12 +348,12 @@ class Demo:
             call("scripts/evaluate.py", load_script("evaluate").main, [
                 "--config", CONFIGS["inpaint"], "--images", str(self.folders[split]), "--size", str(SIZE),
                 *(arg for m in ("finetuned", *report.MODEL_BASELINES) for arg in ("--ckpt", f"{m}={self.ckpt[m]}")),
-                "--masks", *EVAL_MASKS, "--out", str(eval_dir), "--seed", str(self.seed), *self.sampling_args()])
+                "--masks", *self.masks, "--out", str(eval_dir), "--seed", str(self.seed), *self.sampling_args()])
             by_method = {m: json.loads((eval_dir / f"{m}.json").read_text())
                          for m in ("finetuned", *report.MODEL_BASELINES)}
             keys = sorted({s["key"] for s in by_method["finetuned"]["samples"]})
             for name in report.FILLS:
-                by_method[name] = report.fill_scores(eval_dir, name, keys, EVAL_MASKS)
+                by_method[name] = report.fill_scores(eval_dir, name, keys, self.masks)
                 (eval_dir / f"{name}.json").write_text(json.dumps(by_method[name], indent=2) + "\n")
             results[split] = {m: r["modes"] for m, r in by_method.items()}
         return {"evaluation": results}
