@@ -20,9 +20,8 @@ restarts):
 Every training stage logs its loss on fixed batches (held-in and held-out photos, fixed masks, timesteps and
 noise: ``ldm.fixed_batch.FixedBatchLoss``), so the plots show learning without the noise of random draws.
 
-A second run with the same settings reuses every finished stage (``--restart`` redoes them all); an
-interrupted stage starts again. Each stage prints its estimated time, measured on one idle core. Torch uses
-one thread per process unless ``--threads`` says otherwise.
+A second run reuses every finished stage (``--restart`` redoes them all; an interrupted stage starts again). Each
+stage prints its estimated time on one idle core. Torch uses one thread unless ``--threads`` says otherwise.
 
 Outputs under ``--out``: ``report.md``, ``inpainting_grid.png``, ``paste_back_grid.png``, ``plots/``,
 ``metrics.json``, ``checkpoints/``, ``runs/`` (main.py run directories), ``eval/{heldin,heldout}/``. ``--fast``:
@@ -215,8 +214,7 @@ class Demo:
     # ------------------------------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
         p, sec = self.profile, SECONDS
-        n_train = p.train_photos or 8
-        samples = 3 * len(self.masks) * (n_train + len(HELDOUT)) + 2 * len(HELDOUT)  # evaluate.py + inpaint.py
+        samples = 3 * len(self.masks) * (min(p.train_photos or 8, EVAL_IMAGES) + len(HELDOUT))  # evaluate.py
         return [
             Stage("data", "build shards of the training photos and the held-in / held-out folders", self.make_data,
                   [self.data_identity(), SIZE, EVAL_MASKS[0], EVAL_IMAGES], 2.0),
@@ -233,7 +231,8 @@ class Demo:
                   [p.sampler_steps, p.guidance_scale, self.masks, report.OPENCV_RADIUS],
                   samples * sec["sample"] * p.sampler_steps / 25 + 2 * sec["stage_overhead"]),
             Stage("inpaint_script", "inpaint the held-out photos with scripts/inpaint.py, raw and pasted back",
-                  self.inpaint_heldout, [p.sampler_steps, p.guidance_scale], 2 * sec["stage_overhead"]),
+                  self.inpaint_heldout, [p.sampler_steps, p.guidance_scale],
+                  2 * len(HELDOUT) * sec["sample"] * p.sampler_steps / 25 + 2 * sec["stage_overhead"]),
             Stage("report", "write report.md, loss plots, grids and metrics.json", self.report, [], 3.0,
                   cached=False),
         ]
