@@ -110,9 +110,9 @@ CACHE_VERSION = 2
 #: known-noisy third-party warnings that tell a demo user nothing (CPU, no workers, streaming dataset)
 QUIET_WARNINGS = (r".*infer the `batch_size`.*", r".*does not have many workers.*",
                   r".*GPU available but not used.*", r".*sync_dist=True.*")
-#: measured seconds per unit on one idle core (``--threads 1``): training steps of each stage, one sampled
-#: image of evaluate.py / inpaint.py, and fixed overheads (loading, probes); see the README
-SECONDS = {"autoencoder_step": 0.32, "base_step": 0.22, "inpaint_step": 0.27, "sample": 0.45, "stage_overhead": 4.0}
+#: measured CPU seconds per unit with one thread (metrics.json's cpu_seconds of a --fast run): a training step of
+#: each stage, one 25-step sampled image of evaluate.py / inpaint.py, and loading overheads
+SECONDS = {"autoencoder_step": 0.33, "base_step": 0.19, "inpaint_step": 0.27, "sample": 0.25, "stage_overhead": 2.0}
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,8 @@ def test_learning_criterion_holds(demo_out):
     l1 = {s: _recomputed_l1(demo_out / "eval" / s) for s in ("heldin", "heldout")}
     heldin, heldout = l1["heldin"], l1["heldout"]
     assert heldin["finetuned"] <= 0.5 * heldin["untrained_unet"], heldin
-    assert heldin["finetuned"] <= 0.5 * heldin["mean_colour"], heldin
-    assert heldin["finetuned"] < heldin["opencv_telea"], heldin
+    assert heldin["finetuned"] <= 0.7 * heldin["mean_colour"], heldin
+    assert heldin["finetuned"] <= 0.85 * heldin["opencv_telea"], heldin
     # what it does not achieve, said in report.md: on photos it never saw, OpenCV wins
     assert heldout["opencv_telea"] < heldout["finetuned"], heldout
     inpaint = _fixed_batch_series(next((demo_out / "runs").glob("*_demo-inpaint")))["heldin"]
