@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train or resume an ldm model: ``python main.py --base configs/inpaint.yaml --train``.
 
-The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
+The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides
+(``~a.b`` deletes a key or a whole section first, e.g. ``~data data.target=...`` replaces the data section);
 ``-t/--train``, ``-r/--resume`` (a run dir or a checkpoint), ``-n/--name``, ``-l/--logdir``, ``-s/--seed``,
 ``--scale_lr`` (off by default here; the formula is logged). Trainer settings live in ``lightning.trainer``
 (e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run`` and ``ldm.callbacks``; the
@@ -85,14 +86,18 @@ from ldm.run import (  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
 
 
+def _is_override(token: str) -> bool:
+    return "=" in token or token.startswith("~")
+
+
 def run(argv: list[str]) -> int:
     opt, unknown = get_parser().parse_known_args(explicit_bools(argv))
-    # `--base a.yaml x.y=1` lets nargs="*" swallow the override: give it back
-    unknown += [b for b in opt.base if "=" in b]
-    opt.base = [b for b in opt.base if "=" not in b]
-    bad = [u for u in unknown if "=" not in u]
+    # `--base a.yaml x.y=1 ~z` lets nargs="*" swallow the overrides: give them back
+    unknown += [b for b in opt.base if _is_override(b)]
+    opt.base = [b for b in opt.base if not _is_override(b)]
+    bad = [u for u in unknown if not _is_override(u)]
     if bad:
-        raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value")
+        raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value (~key.path deletes)")
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot be used together (a resumed run keeps its name)")
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -100,8 +105,11 @@ def run(argv: list[str]) -> int:
     cfg = load_config([*dirs.resume_configs, *opt.base], unknown)
     check_sections(cfg)
     check_overrides(cfg, unknown)
-    if "model" not in cfg:
+    if cfg.get("model") is None:
         raise ConfigError("no 'model' section: pass a config with --base")
+    if opt.train and cfg.get("data") is None:
+        raise ConfigError("--train needs a 'data' section (a data module target, e.g. "
+                          "ldm.data.laion.WebDataModuleFromConfig); see configs/tiny/inpaint_shards.yaml")
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
     if dirs.resume_ckpt is None:
         preflight(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
@@ -110,9 +118,9 @@ def run(argv: list[str]) -> int:
     pl.seed_everything(opt.seed, workers=True)
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
-    model = instantiate_from_config(cfg.model)
+    model = instantiate_from_config(cfg.model, where="model")
     explain_eval_modules(model)
-    data = instantiate_from_config(cfg.data) if "data" in cfg else None
+    data = instantiate_from_config(cfg.data, where="data") if cfg.get("data") is not None else None
     tcfg = lightning_cfg.get("trainer", {}) or {}
     bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
     model.learning_rate, formula = effective_lr(

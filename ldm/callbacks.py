@@ -65,7 +65,8 @@ class SetupCallback(pl.Callback):
 
 
 class ImageLogger(pl.Callback):
-    """Log ``pl_module.log_images(batch, **log_images_kwargs)`` as PNG grids (ldm-compatible parameters).
+    """Log ``pl_module.log_images(batch, **log_images_kwargs)`` as PNG grids (ldm-compatible parameters): one
+    grid per key, and an ``overview`` grid with a labelled column per key (input, mask, samples with seed and scale).
 
     Args:
         batch_frequency: log every this many steps (global step, or batch index with ``log_on_batch_idx``).
@@ -112,14 +113,26 @@ class ImageLogger(pl.Callback):
         grid = torchvision.utils.make_grid(images, nrow=self.nrow)  # 3 x H' x W'
         return (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
+    def overview(self, images: dict[str, torch.Tensor]) -> np.ndarray:
+        """All keys side by side with column headers (sampled columns name their seed and guidance scale)."""
+        from ldm.grids import labelled_grid
+
+        seed = self.log_images_kwargs.get("seed", 0)
+        names = {"inputs": "input", "masked_image": "masked input", "samples": f"scale 1, seed {seed}"}
+        headers = [names.get(k, f"scale {float(k.rsplit('_', 1)[1]):g}, seed {seed}"
+                             if k.startswith("samples_cfg_scale_") else k) for k in images]
+        n = min(self.max_images, *(len(b) for b in images.values()))
+        return labelled_grid([[self.to_grid(b[i : i + 1]) for b in images.values()] for i in range(n)], headers)
+
     @rank_zero_only
     def save(self, trainer: pl.Trainer, images: dict[str, torch.Tensor], split: str, batch_idx: int) -> None:
         root = Path(trainer.logger.save_dir if trainer.logger else trainer.default_root_dir)
         folder = Path(getattr(trainer, "_ldm_logdir", root)) / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         gs, ep = trainer.global_step, trainer.current_epoch
-        for key, batch in images.items():
-            grid = self.to_grid(batch)
+        grids = {key: self.to_grid(batch) for key, batch in images.items()}
+        grids["overview"] = self.overview(images)
+        for key, grid in grids.items():
             Image.fromarray(grid).save(folder / f"{key}_gs-{gs:06}_e-{ep:06}_b-{batch_idx:06}.png")
             for logger in trainer.loggers:
                 name = type(logger).__name__

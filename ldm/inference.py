@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ from ldm.interop.ldm_format import read_parameterization, select_weights
 from ldm.models.diffusion.sampling import SAMPLERS as _REGISTRY
 from ldm.models.diffusion.sampling import get_sampler, sample_latents
 from ldm.models.diffusion.schedule import NoiseSchedule
+from ldm.modules.random_weights import deferred_report, mark_loaded, report_random_weights
 from ldm.util import instantiate_from_config, load_config
 
 log = logging.getLogger(__name__)
@@ -78,18 +79,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-@contextmanager
-def _quiet_text_encoder_init():
-    # The text encoder warns loudly that it is randomly initialised; here its weights come from the checkpoint.
-    logger = logging.getLogger("ldm.modules.encoders.modules")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _model_section(config: str | Path | DictConfig) -> dict[str, Any]:
     cfg = load_config([config]) if isinstance(config, (str, Path)) else config
     if "model" not in cfg:
@@ -98,13 +87,17 @@ def _model_section(config: str | Path | DictConfig) -> dict[str, Any]:
 
 
 def build_model(config: str | Path | DictConfig) -> Any:
-    """Instantiate the config's ``model`` for inference: no EMA copy, no checkpoint loading in the constructor."""
+    """Instantiate the config's ``model`` for inference: no EMA copy, no checkpoint loading in the constructor.
+
+    Sub-models without weights are not reported here (the caller loads a checkpoint next): call
+    ``ldm.modules.random_weights.report_random_weights`` after loading.
+    """
     model_cfg = _model_section(config)
     params = model_cfg.setdefault("params", {})
     params["use_ema"] = False  # select_weights already put the chosen UNet weights in place
     params.pop("ckpt_path", None)
-    with _quiet_text_encoder_init():
-        model = instantiate_from_config(model_cfg)
+    with deferred_report():
+        model = instantiate_from_config(model_cfg, where="model")
     return model
 
 
@@ -156,6 +149,8 @@ def load_model(
             f"{missing[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}"
         )
     model.eval().requires_grad_(False).to(resolve_device(str(device)))
+    mark_loaded(model, sd)
+    report_random_weights(model)  # only what the checkpoint did not bring (nothing, for a complete one)
     log.info("loaded %s (%s weights, parameterization %s, step %s)", path, "EMA" if used_ema else "raw",
              model.parameterization, step)
     return LoadedModel(model, used_ema, model.parameterization, str(path), step)

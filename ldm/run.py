@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ldm.callbacks import weight_snapshot_checkpoint
 from ldm.checkpoint import atomic_checkpoint_io
+from ldm.config_schema import check_params, check_tree, check_value, suggest
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -76,27 +79,108 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
     return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", nowname, None, [])
 
 
+#: keys of the ``model`` section besides ``target``/``params``, with their types
+MODEL_KEYS: dict[str, Any] = {"base_learning_rate": float}
+#: the scalar keys of the ``lightning`` section, with their types
+LIGHTNING_TYPES: dict[str, Any] = {"find_unused_parameters": bool, "ddp_bucket_cap_mb": int,
+                                   "ddp_static_graph": bool, "flops_per_sample": float | None}
+
+
+def _section(tree: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = tree.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _check_named_targets(specs: dict[str, Any], where: str) -> None:
+    """``lightning.callbacks`` / ``lightning.loggers``: name -> null, a target node, or params for a default."""
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}.{name}: expected a mapping with target/params (or null), got {spec!r}")
+        if "target" in spec:
+            check_tree(spec, f"{where}.{name}")
+            continue
+        unknown = set(spec) - {"params"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{where}.{name}.{key}: unknown key{suggest(key, ['target', 'params'])}")
+
+
 def check_sections(cfg: DictConfig) -> None:
-    """Unknown top-level or ``lightning`` keys are errors, not silently ignored settings."""
+    """Check the whole config before anything is built: one :class:`ConfigError` line naming the key.
+
+    Unknown keys (top level, ``model``, ``data``, ``lightning`` and every target's ``params``, with a "did you
+    mean"), values of the wrong type or outside a constructor's choices, missing mandatory values (``???``).
+    Callback and logger params that merge into a default are checked after merging (:func:`build_trainer`).
+    """
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"unknown top-level config key '{key}' (expected {', '.join(TOP_LEVEL_KEYS)})")
-    for key in cfg.get("lightning", {}) or {}:
+            raise ConfigError(f"unknown top-level config key '{key}'{suggest(key, TOP_LEVEL_KEYS)} "
+                              f"(expected {', '.join(TOP_LEVEL_KEYS)})")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: this value is required (??? in the config); set it on the command "
+                          f"line: {missing[0]}=...")
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from e
+    for section in ("model", "data"):
+        node = tree.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, dict) or "target" not in node:
+            raise ConfigError(f"{section}: expected a mapping with 'target' and 'params', got {node!r}")
+        check_tree(node, section, extra_keys=MODEL_KEYS if section == "model" else None)
+    lightning = _section(tree, "lightning", "lightning")
+    for key, value in lightning.items():
         if key not in LIGHTNING_KEYS:
-            raise ConfigError(f"unknown key 'lightning.{key}'; valid keys: {', '.join(LIGHTNING_KEYS)}")
+            raise ConfigError(f"lightning.{key}: unknown key{suggest(key, LIGHTNING_KEYS)}; valid keys: "
+                              f"{', '.join(LIGHTNING_KEYS)}")
+        if key in LIGHTNING_TYPES and (expected := check_value(value, LIGHTNING_TYPES[key])) is not None:
+            raise ConfigError(f"lightning.{key}: expected {expected}, got {value!r}")
+    check_params(pl.Trainer, _section(lightning, "trainer", "lightning.trainer"), "lightning.trainer")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    modelcheckpoint = _section(lightning, "modelcheckpoint", "lightning.modelcheckpoint")
+    for key in modelcheckpoint:
+        if key not in ("target", "params"):
+            raise ConfigError(f"lightning.modelcheckpoint.{key}: unknown key{suggest(key, ['params'])}")
+    check_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params"),
+                 "lightning.modelcheckpoint.params")
+    callbacks = _section(lightning, "callbacks", "lightning.callbacks")
+    snapshot = callbacks.get("metrics_over_trainsteps_checkpoint")
+    if isinstance(snapshot, dict):  # its params go to a weights-only ModelCheckpoint
+        check_params(ModelCheckpoint, _section(snapshot, "params", "lightning.callbacks."
+                                               "metrics_over_trainsteps_checkpoint.params"),
+                     "lightning.callbacks.metrics_over_trainsteps_checkpoint.params")
+    _check_named_targets({k: v for k, v in callbacks.items() if k != "metrics_over_trainsteps_checkpoint"},
+                         "lightning.callbacks")
+    _check_named_targets(_section(lightning, "loggers", "lightning.loggers"), "lightning.loggers")
+    strategy = lightning.get("strategy")
+    if isinstance(strategy, dict):
+        check_tree(strategy, "lightning.strategy")
 
 
 def check_overrides(cfg: DictConfig, overrides: list[str]) -> None:
     """Reject overrides whose key cannot be meant: unknown top-level section or unknown Trainer argument."""
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     for token in overrides:
-        key = token.split("=", 1)[0].lstrip("+")
+        key = token.split("=", 1)[0].lstrip("+~")
         parts = key.split(".")
         if parts[0] not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"override '{token}': unknown top-level key '{parts[0]}' (expected one of "
-                              f"{', '.join(TOP_LEVEL_KEYS)})")
+            raise ConfigError(f"override '{token}': unknown top-level key '{parts[0]}'"
+                              f"{suggest(parts[0], TOP_LEVEL_KEYS)} (expected one of {', '.join(TOP_LEVEL_KEYS)})")
+        if token.startswith("~"):
+            continue
         if parts[:2] == ["lightning", "trainer"] and len(parts) == 3 and parts[2] not in trainer_args:
-            raise ConfigError(f"override '{token}': '{parts[2]}' is not a pytorch_lightning.Trainer argument")
+            raise ConfigError(f"override '{token}': '{parts[2]}' is not a pytorch_lightning.Trainer argument"
+                              f"{suggest(parts[2], trainer_args)}")
         if OmegaConf.select(cfg, ".".join(parts[:-1])) is None and len(parts) > 2 and "params" in parts:
             raise ConfigError(f"override '{token}': '{'.'.join(parts[:-1])}' does not exist in the config")
 
@@ -125,8 +209,24 @@ def count_devices(devices: Any) -> int:
     return int(devices)
 
 
+#: a string value with one of these endings names a weights file, which must exist before anything is built
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def _strings(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    """``(key path, value)`` of every string in a plain config tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(node, str):
+        yield key, node
+
+
 def preflight(cfg: DictConfig) -> None:
-    """Fail fast, before building a 1.3B-parameter model, on a missing init checkpoint or missing GPUs."""
+    """Fail fast, before building a 1.3B-parameter model, on a missing weights file or missing GPUs."""
     ckpt = OmegaConf.select(cfg, "model.params.ckpt_path")
     if ckpt and not Path(ckpt).is_file():
         raise ConfigError(
@@ -135,6 +235,9 @@ def preflight(cfg: DictConfig) -> None:
             f"{ckpt}, or point to it with model.params.ckpt_path=/path/to/512-base-ema.ckpt "
             "(model.params.ckpt_path=null trains from scratch)."
         )
+    for key, value in _strings(OmegaConf.to_container(cfg.get("model") or {}, resolve=True), "model"):
+        if value.endswith(WEIGHT_SUFFIXES) and not Path(value).is_file():  # a text encoder's or VAE's weights
+            raise ConfigError(f"{key}={value}: weights file not found; fix the path or set {key}=null")
     accel = str(OmegaConf.select(cfg, "lightning.trainer.accelerator") or "auto")
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -231,7 +334,18 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
             spec["params"].setdefault("id", dirs.nowname)  # same id on resume: the wandb run continues
             spec["params"].setdefault("resume", "allow")
         specs[name] = spec
-    return [instantiate_from_config(s) for s in specs.values()]
+    loggers = []
+    for name, spec in specs.items():
+        if "target" not in spec:
+            raise ConfigError(f"lightning.loggers.{name}: no 'target' (every logger but wandb needs one)"
+                              f"{suggest(name, ['csv', 'tensorboard', 'wandb'])}")
+        check_tree(spec, f"lightning.loggers.{name}")
+        loggers.append(instantiate_from_config(spec, where=f"lightning.loggers.{name}"))
+    return loggers
+
+
+def _plain(spec: Any) -> Any:
+    return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
 
 
 def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int,
@@ -249,9 +363,17 @@ def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictC
         elif name in callbacks_cfg:
             merged = OmegaConf.merge(callbacks_cfg[name], spec)
             callbacks_cfg[name] = merged
+        elif "target" not in spec:  # params for a callback that is not a default: a misspelt name
+            raise ConfigError(f"lightning.callbacks.{name}: no default callback has this name"
+                              f"{suggest(name, callbacks_cfg)} and it has no 'target'")
         else:
             callbacks_cfg[name] = spec
-    callbacks = [instantiate_from_config(c) for c in callbacks_cfg.values()]
+    callbacks = []
+    for name, spec in callbacks_cfg.items():
+        spec = _plain(spec)
+        if name in (lightning_cfg.get("callbacks") or {}):  # what the user wrote, merged into a default
+            check_tree(spec, f"lightning.callbacks.{name}")
+        callbacks.append(instantiate_from_config(spec, where=f"lightning.callbacks.{name}"))
     callbacks += checkpoint_callbacks(dirs, lightning_cfg)
     trainer_kwargs.setdefault("default_root_dir", str(dirs.logdir))
     trainer_kwargs.setdefault("strategy", build_strategy(lightning_cfg, world))

@@ -354,7 +354,7 @@ class Demo:
             for name in report.FILLS:
                 by_method[name] = report.fill_scores(eval_dir, name, keys, self.masks)
                 (eval_dir / f"{name}.json").write_text(json.dumps(by_method[name], indent=2) + "\n")
-            results[split] = {m: r["modes"] for m, r in by_method.items()}
+            results[split] = {m: r["groups"] for m, r in by_method.items()}
         return {"evaluation": results}
 
     def inpaint_heldout(self) -> dict[str, Any]:

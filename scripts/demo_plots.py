@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from demo_report import sample_png  # sibling module in scripts/
 
 from ldm.grids import labelled_grid
 from ldm.image_io import load_mask, load_rgb, save_png
@@ -114,20 +116,22 @@ SPLIT_LABELS = {"heldin": "held-in", "heldout": "HELD-OUT"}
 
 
 def method_grid(eval_dirs: Mapping[str, str | Path], mode: str, out_png: str | Path) -> Path:
-    """One row per photo of each split (evaluate.py output folders), one column per method, for mask ``mode``.
+    """One row per photo of each split (evaluate.py output folders with each method's ``NAME.json``), one column
+    per method, for mask ``mode``.
 
     The paste-back column is the fine-tuned output with the known pixels copied from the input, which is what
     ``scripts/inpaint.py --paste-back`` does.
     """
     rows, labels = [], []
+    methods = [name for _, name in METHOD_COLUMNS if name not in ("input", "mask", "paste_back")]
     for split, eval_dir in eval_dirs.items():
         eval_dir = Path(eval_dir)
+        results = {m: json.loads((eval_dir / f"{m}.json").read_text()) for m in methods}
         for image_path in sorted((eval_dir / "inputs").glob("*.png")):
             key = image_path.stem
             cells = {"input": load_rgb(image_path), "mask": load_mask(eval_dir / "masks" / f"{key}_{mode}.png")}
-            for _, name in METHOD_COLUMNS:
-                if name not in cells and name != "paste_back":
-                    cells[name] = load_rgb(eval_dir / "samples" / name / f"{key}_{mode}.png")
+            for m in methods:
+                cells[m] = load_rgb(sample_png(eval_dir, results[m], key, mode))
             cells["paste_back"] = np.where((cells["mask"] < 0.5)[..., None], cells["input"], cells["finetuned"])
             rows.append([cells[name] for _, name in METHOD_COLUMNS])
             labels.append(f"{key} ({SPLIT_LABELS.get(split, split)})")

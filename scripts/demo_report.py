@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from ldm.checkpoint import load_state_dict_file
 from ldm.data.masks import is_hole
 from ldm.eval.metrics import region_metrics
+from ldm.eval.run import sample_path
 from ldm.image_io import load_mask, load_rgb, save_png
 from ldm.interop.ldm_format import ema_key as ema_key_of
 from ldm.models.diffusion.wrapper import DiffusionWrapper
@@ -221,10 +222,10 @@ FILLS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 
 def fill_scores(eval_dir: str | Path, name: str, keys: Sequence[str], modes: Sequence[str]) -> dict[str, Any]:
     """Run ``FILLS[name]`` on evaluate.py's ``inputs/KEY.png`` and ``masks/KEY_MODE.png``, write its outputs to
-    ``samples/NAME/KEY_MODE.png`` (as evaluate.py does for checkpoints) and score them like an evaluate.py
-    result (``modes`` -> per-preset means, ``samples`` -> per-image scores)."""
+    ``samples/NAME/KEY_MODE.png`` and score them like an evaluate.py result (``groups``: one summary per mask
+    preset; ``samples``: per-image scores)."""
     eval_dir, fill = Path(eval_dir), FILLS[name]
-    per_mode, samples = {}, []
+    groups, samples = [], []
     for mode in modes:
         rows = []
         for key in keys:
@@ -234,9 +235,20 @@ def fill_scores(eval_dir: str | Path, name: str, keys: Sequence[str], modes: Seq
             save_png(filled, eval_dir / "samples" / name / f"{key}_{mode}.png")
             scores = region_metrics(filled, image, mask)
             rows.append(scores)
-            samples.append({"key": key, "mode": mode, **scores})
-        per_mode[mode] = {"n": len(rows), **{k: _nanmean([r[k] for r in rows]) for k in rows[0]}}
-    return {"name": name, "modes": per_mode, "samples": samples}
+            samples.append({"key": key, "mask": mode, **scores})
+        groups.append({"mask": mode, "n": len(rows), **{k: _nanmean([r[k] for r in rows]) for k in rows[0]}})
+    return {"name": name, "groups": groups, "samples": samples}
+
+
+def sample_png(eval_dir: str | Path, result: Mapping[str, Any], key: str, mode: str) -> Path:
+    """The output image of ``result`` (an evaluate.py result, or a :func:`fill_scores` one) for photo ``key`` under
+    mask preset ``mode``."""
+    row = next((s for s in result["samples"] if s["key"] == key and s["mask"] == mode), None)
+    if row is None:
+        raise ValueError(f"result '{result.get('name')}' has no sample for {key} under mask {mode}")
+    if "run" in result:  # scripts/evaluate.py keeps samples per run id, guidance scale and preset
+        return sample_path(Path(eval_dir), result["run"], row["scale"], mode, key, row["seed"])
+    return Path(eval_dir) / "samples" / result["name"] / f"{key}_{mode}.png"
 
 
 def _nanmean(values: Sequence[float]) -> float | None:
@@ -348,6 +360,7 @@ __all__ = [
     "mean_colour_fill",
     "random_unet",
     "report_markdown",
+    "sample_png",
     "save_model_checkpoint",
     "start_check_dict",
     "start_from_base_check",

@@ -64,16 +64,23 @@ def _l1(sample: np.ndarray, truth: np.ndarray, hole: np.ndarray) -> float:
 
 def _recomputed_l1(eval_dir: Path) -> dict[str, float]:
     """Masked-region L1 of every method from evaluate.py's inputs, masks and samples (fills redone here)."""
+    from ldm.eval.run import sample_path
+
+    runs = {m: json.loads((eval_dir / f"{m}.json").read_text()) for m in MODELS}
+    seeds = {(r["key"], r["mask"]): r for r in runs["finetuned"]["samples"]}  # the same (scale, seed) for all
     scores: dict[str, list[float]] = {m: [] for m in (*MODELS, *FILLS)}
     masks = sorted(eval_dir.glob("masks/*.png"))
     keys = {p.stem for p in eval_dir.glob("inputs/*.png")}
     assert masks and len(masks) % len(keys) == 0  # every photo under every fixed mask preset
     for mask_path in masks:
         key = next(k for k in keys if mask_path.stem.startswith(k + "_lama-"))
+        mode = mask_path.stem[len(key) + 1:]
         truth, hole = _png(eval_dir / "inputs" / f"{key}.png"), _hole(mask_path)
         assert 0.05 < hole.mean() < 0.6  # a real hole, with known pixels around it
+        row = seeds[(key, mode)]
         for m in MODELS:
-            scores[m].append(_l1(_png(eval_dir / "samples" / m / mask_path.name), truth, hole))
+            png = sample_path(eval_dir, runs[m]["run"], row["scale"], mode, key, row["seed"])
+            scores[m].append(_l1(_png(png), truth, hole))
         for name, flag in (("opencv_telea", cv2.INPAINT_TELEA), ("opencv_ns", cv2.INPAINT_NS)):
             filled = cv2.inpaint(truth.copy(), hole.astype(np.uint8), 3, flag)
             assert np.array_equal(filled[~hole], truth[~hole])  # known pixels untouched

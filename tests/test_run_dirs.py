@@ -50,7 +50,7 @@ def test_effective_lr_formula():
 
 
 def test_unknown_sections_and_overrides_are_errors():
-    cfg = OmegaConf.create({"model": {"params": {"a": 1}}, "lightning": {"trainer": {}}})
+    cfg = OmegaConf.create({"model": {"target": "torch.nn.Identity", "params": {"a": 1}}, "lightning": {"trainer": {}}})
     check_sections(cfg)
     with pytest.raises(ConfigError, match="lightning.trainr"):
         check_sections(OmegaConf.merge(cfg, {"lightning": {"trainr": {}}}))

@@ -11,7 +11,8 @@ tar_base               prefix joined to each split's ``shards`` pattern; ``null`
 batch_size             samples per batch (per process); training drops the last partial batch
 num_workers            DataLoader worker processes per rank
 multinode              split data across ranks; ``False`` with more than one rank is an error (as in ldm)
-min_size               minimum ``original_width`` and ``original_height`` from the json
+min_size               minimum width and height: of the json ``original_width``/``original_height`` (a cheap
+                       pre-filter) and of the stored image itself (read from its header)
 max_pwatermark         maximum ``pwatermark`` (1.0 disables, as in ldm)
 p_unsafe_threshold     maximum ``punsafe``
 filter_word_list       yaml word list; captions containing a listed word are dropped
@@ -47,6 +48,7 @@ import torch
 from ldm.data.decode import SampleProcessor, finalize_batch
 from ldm.data.filters import MetadataFilter, MissingFieldPolicy, load_word_list
 from ldm.data.inpainting import AddMask
+from ldm.data.rgb import ImageLimits
 from ldm.data.stats import SharedCounts
 from ldm.data.transforms import build_image_transforms
 from ldm.data.webdata import EpochDataLoader, ShardStream, expand_shards
@@ -91,7 +93,8 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         test: Test split config; None for no test loader.
         num_workers: DataLoader workers per process for training (and evaluation unless ``val_num_workers``).
         multinode: Split the data across ranks. False with world size > 1 raises, as ldm's single-node mode.
-        min_size: Minimum original width and height (json ``original_width``/``original_height``); None = off.
+        min_size: Minimum width and height; checked on the json ``original_width``/``original_height`` (a
+            pre-filter before decoding) and on the stored image's header. None = off.
         max_pwatermark: Maximum json ``pwatermark``; 1.0 disables the check.
         p_unsafe_threshold: Maximum json ``punsafe``; None = off.
         filter_word_list: Path of a yaml word list (relative paths also resolve against the repo root), or a
@@ -116,6 +119,12 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             which dominates worker CPU time at 512 px, see docs/BENCHMARKS.md); ``on_after_batch_transfer``
             then builds the float32 batch on the training device, so a Lightning model sees the same layout.
             Loaders used outside Lightning return uint8 batches: pass them through :meth:`finalize_batch`.
+        max_pixels: Largest image (width x height of the stored image, and of every planned resize of it)
+            that is decoded; larger ones are skipped as ``too_large`` before decoding. None = off (PIL's own
+            decompression-bomb guard still applies).
+        max_aspect_ratio: Largest ``long side / short side``; more elongated images are skipped as
+            ``extreme_aspect`` before decoding (a centre crop of a strip or banner shows a sliver that its
+            caption does not describe, and upscaling its short side costs gigabytes). None = off.
     """
 
     def __init__(
@@ -145,15 +154,19 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         jpeg_draft: bool = False,
         log_every_s: float = 300.0,
         uint8_transport: bool = False,
+        max_pixels: int | None = 50_000_000,
+        max_aspect_ratio: float | None = 10.0,
     ) -> None:
         super().__init__()
         positive = {"batch_size": batch_size, "val_batch_size": val_batch_size, "prefetch_factor": prefetch_factor,
-                    "bad_check_min_samples": bad_check_min_samples}
+                    "bad_check_min_samples": bad_check_min_samples, "max_pixels": max_pixels}
         for name, value in positive.items():
             if value is not None and int(value) < 1:
                 raise ConfigError(f"'{name}' must be a positive integer, got {value}")
         if num_workers < 0 or (val_num_workers or 0) < 0:
             raise ConfigError(f"'num_workers'/'val_num_workers' must be >= 0, got {num_workers}/{val_num_workers}")
+        if max_aspect_ratio is not None and max_aspect_ratio < 1.0:
+            raise ConfigError(f"'max_aspect_ratio' must be >= 1 (long side / short side), got {max_aspect_ratio}")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ConfigError(f"'max_bad_fraction' must be in [0, 1], got {max_bad_fraction}")
         if seed < 0:
@@ -171,6 +184,8 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             min_aesthetic=min_aesthetic, words=load_word_list(filter_word_list),
             missing_field_policy=missing_field_policy,
         )
+        self.limits = ImageLimits(min_size=min_size if min_size and min_size > 1 else None, max_pixels=max_pixels,
+                                  max_aspect_ratio=max_aspect_ratio)
         self._patterns: dict[str, Any] = {}
         self.splits = {name: self._parse_split(name, cfg) for name, cfg in
                        (("train", train), ("validation", validation), ("test", test)) if cfg is not None}
@@ -202,6 +217,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             key_transforms={k: instantiate_from_config(v) for k, v in key_transforms.items()},
             jpeg_draft=self.jpeg_draft,
             uint8_images=self.uint8_transport,
+            limits=self.limits,
         )
         urls = expand_shards(cfg["shards"], self.tar_base, where=f"{name}.shards")
         self._patterns[name] = cfg["shards"]

@@ -6,7 +6,7 @@ Two kinds of skips are kept apart:
   image, caption or json, unparsable json, and json without a field a filter needs. These count towards
   ``max_bad_fraction``; crossing it raises :class:`BadDataError` naming the shard.
 * **filtered by policy** (``FILTER_REASONS``): well-formed samples that the configured thresholds reject
-  (too small, punsafe, watermark, aesthetic, caption word list). They never stop a run.
+  (too small, too large, extreme aspect ratio, punsafe, watermark, aesthetic, caption word list). They never stop a run.
 
 Counts live in a small int64 tensor in shared memory, one row per DataLoader worker (each worker writes only
 its own row), so the training process can read live totals with :meth:`SharedCounts.totals` while workers
@@ -29,6 +29,7 @@ BAD_REASONS: tuple[str, ...] = (
     "corrupt_image",  # the image bytes do not decode
     "missing_image",
     "missing_caption",  # no .txt member, or an empty caption
+    "bad_caption",  # a .txt member that is not UTF-8
     "missing_json",
     "bad_json",  # a .json member that does not parse to an object
     "missing_size",  # json lacks original_width/original_height while min_size is set
@@ -37,7 +38,9 @@ BAD_REASONS: tuple[str, ...] = (
     "missing_aesthetic",
 )
 FILTER_REASONS: tuple[str, ...] = (
-    "too_small",
+    "too_small",  # json size or stored image below min_size
+    "too_large",  # stored image, or a planned resize of it, above max_pixels (ldm.data.rgb.ImageLimits)
+    "extreme_aspect",  # long side / short side above max_aspect_ratio
     "filtered_punsafe",
     "filtered_watermark",
     "filtered_aesthetic",

@@ -24,6 +24,7 @@ from ldm import compat
 from ldm.checkpoint import drop_prefixes, load_into, load_state_dict_file
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.random_weights import mark_loaded, note_random, reports_random_weights
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class AutoencoderKL(pl.LightningModule):
     ``base_learning_rate`` (default 4.5e-6) is used.
     """
 
+    @reports_random_weights
     def __init__(
         self,
         ddconfig: Mapping[str, Any],
@@ -94,6 +96,7 @@ class AutoencoderKL(pl.LightningModule):
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
         if learn_logvar and not isinstance(getattr(self.loss, "logvar", None), nn.Parameter):
             raise ValueError("learn_logvar=True needs a loss with a `logvar` parameter (ReconstructionKLLoss).")
+        note_random(self, "no ckpt_path")
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
@@ -104,7 +107,9 @@ class AutoencoderKL(pl.LightningModule):
         sd = load_state_dict_file(path)
         if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd):  # a full LDM checkpoint: keep the VAE part
             sd = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
-        load_into(self, drop_prefixes(sd, ignore_keys), source=f"AutoencoderKL ckpt_path={path}")
+        sd = drop_prefixes(sd, ignore_keys)
+        load_into(self, sd, source=f"AutoencoderKL ckpt_path={path}")
+        mark_loaded(self, sd)
 
     # ---------------------------------------------------------------- model
 

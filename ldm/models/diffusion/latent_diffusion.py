@@ -37,6 +37,7 @@ from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.random_weights import mark_loaded, note_random, reports_random_weights
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
             posterior is still *sampled*, as online. The masked image is always encoded online.
     """
 
+    @reports_random_weights
     def __init__(
         self,
         unet_config: dict[str, Any],
@@ -190,6 +192,7 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        note_random(self.model, "no model.params.ckpt_path")
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -271,6 +274,7 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         shapes = {k: v.shape for k, v in self.state_dict().items()}
         sd = widen_input_channels(sd, shapes, self.finetune_keys, self.keep_finetune_dims)
         missing, unexpected = load_into(self, sd, source=str(path))
+        mark_loaded(self, sd)
         self._std_done = self.scale_by_std and "scale_factor" in sd
         if self.use_ema:
             has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
