@@ -2,14 +2,15 @@
 
 Layout of a run: ``<logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/`` with ``configs/`` (resolved project and
 lightning yaml), ``checkpoints/`` (``last.ckpt``, step checkpoints, ``trainstep_checkpoints/`` weights-only
-snapshots), ``images/`` (ImageLogger grids) and the CSV/TensorBoard/wandb logs.
+snapshots), ``images/`` (ImageLogger grids) and the CSV/TensorBoard/wandb logs. A resumed run keeps all of it:
+same checkpoint directory, same CSV/TensorBoard version directory (rows of the interrupted attempt after the
+resume step are dropped), same wandb run id.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,19 +21,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.callbacks import weight_snapshot_checkpoint
+from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
 from ldm.checkpoint import atomic_checkpoint_io
 from ldm.config_schema import check_params, check_tree, check_value, suggest
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.resume import check_file, pick, remove_orphans
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
+#: ldm's default ``--seed`` (a resume without ``--seed`` keeps the run's own, stored in the checkpoint)
+DEFAULT_SEED = 23
 #: keys of the ``lightning`` section and what reads them
 LIGHTNING_KEYS = {
     "trainer": "pytorch_lightning.Trainer arguments",
     "callbacks": "extra/overriding callback target configs by name (null removes a default one)",
-    "modelcheckpoint": "params of the full-state ModelCheckpoint",
+    "modelcheckpoint": "params of the full-state ModelCheckpoint (plus keep_last_n: keep only the newest n)",
     "loggers": "extra/overriding logger target configs by name (csv, tensorboard, wandb; null removes)",
     "strategy": "a strategy name or target config (default: DDP with bucketing when world size > 1)",
     "find_unused_parameters": "DDP find_unused_parameters (default False)",
@@ -44,35 +48,48 @@ LIGHTNING_KEYS = {
 
 @dataclass
 class RunDirs:
+    """Where a run lives and, for a resume, what it starts from.
+
+    Args:
+        logdir: run directory.
+        ckptdir: checkpoint directory (``<logdir>/checkpoints``).
+        cfgdir: config directory (``<logdir>/configs``).
+        nowname: run name (the directory's name).
+        resume_ckpt: the checkpoint a resume starts from (None for a new run).
+        resume_configs: the run's saved yaml files (a resume merges them first).
+        resume_step: global step of ``resume_ckpt``.
+    """
+
     logdir: Path
     ckptdir: Path
     cfgdir: Path
     nowname: str
     resume_ckpt: Path | None
     resume_configs: list[Path]
+    resume_step: int | None = None
 
 
 def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, base: list[str],
                      resume: str | None) -> RunDirs:
-    """New run: ``<logroot>/<now>_<name or first config stem><postfix>``. Resume: a run dir or a checkpoint."""
+    """New run: ``<logroot>/<now>_<name or first config stem><postfix>``. Resume: a run dir (its newest checkpoint
+    that loads, see :mod:`ldm.resume`) or a checkpoint file."""
     if resume:
         path = Path(resume)
         if not path.exists():
             raise ConfigError(f"--resume {resume}: no such run directory or checkpoint")
         if path.is_file():
-            ckpt = path  # <logdir>/checkpoints/x.ckpt, <logdir>/checkpoints/trainstep_checkpoints/x.ckpt or
-            logdir = next((p.parent for p in path.parents if p.name == "checkpoints"), path.parent)  # hpc_ckpt
+            # <logdir>/checkpoints/x.ckpt, <logdir>/checkpoints/trainstep_checkpoints/x.ckpt or <logdir>/hpc_ckpt_n
+            logdir = next((p.parent for p in path.parents if p.name == "checkpoints"), path.parent)
         else:
             logdir = path
-            # newest of last.ckpt and Lightning's SLURM-requeue checkpoints (hpc_ckpt_<n>.ckpt in the run dir)
-            candidates = [p for p in [path / "checkpoints" / "last.ckpt", *path.glob("hpc_ckpt_*.ckpt")]
-                          if p.is_file()]
-            if not candidates:
-                raise ConfigError(f"--resume {resume}: no checkpoints/last.ckpt or hpc_ckpt_*.ckpt in that "
-                                  "directory; pass a checkpoint file instead")
-            ckpt = max(candidates, key=lambda p: p.stat().st_mtime)
         configs = sorted((logdir / "configs").glob("*.yaml"))
-        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs)
+        remove_orphans(logdir)
+        if path.is_file():
+            ckpt, step = path, check_file(path, configs)
+        else:
+            ckpt, step = pick(logdir)
+        log.info("resuming %s from %s (step %d)", logdir, ckpt, step)
+        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step)
     stem = name or (Path(base[0]).stem if base else "run")
     nowname = f"{now}_{stem}{postfix}"
     logdir = Path(logroot) / nowname
@@ -93,6 +110,15 @@ def _section(tree: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     return value
+
+
+def _check_checkpoint_params(model_checkpoint: Any, params: dict[str, Any], where: str) -> None:
+    """ModelCheckpoint arguments plus ``keep_last_n`` (see :mod:`ldm.callbacks.checkpoints`)."""
+    params = dict(params)
+    keep = params.pop("keep_last_n", None)
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise ConfigError(f"{where}.keep_last_n: expected an integer >= 1, got {keep!r}")
+    check_params(model_checkpoint, params, where)
 
 
 def _check_named_targets(specs: dict[str, Any], where: str) -> None:
@@ -151,14 +177,14 @@ def check_sections(cfg: DictConfig) -> None:
     for key in modelcheckpoint:
         if key not in ("target", "params"):
             raise ConfigError(f"lightning.modelcheckpoint.{key}: unknown key{suggest(key, ['params'])}")
-    check_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params"),
-                 "lightning.modelcheckpoint.params")
+    _check_checkpoint_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params"),
+                             "lightning.modelcheckpoint.params")
     callbacks = _section(lightning, "callbacks", "lightning.callbacks")
     snapshot = callbacks.get("metrics_over_trainsteps_checkpoint")
     if isinstance(snapshot, dict):  # its params go to a weights-only ModelCheckpoint
-        check_params(ModelCheckpoint, _section(snapshot, "params", "lightning.callbacks."
-                                               "metrics_over_trainsteps_checkpoint.params"),
-                     "lightning.callbacks.metrics_over_trainsteps_checkpoint.params")
+        _check_checkpoint_params(ModelCheckpoint, _section(snapshot, "params", "lightning.callbacks."
+                                                           "metrics_over_trainsteps_checkpoint.params"),
+                                 "lightning.callbacks.metrics_over_trainsteps_checkpoint.params")
     _check_named_targets({k: v for k, v in callbacks.items() if k != "metrics_over_trainsteps_checkpoint"},
                          "lightning.callbacks")
     _check_named_targets(_section(lightning, "loggers", "lightning.loggers"), "lightning.loggers")
@@ -266,45 +292,46 @@ def build_strategy(lightning_cfg: DictConfig, world: int) -> Any:
     )
 
 
-def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int,
+def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
                       resume: bool, flops_per_sample: float | None) -> dict[str, Any]:
-    """ldm's default callbacks plus ours, as target configs keyed by name (``lightning.callbacks`` merges in)."""
+    """ldm's default callbacks plus ours, as target configs keyed by name (``lightning.callbacks`` merges in).
+
+    ``seed`` None: :data:`DEFAULT_SEED` for a new run, the checkpoint's seed on resume.
+    """
     project = OmegaConf.masked_copy(cfg, ["model", "data"])
     return {
-        "setup_callback": {"target": "main.SetupCallback", "params": {
+        "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": {
             "resume": resume, "now": now, "logdir": str(dirs.logdir), "ckptdir": str(dirs.ckptdir),
             "cfgdir": str(dirs.cfgdir), "config": project, "lightning_config": lightning_cfg}},
-        "image_logger": {"target": "main.ImageLogger", "params": {"batch_frequency": 750, "max_images": 4,
-                                                                  "clamp": True}},
+        "image_logger": {"target": "ldm.callbacks.ImageLogger", "params": {
+            "batch_frequency": 750, "max_images": 4, "clamp": True, "logdir": str(dirs.logdir)}},
         "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
                                  "params": {"logging_interval": "step"}},
-        "cuda_callback": {"target": "main.CUDACallback"},
+        "cuda_callback": {"target": "ldm.callbacks.CUDACallback"},
         "throughput": {"target": "ldm.callbacks.ThroughputMonitor",
                        "params": {"flops_per_sample": flops_per_sample, "log_every_n_steps": 50}},
         "graceful_stop": {"target": "ldm.callbacks.GracefulStop",
-                          "params": {"ckpt_path": str(dirs.ckptdir / "last.ckpt"), "signals": _signals()}},
+                          "params": {"ckpt_path": str(dirs.ckptdir / "last.ckpt"), "hpc_dir": str(dirs.logdir)}},
         "finite_loss": {"target": "ldm.callbacks.FiniteLossGuard"},
+        "grad_norm_guard": {"target": "ldm.callbacks.GradNormGuard"},
         "data_stats": {"target": "ldm.callbacks.DataStatsLogger", "params": {"every_n_steps": 500}},
-        "step_seed": {"target": "ldm.callbacks.StepSeed", "params": {"seed": seed}},
+        "step_seed": {"target": "ldm.callbacks.StepSeed", "params": {
+            "seed": DEFAULT_SEED if seed is None else seed, "keep_checkpoint_seed": seed is None}},
     }
 
 
-def _signals() -> list[str]:
-    # Under SLURM, Lightning's SLURMEnvironment owns SIGUSR1 (checkpoint + requeue). SIGTERM always goes
-    # through Lightning's handler (GracefulStop.on_exception saves).
-    return [] if "SLURM_JOB_ID" in os.environ else ["SIGUSR1"]
-
-
 def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
-    """Full-state checkpoints (resume) plus optional weights-only step snapshots (evaluation)."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    """Full-state checkpoints (resume) plus optional weights-only step snapshots (evaluation).
 
-    params = {"dirpath": str(dirs.ckptdir), "filename": "{step:09}", "save_last": True, "save_top_k": 1,
+    Both keep every file by default (``lightning.modelcheckpoint.params.keep_last_n`` / the snapshot callback's
+    ``params.keep_last_n`` keep only the newest n); ``last.ckpt`` is always kept, overwritten in place.
+    """
+    params = {"dirpath": str(dirs.ckptdir), "filename": "{step:09}", "save_last": True, "save_top_k": -1,
               "enable_version_counter": False,  # last.ckpt is overwritten in place, also after a resume
               "verbose": True}
     user = OmegaConf.create(lightning_cfg.get("modelcheckpoint") or {})  # absent section: defaults only
     params.update(OmegaConf.to_container(user.get("params") or OmegaConf.create(), resolve=True))
-    callbacks = [ModelCheckpoint(**params)]
+    callbacks = [full_state_checkpoint(**params)]
     extra = (lightning_cfg.get("callbacks") or {}).get("metrics_over_trainsteps_checkpoint")
     if extra is not None:
         snap = {"dirpath": str(dirs.ckptdir / "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",
@@ -314,18 +341,34 @@ def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
     return callbacks
 
 
+def log_version(dirs: RunDirs, name: str) -> int:
+    """The logger version directory: 0 for a new run, the newest existing one for a resume."""
+    versions = [int(p.name.split("_", 1)[1]) for p in (dirs.logdir / name).glob("version_*")
+                if p.name.split("_", 1)[1].isdigit()]
+    return max(versions) if dirs.resume_ckpt is not None and versions else 0
+
+
 def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
-    """CSV and TensorBoard by default; ``lightning.loggers.<name>`` adds (a target config) or removes (null)."""
+    """CSV and TensorBoard by default; ``lightning.loggers.<name>`` adds (a target config), tunes a default one
+    (``params`` only, merged into its defaults) or removes one (null).
+
+    A resume continues the same CSV and TensorBoard version directory; rows and events at or after the resume
+    step (written by the interrupted attempt, and about to be recomputed) are dropped (``purge_step``).
+    """
+    resumed = {"resume_step": dirs.resume_step} if dirs.resume_step is not None else {}
     specs: dict[str, Any] = {
-        "csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"save_dir": str(dirs.logdir),
-                                                                            "name": "csv"}},
-        "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger",
-                        "params": {"save_dir": str(dirs.logdir), "name": "tensorboard"}},
+        "csv": {"target": "ldm.loggers.ResumableCSVLogger", "params": {
+            "save_dir": str(dirs.logdir), "name": "csv", "version": log_version(dirs, "csv"), **resumed}},
+        "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger", "params": {
+            "save_dir": str(dirs.logdir), "name": "tensorboard", "version": log_version(dirs, "tensorboard"),
+            **({"purge_step": dirs.resume_step} if dirs.resume_step is not None else {})}},
     }
     for name, spec in (lightning_cfg.get("loggers") or {}).items():
         if spec is None:
             specs.pop(name, None)
             continue
+        if name in specs and "target" not in spec:  # params for a default logger: merged into its defaults
+            spec = OmegaConf.merge(specs[name], spec)
         spec = OmegaConf.to_container(spec, resolve=True)
         if name == "wandb":
             spec.setdefault("target", "pytorch_lightning.loggers.WandbLogger")
@@ -344,11 +387,24 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
     return loggers
 
 
+def _with_logdir(spec: dict[str, Any], logdir: Path) -> dict[str, Any]:
+    """Pass the run directory explicitly to a callback that takes ``logdir`` and was not given one."""
+    if not isinstance(spec, dict) or not spec.get("target"):
+        return spec
+    try:
+        accepts = "logdir" in inspect.signature(get_obj_from_str(spec["target"])).parameters
+    except (ConfigError, TypeError, ValueError):  # a bad target is reported when it is instantiated
+        return spec
+    if accepts and (spec.get("params") or {}).get("logdir") is None:
+        spec = {**spec, "params": {**(spec.get("params") or {}), "logdir": str(logdir)}}
+    return spec
+
+
 def _plain(spec: Any) -> Any:
     return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
 
 
-def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int,
+def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
                   resume: bool) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(lightning_cfg.get("trainer", {}) or {}, resolve=True)
     devices = count_devices(trainer_kwargs.get("devices", "auto"))
@@ -370,14 +426,27 @@ def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictC
             callbacks_cfg[name] = spec
     callbacks = []
     for name, spec in callbacks_cfg.items():
-        spec = _plain(spec)
+        spec = _with_logdir(_plain(spec), dirs.logdir)
         if name in (lightning_cfg.get("callbacks") or {}):  # what the user wrote, merged into a default
             check_tree(spec, f"lightning.callbacks.{name}")
         callbacks.append(instantiate_from_config(spec, where=f"lightning.callbacks.{name}"))
     callbacks += checkpoint_callbacks(dirs, lightning_cfg)
+    if trainer_kwargs.get("enable_progress_bar", True):
+        from ldm.callbacks import StepProgressBar
+
+        callbacks.append(StepProgressBar())
     trainer_kwargs.setdefault("default_root_dir", str(dirs.logdir))
     trainer_kwargs.setdefault("strategy", build_strategy(lightning_cfg, world))
-    trainer_kwargs.setdefault("plugins", [atomic_checkpoint_io()])
-    trainer = pl.Trainer(callbacks=callbacks, logger=build_loggers(dirs, lightning_cfg), **trainer_kwargs)
-    trainer._ldm_logdir = str(dirs.logdir)  # ImageLogger writes <logdir>/images/<split>
-    return trainer
+    trainer_kwargs["plugins"] = checkpoint_plugins(trainer_kwargs.get("plugins"))
+    return pl.Trainer(callbacks=callbacks, logger=build_loggers(dirs, lightning_cfg), **trainer_kwargs)
+
+
+def checkpoint_plugins(plugins: Any) -> list[Any]:
+    """The user's Trainer plugins plus the atomic, safe-loading CheckpointIO (which may not be replaced)."""
+    from pytorch_lightning.plugins.io import CheckpointIO
+
+    plugins = list(plugins or []) if isinstance(plugins, (list, tuple)) or plugins is None else [plugins]
+    if any(isinstance(p, CheckpointIO) or "checkpointio" in str(p).lower() for p in plugins):
+        raise ConfigError("lightning.trainer.plugins: a CheckpointIO plugin cannot be set; every run saves "
+                          "atomically and loads checkpoints without unpickling code (ldm.checkpoint)")
+    return [*plugins, atomic_checkpoint_io()]

@@ -142,7 +142,7 @@ class HeldOutEvaluation(pl.Callback):
 
     def publish(self, trainer: pl.Trainer, metrics: dict[str, float], grid: np.ndarray) -> None:
         step = trainer.global_step
-        folder = Path(self.logdir or getattr(trainer, "_ldm_logdir", None) or trainer.default_root_dir) / "heldout"
+        folder = Path(self.logdir or trainer.default_root_dir) / "heldout"
         save_png(grid, folder / f"step_{step:09d}.png")
         with open(folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "set": str(self.set_dir), "fingerprint": self.fixed.fingerprint,

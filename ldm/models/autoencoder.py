@@ -44,9 +44,11 @@ class AutoencoderKL(pl.LightningModule):
         lossconfig: ``target``/``params`` of the training loss. ``torch.nn.Identity`` is ldm's inference
             placeholder (builds, cannot train); use ``ldm.modules.losses.ReconstructionKLLoss`` to train.
         embed_dim: latent channels after ``quant_conv`` (4 for SD2).
-        ckpt_path: optional ``.ckpt``/``.safetensors`` to load; a full LDM checkpoint works too (only its
+        ckpt_path: optional ``.ckpt``/``.safetensors`` to load strictly; a full LDM checkpoint works too (only its
             ``first_stage_model.*`` tensors are used).
         ignore_keys: key prefixes dropped from ``ckpt_path`` before loading.
+        allow_missing_prefixes: model key prefixes that ``ckpt_path`` may lack (a deliberate partial load; those
+            tensors keep their initial values, logged with a count).
         image_key: batch key holding ``B x H x W x C`` images in [-1, 1].
         colorize_nlabels: segmentation-only ldm option; must be None.
         monitor: accepted for compatibility and ignored (see :data:`ldm.compat.IGNORED_PARAMS`).
@@ -65,6 +67,7 @@ class AutoencoderKL(pl.LightningModule):
         embed_dim: int,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
+        allow_missing_prefixes: Sequence[str] = (),
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
@@ -98,17 +101,25 @@ class AutoencoderKL(pl.LightningModule):
             raise ValueError("learn_logvar=True needs a loss with a `logvar` parameter (ReconstructionKLLoss).")
         note_random(self, "no ckpt_path")
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, allow_missing_prefixes=allow_missing_prefixes)
 
     # ---------------------------------------------------------------- checkpoint
 
-    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = ()) -> None:
-        """Load weights from ``path`` (non-strict) and log one summary of missing/unexpected keys."""
+    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = (),
+                       allow_missing_prefixes: Sequence[str] = ()) -> None:
+        """Load weights from ``path`` strictly (a missing or unexpected tensor is a CheckpointError naming the
+        first keys). A training loss's own tensors (``loss.*``) that this model's loss does not have are dropped:
+        they are not part of the autoencoder."""
         sd = load_state_dict_file(path)
         if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd):  # a full LDM checkpoint: keep the VAE part
             sd = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
-        sd = drop_prefixes(sd, ignore_keys)
-        load_into(self, sd, source=f"AutoencoderKL ckpt_path={path}")
+        own = self.state_dict()
+        extra_loss = [k for k in sd if k.startswith("loss.") and k not in own]
+        if extra_loss:
+            log.info("AutoencoderKL: %d loss.* tensors of %s are not used by this model's loss", len(extra_loss), path)
+        sd = {k: v for k, v in drop_prefixes(sd, ignore_keys).items() if k not in extra_loss}
+        load_into(self, sd, source=f"AutoencoderKL ckpt_path={path}", allow_missing=allow_missing_prefixes,
+                  hint="Allow missing model keys with allow_missing_prefixes, drop extra ones with ignore_keys.")
         mark_loaded(self, sd)
 
     # ---------------------------------------------------------------- model
