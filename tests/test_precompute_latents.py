@@ -260,3 +260,14 @@ def test_a_training_step_on_precomputed_moments_skips_the_image_encode(workdir, 
         assert abs(losses["other seed"] - losses["online"]) > 50 * abs(losses["pre"] - losses["online"])
     finally:
         model.first_stage_model.encode = encode
+
+
+def test_an_out_folder_computed_otherwise_is_not_extended(workdir, caplog):
+    """Without --overwrite, existing shards are kept: a run with another crop must not relabel them."""
+    root, _ = workdir
+    before = (root / "out" / "latent_moments.json").read_text()
+    argv = ["--config", str(REPO / "configs/tiny/inpaint.yaml"), "--ckpt", str(root / "vae.ckpt"), "--shards",
+            str(root / "in" / "00000.tar"), "--out", str(root / "out"), "--size", "48", "--device", "cpu"]
+    assert precompute.main(argv) == 2
+    assert "computed with other ops" in caplog.text and "--overwrite" in caplog.text
+    assert (root / "out" / "latent_moments.json").read_text() == before
