@@ -486,11 +486,8 @@ class LatentDiffusion(pl.LightningModule):
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
-        on_cuda = all(p.is_cuda for p in params)
-        # fused kernels need CUDA tensors; foreach is the fast multi-tensor path elsewhere
-        kernel = {"fused": True} if on_cuda else {"foreach": True}
         hyper = dict(lr=self.learning_rate, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay,
-                     **kernel)
+                     **adamw_kernel(params))
         dist = torch.distributed
         if self.shard_optimizer_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -533,6 +530,21 @@ class LatentDiffusion(pl.LightningModule):
 
     def predict_eps_from_z_and_v(self, x_t, t, v):
         return parameterization.eps_from_v(x_t, v, *self._ab(t, x_t.ndim))
+
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """``{"fused": True}`` when torch has a fused AdamW kernel for these parameters, else ``{}`` (torch's default).
+
+    The fused kernel exists for CUDA and, since torch 2.4, for CPU tensors, where it is about 1.9x the
+    per-tensor loop on the UNet's parameters (docs/BENCHMARKS.md, "Training step"); torch's default elsewhere
+    is the foreach kernel where the device has one, else the loop (foreach on CPU is slower than the loop).
+    Asking torch (its constructor checks devices and dtypes) keeps the rule right for other devices and versions.
+    """
+    try:
+        torch.optim.AdamW(params, fused=True)
+    except (RuntimeError, ValueError):
+        return {}
+    return {"fused": True}
 
 
 def parameterization_checked(mode: str) -> str:
