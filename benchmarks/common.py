@@ -244,6 +244,14 @@ def run_header(device: torch.device) -> str:
             f"Machine: {machine(device)}.\n")
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("-" where the OS has none): how busy a shared machine was."""
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "-"
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -260,13 +260,6 @@ def check_parity(ours: dict[str, Any], ref: dict[str, Any], tol: float) -> tuple
     return out_diff, grad_diff
 
 
-def load_average() -> str:
-    try:
-        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "-"
-
-
 def run(args: argparse.Namespace) -> str:
     import common
 
@@ -285,7 +278,7 @@ def run(args: argparse.Namespace) -> str:
             flag = {"ours": "--ours", "reference": "REF / --ref"}.get(label, "--also")
             raise SystemExit(f"{flag} {root}: no ldm/modules/diffusionmodules/openaimodel.py in it "
                              "(expected a checkout of this repository or of Stability-AI/stablediffusion)")
-    loads = [load_average()]
+    loads = [common.load_average()]
     workers = {label: Worker(label, root, spec) for label, root in roots.items()}
     try:
         for label, w in workers.items():
@@ -304,7 +297,7 @@ def run(args: argparse.Namespace) -> str:
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
                 times[name].append(workers[name].call("step")["seconds"])
-        loads.append(load_average())
+        loads.append(common.load_average())
         memory = {name: w.call("memory") for name, w in workers.items()}
         profiles = {}
         for name, w in workers.items() if args.profile_repeats else ():
@@ -313,7 +306,7 @@ def run(args: argparse.Namespace) -> str:
             log.info("%s: top operators by self time, ms per step (calls):\n%s", name, "\n".join(
                 f"  {ms:8.1f}  {op} ({raw['calls'][op]})" for op, ms in top))
             profiles[name] = split_profile(raw)
-        loads.append(load_average())
+        loads.append(common.load_average())
     finally:
         for w in workers.values():
             w.close()
