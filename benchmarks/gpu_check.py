@@ -185,24 +185,39 @@ class Check:
                             common.markdown_table(HEADERS, self.rows), *self.notes])
 
 
-def run(check: Check) -> None:
+def run(check: Check) -> int:
+    """All cases; a case that fails gets an error row (traceback on stderr) and the others still run.
+    Returns 1 if any case failed."""
     args, device = check.args, check.device
     print("| " + " | ".join(HEADERS) + " |\n|" + "---|" * len(HEADERS), flush=True)
     t0 = time.perf_counter()
     m = Model(args, device)
     check.notes.append(f"Model built in {time.perf_counter() - t0:.0f} s.")
     batch = common.synthetic_batch(args.batch, args.resolution, device)
-    check.train_row(m, batch, compiled=False, precomputed=False)
-    check.train_row(m, batch, compiled=False, precomputed=True)
-    check.sample_row(m, compiled=False)
+    failed = 0
+
+    def case(label: str, fn: Callable[[], None]) -> None:
+        nonlocal failed
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported in the table and in the exit status
+            log.exception("%s failed", label)
+            check.add([label, "-", "-", "-", "-", "-", "-", f"**failed**: {type(e).__name__}: {str(e)[:200]}"])
+            failed = 1
+            m.opt.zero_grad(set_to_none=True)
+
+    case("train, eager, online encoders", lambda: check.train_row(m, batch, compiled=False, precomputed=False))
+    case("train, eager, precomputed", lambda: check.train_row(m, batch, compiled=False, precomputed=True))
+    case("DDIM sampling, eager", lambda: check.sample_row(m, compiled=False))
     # static shapes: training (batch 8) and guided sampling (batch 16, no autograd) get a graph each
     m.model.model.diffusion_model.compile(backend=args.compile_backend, dynamic=False)
-    check.train_row(m, batch, compiled=True, precomputed=False)
-    check.train_row(m, batch, compiled=True, precomputed=True)
+    case("train, compiled, online encoders", lambda: check.train_row(m, batch, compiled=True, precomputed=False))
+    case("train, compiled, precomputed", lambda: check.train_row(m, batch, compiled=True, precomputed=True))
     if check.elapsed() < args.budget_s:
-        check.sample_row(m, compiled=True)
+        case("DDIM sampling, compiled", lambda: check.sample_row(m, compiled=True))
     else:
         check.notes.append(f"Compiled sampling skipped: {check.elapsed():.0f} s used of the {args.budget_s} s budget.")
+    return failed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(args, device)
     status = 0
     try:
-        run(check)
+        status = run(check)
     except KeyboardInterrupt:  # gpu_check.sh's time limit: report what was measured
         check.notes.append(f"**Interrupted after {check.elapsed():.0f} s**; the rows above are complete.")
         status = 124

@@ -22,8 +22,9 @@ added by the step          UNet gradients 4 N_u (fp32; DDP's buckets alias them,
                            batch at a time), ``enc_per_sample * B * (px / 512)^2``
 =========================  ========================================================================
 
-Peak = held + gradients + max(UNet term, encoder term). The optimizer step adds nothing measurable (fused
-AdamW updates in place) and EMA is an in-place ``lerp``.
+Peak = held + max(encoder term, gradients + UNet term) from the second step on (the first allocates the
+AdamW moments at its end, see ``predict``). The optimizer step adds nothing else measurable (fused AdamW
+updates in place) and EMA is an in-place ``lerp``.
 
 **Measured, not guessed**: the UNet and encoder terms come from the real full-width networks on this CPU
 (random weights) at 128 and 256 px, batch 1, with ``tensor_memory.TensorMemoryTracker`` (peak of live tensor
@@ -129,15 +130,25 @@ def held_bytes(c: Counts, s: Setting) -> dict[str, float]:
 
 
 def predict(c: Counts, unet_term: LinearTerm, enc_term: LinearTerm, s: Setting, batch: int,
-            px: int = 512) -> dict[str, float]:
-    """Bytes by component and the predicted peak of one step (``"peak"``)."""
+            px: int = 512, first_step: bool = False) -> dict[str, float]:
+    """Bytes by component and the predicted peak of a step (``"peak"``).
+
+    The encoders run before the UNet, while the gradients are still unallocated (``zero_grad`` sets them to
+    None), so a step peaks at ``held + max(encoder term, gradients + UNet term)``. ``first_step``: AdamW
+    allocates its moments inside the first ``optimizer.step()``, after the backward has freed the
+    activations: ``held - moments + max(encoder term, gradients + max(UNet term, moments))``.
+    """
     out = held_bytes(c, s)
-    out["UNet gradients (fp32)"] = 4 * c.unet
+    grads = out["UNet gradients (fp32)"] = 4 * c.unet
     unet, enc = unet_term.at(batch, px), enc_term.at(batch, px)
     out["UNet forward + backward"] = unet
     out["VAE encode transient"] = enc
-    out["peak"] = sum(v for k, v in out.items() if k not in ("UNet forward + backward", "VAE encode transient"))
-    out["peak"] += max(unet, enc)
+    held = sum(held_bytes(c, s).values())
+    if first_step:
+        moments = out["AdamW moments (fp32)"]
+        out["peak"] = held - moments + max(enc, grads + max(unet, moments))
+    else:
+        out["peak"] = held + max(enc, grads + unet)
     return out
 
 
@@ -276,7 +287,7 @@ def report(counts: Counts, terms: dict[str, Any], margin: float, batch: int = 8,
          f"peak GiB, batch {batch}", *[f"{batch}/GPU on {g}" for g in GPUS]], rows))
     lines.append(f"'fits': predicted peak x {1 + margin:.2f} (allocator fragmentation, workspaces) + "
                  f"{CUDA_CONTEXT / GIB:.1f} GiB CUDA context <= the GPU's memory. Held = weights, EMA, AdamW "
-                 "moments, frozen encoders; peak adds gradients and the larger of the UNet and encoder terms.")
+                 "moments, frozen encoders; peak = held + max(encoder term, gradients + UNet term).")
     return "\n\n".join(lines)
 
 
