@@ -19,6 +19,7 @@ CPU has no single published peak).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gc
 import logging
 import os
@@ -191,11 +192,12 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return 2 * n**3 / best / 1e12
 
 
+@functools.cache
 def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak TFLOP/s for MFU, where it comes from).
 
     GPUs: the dense bf16 spec-sheet peak (``ldm.callbacks.PEAK_TFLOPS``; PERFORMANCE.md's MFU convention, also
-    for fp32 runs). CPUs: a square GEMM measured now in ``dtype``.
+    for fp32 runs). CPUs: a square GEMM measured in ``dtype``, once per process.
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

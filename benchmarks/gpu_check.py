@@ -243,7 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dry_run:
         args.device, args.config = "cpu", str(common.REPO / "configs" / "tiny" / "inpaint.yaml")
         args.resolution, args.batch = 64, 2
-        args.rounds, args.warmup, args.sample_batch, args.sample_rounds = 1, 1, 1, 1
+        args.rounds, args.warmup, args.sample_batch, args.sample_rounds = 1, 0, 1, 1
         args.compile_backend = "eager"
     counts = (args.batch, args.rounds, args.sample_batch, args.sample_steps, args.sample_rounds)
     if min(counts) < 1 or args.resolution % 64:

@@ -109,14 +109,13 @@ def _init_by_name(model: Any) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
             if p.ndim > 1:
-                value = noise / (p[0].numel() ** 0.5)
+                p.copy_(noise.mul_(p[0].numel() ** -0.5))
             elif "norm" in name and name.endswith("weight"):
-                value = 1 + 0.1 * noise
+                p.copy_(noise.mul_(0.1).add_(1))
             else:
-                value = 0.02 * noise
-            p.copy_(value.to(p.dtype))
+                p.copy_(noise.mul_(0.02))
 
 
 def _worker(root: str, spec: dict[str, Any]) -> None:
@@ -209,6 +208,10 @@ class Worker:
             [sys.executable, __file__, "--worker", str(root), "--spec", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(root),
         )
+        self.info: dict[str, Any] = {}
+
+    def wait_ready(self) -> None:
+        """Block until the worker has built its model (workers start in parallel, then each is awaited)."""
         self.info = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -282,6 +285,7 @@ def run(args: argparse.Namespace) -> str:
     workers = {label: Worker(label, root, spec) for label, root in roots.items()}
     try:
         for label, w in workers.items():
+            w.wait_ready()
             log.info("%s worker: %d parameters, %d state-dict keys", label, w.info["params"], w.info["keys"])
         parity: dict[str, tuple[float, float]] = {}
         if "reference" in workers:
