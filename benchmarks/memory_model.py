@@ -3,6 +3,7 @@
 
     python benchmarks/memory_model.py                 # measure the activation terms on this CPU, print the model
     python benchmarks/memory_model.py --json out.json # also write the fitted terms (full_step.py reads them)
+    python benchmarks/memory_model.py --terms out.json  # the report again from saved terms (no measuring)
     python benchmarks/memory_model.py --no-write      # print only
 
 The model (bytes; N_u, N_v, N_t = UNet, VAE and text-encoder parameters, counted on the meta device):
@@ -254,6 +255,15 @@ def fits(total: float, capacity: float, margin: float) -> str:
     return "fits" if need <= capacity else "**no**"
 
 
+def max_batch(c: Counts, unet_term: LinearTerm, enc_term: LinearTerm, s: Setting, capacity: float,
+              margin: float, px: int = 512, limit: int = 1024) -> int:
+    """Largest batch per GPU whose predicted peak fits ``capacity`` (0 if not even one sample fits)."""
+    n = 0
+    while n < limit and fits(predict(c, unet_term, enc_term, s, n + 1, px)["peak"], capacity, margin) == "fits":
+        n += 1
+    return n
+
+
 def report(counts: Counts, terms: dict[str, Any], margin: float, batch: int = 8,
            config: str | Path = common.DEFAULT_CONFIG) -> str:
     lines = [
@@ -278,13 +288,14 @@ def report(counts: Counts, terms: dict[str, Any], margin: float, batch: int = 8,
         p1 = predict(counts, unet_term, enc_term, s, 1)
         p8 = predict(counts, unet_term, enc_term, s, batch)
         held = sum(held_bytes(counts, s).values())
+        largest = [max_batch(counts, unet_term, enc_term, s, cap, margin) for cap in GPUS.values()]
         rows.append([s.name, f"{held / GIB:.1f}", f"{p1['UNet forward + backward'] / GIB:.1f}",
                      f"{p8['UNet forward + backward'] / GIB:.1f}", f"{p1['peak'] / GIB:.1f}",
                      f"**{p8['peak'] / GIB:.1f}**",
-                     *[fits(p8["peak"], cap, margin) for cap in GPUS.values()]])
+                     *[f"{fits(p8['peak'], cap, margin)} (max {n})" for cap, n in zip(GPUS.values(), largest)]])
     lines.append(common.markdown_table(
         ["setting (512 px)", "held GiB", "UNet fwd+bwd GiB, batch 1", f"batch {batch}", "peak GiB, batch 1",
-         f"peak GiB, batch {batch}", *[f"{batch}/GPU on {g}" for g in GPUS]], rows))
+         f"peak GiB, batch {batch}", *[f"{batch}/GPU on {g} (largest batch)" for g in GPUS]], rows))
     lines.append(f"'fits': predicted peak x {1 + margin:.2f} (allocator fragmentation, workspaces) + "
                  f"{CUDA_CONTEXT / GIB:.1f} GiB CUDA context <= the GPU's memory. Held = weights, EMA, AdamW "
                  "moments, frozen encoders; peak = held + max(encoder term, gradients + UNet term).")
@@ -300,6 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--margin", type=float, default=0.10, help="fragmentation/workspace margin (default 0.10)")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--json", help="write the counts and fitted terms here (read by full_step.py)")
+    p.add_argument("--terms", help="report from terms a previous --json wrote instead of measuring again")
     p.add_argument("--no-write", action="store_true", help="print only; do not add results to docs/BENCHMARKS.md")
     args = p.parse_args(argv)
     sizes = [int(v) for v in args.sizes.split(",")]
@@ -322,8 +334,11 @@ def select(spec: str) -> list[Setting]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.setup(args.threads)
-    counts = count_parameters(args.config)
-    terms = measure(args.sizes, select(args.settings), args.config)
+    if args.terms:
+        counts, terms = load_terms(Path(args.terms))
+    else:
+        counts = count_parameters(args.config)
+        terms = measure(args.sizes, select(args.settings), args.config)
     if args.json:
         save_terms(terms, counts, Path(args.json))
     text = "\n\n".join([common.run_header(torch.device("cpu")).rstrip(),

@@ -148,6 +148,11 @@ def test_memory_model_arithmetic():
     first = mm.predict(counts, small, enc, s, batch=8, first_step=True)
     assert first["peak"] == pytest.approx(held - 2000 + max(400, 4000 + max(18, 2000)))
     assert mm.fits(30 * 2**30, 40e9, 0.1) == "fits" and mm.fits(36 * 2**30, 40e9, 0.1) == "**no**"
+    # largest batch without ZeRO: held 16440 + max(encoder 50 b, grads 4000 + UNet 10 + b)
+    capacity = 16440 + 4010 + 7 + mm.CUDA_CONTEXT
+    assert mm.max_batch(counts, small, enc, mm.Setting("y", True, False), capacity, 0.0) == 7
+    capacity = 16440 + 50 * 100 + mm.CUDA_CONTEXT  # past b = 82 the encoder term is the larger one
+    assert mm.max_batch(counts, small, enc, mm.Setting("y", True, False), capacity, 0.0) == 100
 
 
 @pytest.mark.slow
