@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train or resume an ldm model: ``python main.py --base configs/inpaint.yaml --train``.
 
-The ldm command line (SPEC B.3.1): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
+The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
 ``-t/--train``, ``-r/--resume`` (a run dir or a checkpoint), ``-n/--name``, ``-l/--logdir``, ``-s/--seed``,
 ``--scale_lr`` (off by default here; the formula is logged). Trainer settings live in ``lightning.trainer``
 (e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run`` and ``ldm.callbacks``; the
@@ -14,24 +14,6 @@ import argparse
 import datetime
 import logging
 import sys
-
-import pytorch_lightning as pl
-from omegaconf import OmegaConf
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: F401 - config targets main.*
-from ldm.checkpoint import CheckpointError
-from ldm.data.stats import BadDataError
-from ldm.run import (
-    build_trainer,
-    check_overrides,
-    check_sections,
-    count_devices,
-    effective_lr,
-    preflight,
-    resolve_run_dirs,
-)
-from ldm.util import ConfigError, instantiate_from_config, load_config
 
 log = logging.getLogger("main")
 
@@ -78,6 +60,28 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
                    help="scale base_learning_rate by accumulate * devices * nodes * batch size (default off)")
     return p
+
+
+if __name__ == "__main__":
+    get_parser().parse_known_args(explicit_bools(sys.argv[1:]))  # --help answers before Lightning loads
+
+import pytorch_lightning as pl  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
+
+from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: E402, F401 - config targets main.*
+from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.data.stats import BadDataError  # noqa: E402
+from ldm.run import (  # noqa: E402
+    build_trainer,
+    check_overrides,
+    check_sections,
+    count_devices,
+    effective_lr,
+    preflight,
+    resolve_run_dirs,
+)
+from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
 
 
 def run(argv: list[str]) -> int:

@@ -196,7 +196,7 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
 def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak TFLOP/s for MFU, where it comes from).
 
-    GPUs: the dense bf16 spec-sheet peak (``ldm.callbacks.PEAK_TFLOPS``; PERFORMANCE.md's MFU convention, also
+    GPUs: the dense bf16 spec-sheet peak (``ldm.callbacks.PEAK_TFLOPS``; docs/DECISIONS.md R10 MFU convention, also
     for fp32 runs). CPUs: a square GEMM measured in ``dtype``, once per process.
     """
     if device.type == "cuda":
@@ -283,7 +283,7 @@ def write_results(heading: str, text: str, intro: str = "", doc: Path = DOC) -> 
 
 
 def synthetic_batch(batch: int, size: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """A training batch in the LAION layout (SPEC B.4.1) from ``ldm.data.synthetic``: images, masks, text."""
+    """A training batch in the LAION layout (docs/DECISIONS.md R7) from ``ldm.data.synthetic``: images, masks, text."""
     rng = np.random.default_rng(seed)
     samples = [synthetic_sample(rng, size, "512train-large", p_drop=0.25) for _ in range(batch)]
     out: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in samples])).to(device)  # B x H x W x C

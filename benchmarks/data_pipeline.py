@@ -4,7 +4,7 @@
     python benchmarks/data_pipeline.py                 # defaults finish in about a minute on 2 cores
     python benchmarks/data_pipeline.py --no-write      # print only, do not append to docs/BENCHMARKS.md
 
-What is measured (targets from PERFORMANCE.md):
+What is measured (targets: docs/DECISIONS.md R12):
 
 1. **samples/s per worker core**: the real training loader (``WebDataModuleFromConfig`` with the SD2
    inpainting train split: json filters and word list, bicubic Resize 512 + RandomCrop 512, ``AddMask``
@@ -47,7 +47,7 @@ from demo_data import load_manifest, load_photo  # noqa: E402 - scripts/demo_dat
 from ldm.data.decode import collate, decode_image  # noqa: E402
 from ldm.data.inpainting import AddMask  # noqa: E402
 from ldm.data.laion import WebDataModuleFromConfig  # noqa: E402
-from ldm.data.masks import MASK_MODES  # noqa: E402
+from ldm.data.masks import MASK_MODES, masked_image  # noqa: E402
 from ldm.data.shard_writer import Record, write_shards  # noqa: E402
 from ldm.data.transforms import Crop, Resize, to_float_hwc  # noqa: E402
 
@@ -136,7 +136,7 @@ def stage_times(paths: list[Path]) -> dict[str, float]:
         t3 = clock()
         mask = add_mask.make_mask(rng, 512, 512)[..., None]
         t4 = clock()
-        masked = arr * (np.float32(1.0) - mask)
+        masked = masked_image(arr, mask)
         t5 = clock()
         batch.append({"jpg": arr, "mask": mask, "masked_image": masked, "txt": "x", "__key__": "k"})
         if len(batch) == 8:

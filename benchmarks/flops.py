@@ -4,8 +4,8 @@ What is counted: what ``FlopCounterMode`` counts, i.e. 2 x the multiply-accumula
 batched matmuls and attention (SDPA; this module adds the formula torch lacks for the CPU flash kernel);
 norms, softmax and element-wise ops are left out (memory bound; published MFU figures leave them out too).
 Counting runs on whatever device the modules live on; on the ``meta`` device it costs no memory and no
-arithmetic, so the full-size model is counted in seconds on any machine (SPEC B.8 and PERFORMANCE.md
-section 6 give the reference numbers; tests/test_flops.py checks them).
+arithmetic, so the full-size model is counted in seconds on any machine (docs/DECISIONS.md R10 gives the
+reference numbers; tests/test_flops.py checks them).
 
 Per training sample of the inpainting model (MFU convention: model FLOPs, not hardware FLOPs):
 
@@ -16,7 +16,7 @@ Per training sample of the inpainting model (MFU convention: model FLOPs, not ha
 Activation checkpointing recomputes most of the UNet forward in the backward pass (counted: 3.7 x forward
 instead of 3.0 x); those are hardware FLOPs, not model FLOPs, and MFU leaves them out.
 
-The VAE decoder is counted for sampling only (the training step never decodes, SPEC D8). Left out:
+The VAE decoder is counted for sampling only (the training step never decodes, DECISIONS D8). Left out:
 optimizer and EMA arithmetic (memory bound, a few FLOPs per parameter).
 """
 

@@ -13,7 +13,7 @@ model of ``configs/inpaint.yaml`` at the chosen scale with random weights. Two t
   on) against the plain path (explicit softmax attention, fp32, NCHW, eager), for DDIM-50 and DPM-Solver++-20;
 * one guided UNet evaluation (the per-step cost), interleaved, each switch off alone against the fast path.
 
-Target (PERFORMANCE.md): <= 1.0 s per 512 x 512 image at 50 DDIM steps on an A100-class GPU with SDPA + bf16.
+Target (docs/DECISIONS.md R12): <= 1.0 s per 512 x 512 image at 50 DDIM steps on an A100-class GPU with SDPA + bf16.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flops import ModelFlops, flops_from_config
 
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.inference import SamplingOptions, inpaint
 from ldm.modules.attention import attention_backend
 from ldm.util import instantiate_from_config
@@ -41,7 +42,7 @@ thread; `--device cuda`: full size, 512 px, compiled). One image = `ldm.inferenc
 encode, text encodes, sampler with classifier-free guidance (two UNet evaluations per step, batched), VAE
 decode. Whole images are timed interleaved for the fast path (SDPA, bf16 autocast, channels_last, compiled
 UNet when compile is on) and the plain path (explicit softmax attention, fp32, NCHW, eager); one guided UNet
-evaluation is timed with each switch off alone. Target (PERFORMANCE.md): <= 1.0 s per 512 x 512 image at
+evaluation is timed with each switch off alone. Target (docs/DECISIONS.md R12): <= 1.0 s per 512 x 512 image at
 50 DDIM steps on an A100-class GPU."""
 SAMPLERS = {"DDIM-50": ("ddim", 50), "DPM-Solver++-20": ("dpm", 20)}
 
@@ -215,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", choices=sorted(common.SCALES), help="default: full on GPU, else small")
     p.add_argument("--resolution", type=int, help="image side in px (default: 512 on GPU, 256 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="images per call (seconds are reported per image)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance scale")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="compile the fast path's UNet; auto = on for GPUs, off on CPUs (inductor's CPU "
                         "compile of the UNet forward takes about 3 minutes on a 2-core machine)")

@@ -63,7 +63,7 @@ off, and the speed-up is the median of the per-round time ratios. MFU counts mod
 measured in the same run. Peak memory: the CUDA allocator's peak, or on a CPU the peak of live tensor
 storages; both include parameters, EMA and optimizer state.
 
-Targets (PERFORMANCE.md): >= 40% MFU of all model FLOPs (4.69 TFLOP/sample at 512 px) and < 40 GB at 8
+Targets (docs/DECISIONS.md R12): >= 40% MFU of all model FLOPs (4.69 TFLOP/sample at 512 px) and < 40 GB at 8
 samples per GPU for the full 9-channel model in bf16."""
 
 

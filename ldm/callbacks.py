@@ -191,7 +191,7 @@ class ThroughputMonitor(pl.Callback):
     ``perf/peak_mem_gib`` every ``log_every_n_steps`` optimizer steps.
 
     Args:
-        flops_per_sample: model FLOPs per training sample (PERFORMANCE.md: 4.69e12 for the 512 px inpainting
+        flops_per_sample: model FLOPs per training sample (DECISIONS R10: 4.69e12 for the 512 px inpainting
             step with online VAE and text encoders). None: MFU is not logged.
         log_every_n_steps: averaging window in optimizer steps.
         peak_tflops: device peak for MFU; None picks it from the device name (A100/H100/...).

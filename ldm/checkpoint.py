@@ -2,7 +2,7 @@
 
 * :func:`load_state_dict_file` reads ``.safetensors`` or ``.ckpt``/``.pt``/``.bin`` (``torch.load`` with
   ``weights_only=True``: no arbitrary code runs), with or without a ``state_dict`` wrapper.
-* :func:`widen_input_channels` is the inpainting 4 -> 9 input-conv surgery (SPEC D4): the checkpoint's channels
+* :func:`widen_input_channels` is the inpainting 4 -> 9 input-conv surgery (DECISIONS D4): the checkpoint's channels
   go first, the new channels are zero, anything else is a :class:`CheckpointError`.
 * :func:`load_into` applies ignore prefixes and the surgery, loads non-strictly and reports missing and
   unexpected keys in one summary.
@@ -82,7 +82,7 @@ def widen_input_channels(
     keys: Iterable[str],
     keep_dims: int = 4,
 ) -> dict[str, torch.Tensor]:
-    """Zero-pad dim 1 of each key in ``keys`` from the checkpoint's width to the model's (SPEC D4).
+    """Zero-pad dim 1 of each key in ``keys`` from the checkpoint's width to the model's (DECISIONS D4).
 
     Input channels ``[0, keep_dims)`` are copied, the rest are zero; the bias is never touched. A key whose
     checkpoint shape already equals the model's is left alone (resuming an inpainting checkpoint). Any other

@@ -1,16 +1,18 @@
 """Inpainting inference: load a checkpoint for sampling, fit image and mask to the model, condition, sample.
 
-The steps follow the SD2 inpainting scripts (SPEC B.6.3) with the project's fixes made explicit:
+The steps follow the SD2 inpainting scripts (docs/DECISIONS.md R4, D11) with the project's fixes made explicit:
 
 * :func:`load_model` builds the model from its yaml and loads a ``.ckpt``/``.safetensors`` in the official layout,
   with or without ``model_ema.*`` (EMA chosen when present unless told otherwise), and rejects files that are not
   checkpoints, do not fit the architecture, or record a different parameterization than the config.
 * :func:`fit_to_multiple` / :func:`restore_size` pad (edge) or resize to multiples of 64 and undo it afterwards.
 * :func:`inpaint_conditioning`: ``cond = {c_concat: [mask | z(masked image)], c_crossattn: [text]}``; the
-  unconditional branch shares ``c_concat`` and only the text becomes ``""`` (as SD2 does).
-* :func:`inpaint`: every random draw comes from a seeded generator (x_T and eta noise from a CPU generator, the VAE
-  posterior sample from its own stream), so one seed reproduces bit-identically on CPU. Optional paste-back of the
-  known pixels, which SD2's scripts do not do.
+  unconditional branch is the model's ``null_conditioning``: it shares ``c_concat`` and only the text becomes
+  ``""`` (as SD2 does).
+* :func:`inpaint`: samples through ``ldm.models.diffusion.sampling.sample_latents`` (samplers by name). Every
+  random draw comes from a seeded generator (x_T and eta noise from a CPU generator, the VAE posterior sample from
+  its own stream), so one seed reproduces bit-identically on CPU. Optional paste-back of the known pixels, which
+  SD2's scripts do not do.
 
 Left out: SD2's invisible watermark and safety checker, and non-inpainting (text-to-image) sampling.
 """
@@ -30,9 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file, state_dict_of
+from ldm.data import masks
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.interop.ldm_format import read_parameterization, select_weights
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.sampling import SAMPLERS as _REGISTRY
+from ldm.models.diffusion.sampling import get_sampler, sample_latents
+from ldm.models.diffusion.schedule import NoiseSchedule
 from ldm.util import instantiate_from_config, load_config
 
 log = logging.getLogger(__name__)
@@ -40,13 +45,10 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16", "fp16"]
 FitMode = Literal["pad", "resize"]
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAMPLERS = ("ddim", "dpm")
-#: buffers recomputed from the config when a checkpoint lacks them (diffusion schedule, SPEC B.2.2)
-SCHEDULE_BUFFERS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-})
+#: sampler names (the registry of ``ldm.models.diffusion.sampling``), for command-line choices
+SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
+#: buffers recomputed from the config when a checkpoint lacks them (the diffusion schedule, DECISIONS R1)
+SCHEDULE_BUFFERS = frozenset(NoiseSchedule.buffer_names())
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -205,15 +207,15 @@ def restore_size(image: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def image_tensors(image: np.ndarray, mask: np.ndarray, n: int, device: torch.device):
-    """``(image, mask, masked_image)`` as ``n x C x H x W`` float tensors (SPEC B.6.3).
+    """``(image, mask, masked_image)`` as ``n x C x H x W`` float tensors (DECISIONS R4).
 
-    The image goes to [-1, 1]; the mask is binarised at 0.5 (white = 1 = inpaint); ``masked_image = image *
-    (mask < 0.5)``, i.e. the hole is 0 (mid grey), as in training.
+    The image goes to [-1, 1]; the mask is binarised at 0.5 (white = 1 = inpaint); the masked image is
+    ``ldm.data.masks.masked_image`` (the hole is 0, mid grey), as in training.
     """
     x = torch.from_numpy(np.array(image, dtype=np.float32)).div(127.5).sub(1.0)  # H x W x 3 in [-1, 1]
     x = x.permute(2, 0, 1)[None].repeat(n, 1, 1, 1).to(device)  # n x 3 x H x W
-    m = torch.from_numpy((np.asarray(mask) >= 0.5).astype(np.float32))[None, None].repeat(n, 1, 1, 1).to(device)
-    return x, m, x * (m < 0.5)
+    m = torch.from_numpy(masks.binarize_mask(np.asarray(mask)))[None, None].repeat(n, 1, 1, 1).to(device)
+    return x, m, masks.masked_image(x, m)
 
 
 # ------------------------------------------------------------------------------------- conditioning, sampling
@@ -221,19 +223,17 @@ def inpaint_conditioning(
     model: Any, mask: torch.Tensor, masked_image: torch.Tensor, prompts: Sequence[str],
     generator: torch.Generator | None = None,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
-    """Conditional and unconditional conditioning of an inpainting model (SPEC B.6.3).
+    """Conditional and unconditional conditioning of an inpainting model (DECISIONS R4).
 
     ``c_concat`` follows ``model.concat_keys``: the mask nearest-resized to the latent grid and the masked image's
     VAE posterior *sample* (drawn from ``generator``) times ``scale_factor`` -- the same tensors
     ``LatentInpaintDiffusion.concat_conditioning`` builds in training, but with a seeded draw. The unconditional
-    branch shares ``c_concat``; only its text is the encoding of "".
+    branch is ``model.null_conditioning``: it shares ``c_concat``; only its text is the encoding of "".
     """
     if not getattr(model, "concat_keys", None):
         raise ValueError(f"{type(model).__name__} is not an inpainting model (no concat_keys)")
-    c_cat = model.build_c_concat({"mask": mask, model.masked_image_key: masked_image}, generator=generator)
-    text = model.get_learned_conditioning(list(prompts))
-    empty = model.get_unconditional_conditioning(len(prompts), [""])
-    return {"c_concat": [c_cat], "c_crossattn": [text]}, {"c_concat": [c_cat], "c_crossattn": [empty]}
+    cond = model.inpaint_conditioning(mask, masked_image, model.get_learned_conditioning(list(prompts)), generator)
+    return cond, model.null_conditioning(cond)
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ class SamplingOptions:
     """Sampler settings.
 
     Args:
-        sampler: "ddim" or "dpm" (DPM-Solver++ 2M, deterministic: eta must be 0).
+        sampler: a name in :data:`SAMPLERS`: "ddim", or "dpm" (DPM-Solver++ 2M, deterministic: eta must be 0).
         steps: sampler steps.
         scale: classifier-free guidance scale (1 = no guidance).
         eta: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like).
@@ -249,22 +249,19 @@ class SamplingOptions:
         paste_back: replace the known pixels of the output by the input's.
     """
 
-    sampler: Literal["ddim", "dpm"] = "ddim"
+    sampler: str = "ddim"
     steps: int = 50
-    scale: float = 10.0
+    scale: float = GUIDANCE_SCALE
     eta: float = 0.0
     precision: Precision = "fp32"
     paste_back: bool = False
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {self.sampler!r}: expected one of {SAMPLERS}")
+        get_sampler(self.sampler).check(self.eta)  # unknown names and the eta rule
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {sorted(PRECISIONS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.sampler == "dpm" and self.eta != 0:
-            raise ValueError("eta must be 0 with the DPM-Solver++ sampler (it is deterministic); use --sampler ddim")
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -281,22 +278,6 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     """``B x 3 x H x W`` in [-1, 1] -> ``B x H x W x 3`` uint8 (SD2's clamp and rounding-down conversion)."""
     x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return (x.permute(0, 2, 3, 1).cpu().numpy() * 255.0).astype(np.uint8)
-
-
-@torch.no_grad()
-def sample_latents(model: Any, cond: Any, uncond: Any, shape: Sequence[int], seed: int,
-                   options: SamplingOptions) -> torch.Tensor:
-    """Sample ``shape`` (B, C, h, w) latents from x_T ~ N(0, I) drawn by a CPU generator seeded with ``seed``."""
-    device = next(model.parameters()).device
-    noise_gen = torch.Generator("cpu").manual_seed(stream_seed(seed, 0))
-    x_T = torch.randn(tuple(shape), generator=noise_gen).to(device)  # CPU draw: identical on every device
-    sampler = DDIMSampler(model) if options.sampler == "ddim" else DPMSolverSampler(model)
-    kwargs = {"eta": options.eta, "generator": noise_gen} if options.sampler == "ddim" else {}
-    samples, _ = sampler.sample(
-        S=options.steps, batch_size=shape[0], shape=tuple(shape[1:]), conditioning=cond, x_T=x_T,
-        unconditional_guidance_scale=options.scale, unconditional_conditioning=uncond, verbose=False, **kwargs,
-    )
-    return samples
 
 
 @torch.no_grad()
@@ -324,11 +305,13 @@ def inpaint(
     with _autocast(device, options.precision):
         cond, uncond = inpaint_conditioning(model, m, masked, [prompt] * num_samples, vae_gen)
         c_cat = cond["c_concat"][0]
-        shape = (num_samples, model.channels, *c_cat.shape[-2:])
-        samples = sample_latents(model, cond, uncond, shape, seed, options)
+        noise_gen = torch.Generator("cpu").manual_seed(stream_seed(seed, 0))  # x_T and the eta noise
+        x_T = torch.randn((num_samples, model.channels, *c_cat.shape[-2:]), generator=noise_gen).to(device)
+        samples = sample_latents(model, cond, x_T, sampler=options.sampler, steps=options.steps,
+                                 scale=options.scale, uncond=uncond, eta=options.eta, generator=noise_gen)
         decoded = model.decode_first_stage(samples)
     outputs = [restore_size(img, geometry) for img in _to_uint8(decoded)]
     if options.paste_back:
-        known = (np.asarray(mask) < 0.5)[..., None]
+        known = ~masks.is_hole(np.asarray(mask))[..., None]
         outputs = [np.where(known, image, out) for out in outputs]
     return outputs

@@ -4,7 +4,7 @@ Each scheduler is a plain callable ``step -> multiplier``; :meth:`LatentDiffusio
 it in ``torch.optim.lr_scheduler.LambdaLR`` stepped once per optimizer step, so the learning rate is
 ``base_lr * f(step)``.
 
-SD2's inpainting recipe (SPEC D2) uses :class:`LambdaLinearScheduler` with ``f_start=1e-6, f_max=f_min=1``: a
+SD2's inpainting recipe (DECISIONS D2) uses :class:`LambdaLinearScheduler` with ``f_start=1e-6, f_max=f_min=1``: a
 linear warm-up to the full LR, then constant.
 """
 

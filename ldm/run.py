@@ -1,4 +1,4 @@
-"""Run directories, resume resolution and Trainer construction for ``main.py`` (ldm's layout, SPEC B.3).
+"""Run directories, resume resolution and Trainer construction for ``main.py`` (ldm's layout, DECISIONS R8).
 
 Layout of a run: ``<logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/`` with ``configs/`` (resolved project and
 lightning yaml), ``checkpoints/`` (``last.ckpt``, step checkpoints, ``trainstep_checkpoints/`` weights-only
@@ -35,7 +35,7 @@ LIGHTNING_KEYS = {
     "find_unused_parameters": "DDP find_unused_parameters (default False)",
     "ddp_bucket_cap_mb": "DDP gradient bucket size in MB (default 25)",
     "ddp_static_graph": "DDP static_graph (default False)",
-    "flops_per_sample": "model FLOPs per training sample, for MFU logging (PERFORMANCE.md)",
+    "flops_per_sample": "model FLOPs per training sample, for MFU logging (docs/DECISIONS.md R10)",
 }
 
 
@@ -105,7 +105,7 @@ def effective_lr(base_lr: float, batch_size: int, devices: int, num_nodes: int, 
                  scale_lr: bool) -> tuple[float, str]:
     """The learning rate and a human-readable formula for the log.
 
-    Unlike ldm (which counted GPUs per node only, SPEC B.9.7), scaling uses the full world size.
+    Unlike ldm (which counted GPUs per node only, DECISIONS D2), scaling uses the full world size.
     """
     if not scale_lr:
         return base_lr, f"learning rate {base_lr:.2e} (base_learning_rate; --scale_lr off)"

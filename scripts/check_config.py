@@ -19,6 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="+", help="yaml config(s), merged in order, then key=value overrides")
+    p.add_argument("--keys-tsv", type=Path, help="write key<TAB>shape lines of the full state dict here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below
+
 import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
@@ -68,10 +79,7 @@ def shape_str(t: torch.Tensor) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="+", help="yaml config(s), merged in order, then key=value overrides")
-    parser.add_argument("--keys-tsv", type=Path, help="write key<TAB>shape lines of the full state dict here")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     files = [c for c in args.config if "=" not in c]
     overrides = [c for c in args.config if "=" in c]

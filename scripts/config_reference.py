@@ -16,6 +16,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only check that configs/README.md is current")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (Lightning)
+
 from ldm.compat import IGNORED_PARAMS  # noqa: E402
 from ldm.run import LIGHTNING_KEYS, TOP_LEVEL_KEYS  # noqa: E402
 from ldm.util import get_obj_from_str  # noqa: E402
@@ -103,9 +113,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only check that configs/README.md is current")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     out = REPO / "configs" / "README.md"
     text = render()
     if args.check:

@@ -19,7 +19,7 @@ inpaint), ``runs/`` (the main.py run directories), ``eval/`` (evaluate.py's tabl
 ``heldin/``, ``shards/``.
 ``--fast`` is the shortened run the test suite uses (4 of the 10 photos, fewer steps); ``--steps N`` sets the
 training steps of every stage (``--steps 10``: a smoke run). Exit status 1 when the model did not learn by the
-issue's criterion (masked-region L1 at most half of both baselines'; see metrics.json), 2 when a stage failed.
+demo's criterion (masked-region L1 at most half of both baselines'; see metrics.json), 2 when a stage failed.
 
     python scripts/demo.py --out demo_out          # what `make demo` runs (about 5-6 minutes on 2 idle cores)
     python scripts/demo.py --out /tmp/demo --fast  # the CI-sized run (about 2 minutes)
@@ -44,6 +44,28 @@ from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", "--outdir", type=Path, default=Path("demo_out"),
+                   help="output folder (default demo_out)")
+    p.add_argument("--fast", action="store_true", help="the shortened CI run (fewer steps)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps of every stage (overrides the profile; e.g. 10 for a smoke run)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below
 
 import demo_report as report  # noqa: E402 - sibling module in scripts/
 import yaml  # noqa: E402
@@ -225,7 +247,7 @@ class Demo:
         heldin = self.write_heldin()
         call("scripts/inpaint.py", load_script("inpaint").main, [
             "--config", CONFIGS["inpaint"], "--ckpt", str(self.ckpt["inpaint"]), "--input-dir", str(heldin),
-            "--prompts-file", str(heldin / "prompts.txt"), "--outdir", str(self.out / "samples"),
+            "--prompts-file", str(heldin / "prompts.txt"), "--out", str(self.out / "samples"),
             "--seed", str(self.seed), *self.sampling_args()])
         untrained = report.untrained_unet_checkpoint(
             self.ckpt["inpaint"],
@@ -338,23 +360,6 @@ def summary(demo: Demo, passed: bool) -> None:
     ]
     for line in lines:
         log.info("%s", line)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
-    p.add_argument("--fast", action="store_true", help="the shortened CI run (fewer steps)")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="training steps of every stage (overrides the profile; e.g. 10 for a smoke run)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    return args
 
 
 def run(demo: Demo) -> bool:

@@ -29,8 +29,10 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.checkpoint import load_state_dict_file
+from ldm.data.masks import is_hole
 from ldm.eval.metrics import region_metrics
 from ldm.image_io import load_mask, load_rgb
+from ldm.interop.ldm_format import ema_key as ema_key_of
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.util import instantiate_from_config
 
@@ -160,7 +162,7 @@ def start_from_base_check(
         t = torch.randint(0, inpaint.num_timesteps, (z.shape[0],), generator=gen)
         noise = torch.randn(z.shape, generator=gen)
         x_noisy = inpaint.q_sample(z, t, noise)
-        target = inpaint.get_v(z, noise, t)
+        target = inpaint.training_target(z, noise, t)  # the configured parameterization (v here)
         out_inp = inpaint.apply_model(x_noisy, t, cond)
         out_base = base_model.apply_model(x_noisy, t, cond["c_crossattn"][0])
         out_rand = rand(x_noisy, t, **cond)
@@ -181,8 +183,7 @@ def start_from_base_check(
 def _ema_widened_exactly(inpaint: Any, base_ckpt: str | Path) -> bool:
     """The EMA twin of the first UNet conv: base EMA channels copied, the extra channels exactly zero."""
     base_sd = load_state_dict_file(base_ckpt)
-    name = "diffusion_model.input_blocks.0.0.weight"
-    ema_key = EMA_PREFIX + name.replace(".", "")  # LitEma's buffer names drop the dots
+    ema_key = ema_key_of(UNET_PREFIX + "diffusion_model.input_blocks.0.0.weight")
     if not inpaint.use_ema or ema_key not in base_sd:
         return False
     widened = inpaint.state_dict()[ema_key]
@@ -228,7 +229,7 @@ def untrained_unet_checkpoint(
 
 def mean_colour_fill(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``image`` (H x W x 3 uint8) with the hole (``mask >= 0.5``) set to the known pixels' mean colour."""
-    hole = np.asarray(mask) >= 0.5
+    hole = is_hole(np.asarray(mask))
     out = image.copy()
     if hole.all():  # nothing known: mid grey, the model's own "no information" value
         out[:] = 127

@@ -21,14 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards  # noqa: E402
-from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures  # noqa: E402
-from ldm.eval.report import write_grids, write_json, write_tables  # noqa: E402
-from ldm.eval.run import CheckpointSpec, FeatureMetrics, evaluate_checkpoint, write_inputs  # noqa: E402
-from ldm.inference import PRECISIONS, SAMPLERS, SamplingOptions  # noqa: E402
-
-log = logging.getLogger("evaluate")
+from ldm.defaults import GUIDANCE_SCALE, PRECISION_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,23 +36,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--shards", help="WebDataset shard pattern, e.g. 'val/{00000..00009}.tar'")
     p.add_argument("--num-images", type=int, default=None, help="use the first N images")
     p.add_argument("--size", type=int, default=512, help="square evaluation size (multiple of 64)")
-    p.add_argument("--masks", nargs="+", default=list(DEFAULT_MASK_MODES), help="mask presets (ldm.data.masks)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--masks", nargs="+", default=None,
+                   help="mask modes of ldm.data.masks (default: ldm.eval.data.DEFAULT_MASK_MODES, LaMa "
+                   "thin/medium/thick 512 and SD 512train-large)")
+    p.add_argument("--out", "--outdir", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seeds masks and sampling")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scale", type=float, default=7.5)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--sampler", default="ddim", help="sampler name, e.g. ddim (default) or dpm (DPM-Solver++ 2M)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--scale", type=float, default=GUIDANCE_SCALE,
+                   help=f"classifier-free guidance scale (default {GUIDANCE_SCALE}; 1 = no guidance)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32", help="autocast dtype")
     p.add_argument("--paste-back", action="store_true", help="score outputs with the known pixels pasted back")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: auto)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--inception", help="torchvision Inception-v3 weights file -> FID")
     p.add_argument("--lpips-alexnet", help="torchvision AlexNet weights file (with --lpips-heads) -> LPIPS")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 alex.pth linear heads")
     p.add_argument("--clip-weights", help="open_clip weights file -> CLIP score (with --clip-arch)")
     p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-weights")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
+
+from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards  # noqa: E402
+from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures  # noqa: E402
+from ldm.eval.report import write_grids, write_json, write_tables  # noqa: E402
+from ldm.eval.run import CheckpointSpec, FeatureMetrics, evaluate_checkpoint, write_inputs  # noqa: E402
+from ldm.inference import SamplingOptions  # noqa: E402
+
+log = logging.getLogger("evaluate")
 
 
 def _named(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -113,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         feats = feature_metrics(args)
         images = (load_folder(args.images, args.size, args.num_images) if args.images
                   else load_shards(args.shards, args.size, args.num_images))
-        masks = {mode: fixed_masks(mode, len(images), args.size, args.seed) for mode in args.masks}
+        masks = {mode: fixed_masks(mode, len(images), args.size, args.seed)
+                 for mode in args.masks or DEFAULT_MASK_MODES}
         write_inputs(images, masks, out)
         results = []
         for spec in specs:

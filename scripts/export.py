@@ -19,6 +19,26 @@ import argparse
 import logging
 import sys
 
+from ldm.defaults import PRECISION_NAMES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="model yaml the checkpoint was trained with")
+    p.add_argument("--ckpt", required=True, help="training or exported checkpoint (.ckpt / .safetensors)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="export EMA weights (default: EMA when the checkpoint has them)")
+    p.add_argument("--out", help="official-layout file to write (.safetensors or .ckpt)")
+    p.add_argument("--diffusers", help="diffusers pipeline folder to write")
+    p.add_argument("--dtype", choices=PRECISION_NAMES, default="fp32", help="cast floating-point weights")
+    p.add_argument("--pad-token", default="!",
+                   help="diffusers tokenizer pad token; '!' (id 0) pads like open_clip (see write_tokenizer)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
+
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -30,20 +50,6 @@ from ldm.util import load_config  # noqa: E402
 
 log = logging.getLogger("export")
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="model yaml the checkpoint was trained with")
-    p.add_argument("--ckpt", required=True, help="training or exported checkpoint (.ckpt / .safetensors)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="export EMA weights (default: EMA when the checkpoint has them)")
-    p.add_argument("--out", help="official-layout file to write (.safetensors or .ckpt)")
-    p.add_argument("--diffusers", help="diffusers pipeline folder to write")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="cast floating-point weights")
-    p.add_argument("--pad-token", default="!",
-                   help="diffusers tokenizer pad token; '!' (id 0) pads like open_clip (see write_tokenizer)")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,10 @@ are brought back to the input size. Writes ``NAME_seed{S}_{k}.png`` per sample a
 
     # one image
     python scripts/inpaint.py --config configs/inpaint.yaml --ckpt last.ckpt \\
-        --image dog.png --mask dog_mask.png --prompt "a corgi on a bench" --outdir out/
+        --image dog.png --mask dog_mask.png --prompt "a corgi on a bench" --out out/
     # a folder of NAME.png + NAME_mask.png pairs, one prompt per line, 3 seeds x 2 samples, DPM-Solver++
     python scripts/inpaint.py --config configs/inpaint.yaml --ckpt model.safetensors --input-dir pairs/ \\
-        --prompts-file prompts.txt --seed 1 2 3 --num-samples 2 --sampler dpm --steps 25 --outdir out/
+        --prompts-file prompts.txt --seed 1 2 3 --num-samples 2 --sampler dpm --steps 25 --out out/
 """
 
 from __future__ import annotations
@@ -20,14 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm import tqdm  # noqa: E402
-
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.image_io import find_pairs, load_mask, load_rgb, make_grid, read_prompts, save_png  # noqa: E402
-from ldm.inference import PRECISIONS, SAMPLERS, SamplingOptions, inpaint, load_model  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
-
-log = logging.getLogger("inpaint")
+from ldm.defaults import GUIDANCE_SCALE, PRECISION_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,16 +34,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     txt = p.add_mutually_exclusive_group()
     txt.add_argument("--prompt", help="text prompt (may be empty: \"\")")
     txt.add_argument("--prompts-file", help="one prompt for all images, or one line per image in sorted order")
-    p.add_argument("--outdir", required=True)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim or dpm (DPM-Solver++ 2M)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scale", type=float, default=10.0, help="classifier-free guidance scale")
+    p.add_argument("--out", "--outdir", required=True, help="output folder")
+    p.add_argument("--sampler", default="ddim", help="sampler name, e.g. ddim (default) or dpm (DPM-Solver++ 2M)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--scale", type=float, default=GUIDANCE_SCALE,
+                   help=f"classifier-free guidance scale (default {GUIDANCE_SCALE}; 1 = no guidance)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds; each is reproducible")
     p.add_argument("--num-samples", type=int, default=1, help="samples per seed (drawn as one batch)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use EMA weights (default: EMA when the checkpoint has them)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32", help="autocast dtype")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--paste-back", action="store_true", help="copy the known pixels from the input")
     fit = p.add_mutually_exclusive_group()
@@ -59,6 +53,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(fit="pad")
     p.add_argument("--no-grid", action="store_true", help="do not write NAME_grid.png")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
+
+from tqdm import tqdm  # noqa: E402
+
+from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.image_io import find_pairs, load_mask, load_rgb, make_grid, read_prompts, save_png  # noqa: E402
+from ldm.inference import SamplingOptions, inpaint, load_model  # noqa: E402
+from ldm.util import ConfigError  # noqa: E402
+
+log = logging.getLogger("inpaint")
 
 
 def gather_inputs(args: argparse.Namespace) -> list[tuple[Path, Path, str]]:
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         loaded = load_model(args.config, args.ckpt, use_ema=args.ema, device=args.device)
-        out = Path(args.outdir)
+        out = Path(args.out)
         bar = tqdm(total=len(jobs) * len(args.seed), desc="inpainting", unit="seed")
         for img_path, mask_path, prompt in jobs:
             image, mask = load_rgb(img_path), load_mask(mask_path)

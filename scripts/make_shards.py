@@ -29,6 +29,32 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--demo", action="store_true", help="use the embedded demo set (see --manifest)")
+    src.add_argument("--images", type=Path, help="folder of images")
+    p.add_argument("--captions", type=Path, help="caption table (.json/.jsonl/.csv); default: .txt per image")
+    p.add_argument("--image-col", help="image column of the caption table")
+    p.add_argument("--caption-col", help="caption column of the caption table")
+    p.add_argument("--out", "--outdir", type=Path, required=True, help="output folder")
+    p.add_argument("--size", type=int, default=512, help="target size in pixels (see --resize-mode)")
+    p.add_argument("--resize-mode", choices=("keep_ratio", "center_crop", "no"), default="keep_ratio",
+                   help="keep_ratio: short side to --size; center_crop: square --size crop; no: keep pixels")
+    p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per tar file (default 10000)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--repeat", type=int, default=1, help="demo only: copies of each photo")
+    p.add_argument("--augment", choices=("none", "crop"), default="crop", help="demo only: what copies 2.. are")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of source images held out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and the demo crops")
+    p.add_argument("--manifest", type=Path, default=None, help="demo manifest (default: data/demo/manifest.yaml)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
+
 import numpy as np  # noqa: E402
 from demo_data import DEMO_MANIFEST, demo_records, load_manifest  # noqa: E402 - sibling module in scripts/
 from PIL import Image  # noqa: E402
@@ -126,27 +152,6 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--demo", action="store_true", help=f"use the embedded demo set ({DEMO_MANIFEST.name})")
-    src.add_argument("--images", type=Path, help="folder of images")
-    p.add_argument("--captions", type=Path, help="caption table (.json/.jsonl/.csv); default: .txt per image")
-    p.add_argument("--image-col", help="image column of the caption table")
-    p.add_argument("--caption-col", help="caption column of the caption table")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--size", type=int, default=512, help="target size in pixels (see --resize-mode)")
-    p.add_argument("--resize-mode", choices=("keep_ratio", "center_crop", "no"), default="keep_ratio")
-    p.add_argument("--samples-per-shard", type=int, default=10_000)
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    p.add_argument("--repeat", type=int, default=1, help="demo only: copies of each photo")
-    p.add_argument("--augment", choices=("none", "crop"), default="crop", help="demo only: what copies 2.. are")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of source images held out")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out choice and the demo crops")
-    p.add_argument("--manifest", type=Path, default=DEMO_MANIFEST, help="demo manifest")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.size < 1 or args.samples_per_shard < 1 or args.repeat < 1:
             raise InputError("--size, --samples-per-shard and --repeat must be positive")
         if args.demo:
-            sources = load_manifest(args.manifest)
+            sources = load_manifest(args.manifest or DEMO_MANIFEST)
         else:
             sources = folder_items(args.images, args.captions, args.image_col, args.caption_col)
         train_idx, val_idx = split_holdout(len(sources), args.val_fraction, args.seed)

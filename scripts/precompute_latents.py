@@ -9,7 +9,7 @@ member unchanged, plus ``<key>.latent_moments.npy``: the VAE encoder's output (`
 that sample's image, ``8 x h x w`` float16 (channels 0-3 the posterior mean, 4-7 its log-variance; unscaled,
 i.e. before ``scale_factor``). Training samples the posterior from these moments as it would online
 (``LatentDiffusion.get_input``), which removes one of the two VAE encodes per sample (~1.12 of 4.69 TFLOP at
-512 px; PERFORMANCE.md: the step costs ~1.48x the UNet instead of ~1.94x). The masked image is still encoded
+512 px; docs/DECISIONS.md R10: the step costs ~1.48x the UNet instead of ~1.94x). The masked image is still encoded
 online, because masks are drawn fresh every step.
 
 **The crop is fixed.** The image is resized and centre-cropped exactly as the training config's
@@ -38,6 +38,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: VAE compute precisions this script offers (mapped to autocast dtypes below)
+PRECISION_NAMES = ("fp32", "bf16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="training config: model.params.first_stage_config and "
+                   "data.params.train.image_transforms are used")
+    p.add_argument("--ckpt", help="checkpoint with first_stage_model.* (VAE) weights")
+    p.add_argument("--random-vae", action="store_true", help="allow a randomly initialised VAE (tests only)")
+    p.add_argument("--shards", nargs="+", required=True, help="input shard patterns ({00000..00099} braces)")
+    p.add_argument("--out", "--outdir", type=Path, required=True, help="output folder (shard file names are kept)")
+    p.add_argument("--size", type=int, help="resize + centre crop to this side instead of the config's")
+    p.add_argument("--image-key", default="jpg", help="image member extension")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32", help="VAE compute precision")
+    p.add_argument("--rank", type=int, default=0, help="this process's part of the shard list")
+    p.add_argument("--world-size", type=int, default=1, help="number of parallel processes")
+    p.add_argument("--overwrite", action="store_true", help="redo shards whose output exists")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.world_size < 1 or not 0 <= args.rank < args.world_size:
+        p.error("--batch-size and --world-size must be >= 1 and 0 <= --rank < --world-size")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
@@ -51,7 +80,7 @@ from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: 
 
 log = logging.getLogger("precompute_latents")
 MEMBER = "latent_moments.npy"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16)))
 
 
 @dataclass
@@ -185,28 +214,6 @@ def write_metadata(out: Path, args: argparse.Namespace, cfg: Any, ops: list[Imag
         "source_shards": args.shards, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (out / "latent_moments.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="training config: model.params.first_stage_config and "
-                   "data.params.train.image_transforms are used")
-    p.add_argument("--ckpt", help="checkpoint with first_stage_model.* (VAE) weights")
-    p.add_argument("--random-vae", action="store_true", help="allow a randomly initialised VAE (tests only)")
-    p.add_argument("--shards", nargs="+", required=True, help="input shard patterns ({00000..00099} braces)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (shard file names are kept)")
-    p.add_argument("--size", type=int, help="resize + centre crop to this side instead of the config's")
-    p.add_argument("--image-key", default="jpg", help="image member extension")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="VAE compute precision")
-    p.add_argument("--rank", type=int, default=0, help="this process's part of the shard list")
-    p.add_argument("--world-size", type=int, default=1, help="number of parallel processes")
-    p.add_argument("--overwrite", action="store_true", help="redo shards whose output exists")
-    args = p.parse_args(argv)
-    if args.batch_size < 1 or args.world_size < 1 or not 0 <= args.rank < args.world_size:
-        p.error("--batch-size and --world-size must be >= 1 and 0 <= --rank < --world-size")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

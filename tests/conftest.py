@@ -10,9 +10,23 @@ import pytest
 import torch
 
 # Tiny tensors gain nothing from intra-op threads, and on a 2-core CI box threads fight each other (measured:
-# a tiny training step takes 0.13 s with 1 thread, 0.5 s with 2 under load). Subprocesses inherit the env var.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# a tiny training step takes 0.13 s with 1 thread, 0.5 s with 2 under load). Every test runs torch with one
+# thread: forced here (not a default a caller's environment could raise), inherited by subprocesses through the
+# environment (torch reads it at import; Lightning keeps a set OMP_NUM_THREADS), and guarded below.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+_torch_set_num_threads = torch.set_num_threads
+
+
+def _one_thread_only(n: int) -> None:
+    if n != 1:
+        raise RuntimeError(f"torch.set_num_threads({n}) in a test: the suite runs torch with one thread "
+                           "(tests/conftest.py); measure multi-threaded speed in benchmarks/")
+    _torch_set_num_threads(n)
+
+
+torch.set_num_threads = _one_thread_only
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -32,6 +46,7 @@ REFERENCE = REPO / "tests" / "fixtures"
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+    assert torch.get_num_threads() == 1, "a test left torch with more than one thread"
 
 
 @pytest.fixture

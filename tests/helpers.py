@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from ldm.data.masks import masked_image
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def build_tiny(name: str = "inpaint", **params: Any):
 
 
 def synthetic_batch(b: int = 2, size: int = 64, seed: int = 0) -> dict[str, Any]:
-    """A batch with the exact keys and layouts of the LAION pipeline (SPEC B.4.1): B,H,W,C in [-1,1]."""
+    """A batch with the exact keys and layouts of the LAION pipeline (DECISIONS R7): B,H,W,C in [-1,1]."""
     g = torch.Generator().manual_seed(seed)
     img = torch.rand(b, size, size, 3, generator=g) * 2 - 1
     mask = torch.zeros(b, size, size, 1)
@@ -49,7 +50,7 @@ def synthetic_batch(b: int = 2, size: int = 64, seed: int = 0) -> dict[str, Any]
         "jpg": img,
         "txt": [f"a photo number {i}" for i in range(b)],
         "mask": mask,
-        "masked_image": img * (mask < 0.5),
+        "masked_image": masked_image(img, mask),
     }
 
 

@@ -1,4 +1,4 @@
-"""Full-size models built on the meta device match the reference key/shape manifests and SPEC B.8 counts."""
+"""Full-size models built on the meta device match the reference key/shape manifests and counts (DECISIONS R9, R10)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def test_ema_keys_match_manifest(tmp_path):
     ema_ref = read_reference_tsv("sd2-inpainting-ema-keys.tsv")
     ema_ours = {k: v for k, v in ours.items() if k.startswith("model_ema.")}
     assert ema_ours == ema_ref
-    assert len(ours) == 1928  # 1240 + 688 (SPEC B.7)
+    assert len(ours) == 1928  # 1240 + 688 (DECISIONS R9)
 
 
-def test_parameter_counts_match_spec():
+def test_parameter_counts_match_reference():
     from omegaconf import OmegaConf
 
     expected = {

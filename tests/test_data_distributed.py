@@ -88,7 +88,7 @@ def test_two_ddp_ranks_two_workers_split_validation_and_decorrelate_training(sha
 
 @pytest.mark.slow
 def test_rank_reaches_spawned_workers_without_env_or_process_group(shards, monkeypatch):
-    # ECOSYSTEM.md 4: spawn/forkserver workers cannot see torch.distributed state, so a node splitter that
+    # DECISIONS R11: spawn/forkserver workers cannot see torch.distributed state, so a node splitter that
     # asks it in the worker silently reads every shard. The rank must travel with the dataset instead.
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -135,6 +135,6 @@ def test_cli_entry_point_and_round_trip_through_the_data_module(tmp_path):
                                              "postprocess": {"target": "ldm.data.laion.AddMask"}})
     batches = list(dm.val_dataloader())
     names = sorted(meta["demo_name"] for b in batches for meta in b["json"])
-    # the SD2 filters keep exactly the five photos whose short side is >= 512 (ECOSYSTEM.md 3)
+    # the SD2 filters keep exactly the five photos whose short side is >= 512 (DECISIONS R11)
     assert names == ["astronaut", "grace_hopper", "hubble_deep_field", "immunohistochemistry", "retina"]
     assert dm.data_stats("validation")["too_small"] == 5

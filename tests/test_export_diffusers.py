@@ -68,7 +68,7 @@ def test_diffusers_folder_configs(exported):
     index = json.loads((pipe_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInpaintPipeline"
     sched = json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text())
-    assert sched["prediction_type"] == "v_prediction"  # the tiny config trains with v (SPEC D1)
+    assert sched["prediction_type"] == "v_prediction"  # the tiny config trains with v (DECISIONS D1)
     assert (sched["steps_offset"], sched["set_alpha_to_one"], sched["beta_schedule"]) == (1, False, "scaled_linear")
     assert (sched["beta_start"], sched["beta_end"]) == (0.00085, 0.012)
     eps_cfg = tiny_config("inpaint", parameterization="eps").model

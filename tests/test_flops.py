@@ -1,4 +1,4 @@
-"""benchmarks/flops.py against the published counts (SPEC B.8, PERFORMANCE.md section 6) and against hand formulas.
+"""benchmarks/flops.py against the published counts (docs/DECISIONS.md R10) and against hand formulas.
 
 The full-size models are built on the meta device (no memory, no arithmetic); the reference numbers were
 measured independently with the reference code and are written here as constants.

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm import compat
 from ldm.checkpoint import CheckpointError
 from ldm.inference import (
     SamplingOptions,
@@ -177,6 +178,34 @@ def test_conditioning_matches_training_and_uncond_shares_concat(raw_model):
     assert uncond["c_concat"][0] is cond["c_concat"][0]
     assert torch.equal(uncond["c_crossattn"][0], empty.expand(2, -1, -1))
     assert not torch.equal(cond["c_crossattn"][0], uncond["c_crossattn"][0])
+
+
+def test_null_conditioning_and_concat_keys_are_the_models(raw_model, monkeypatch):
+    """The unconditional branch is the model's one rule (keep c_concat, replace the text), and the mask goes to
+    whichever key ``concat_keys`` names: nothing hard-codes "mask" (inference, training batches, image logs)."""
+    model = raw_model
+    img = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 8:40] = 1
+    x, m, masked = image_tensors(img, mask, 2, torch.device("cpu"))
+    with torch.no_grad():
+        ref, _ = inpaint_conditioning(model, m, masked, ["a", "b"], torch.Generator().manual_seed(5))
+        uncond = model.null_conditioning(ref, "a cat")
+        assert uncond["c_concat"] is ref["c_concat"]
+        assert torch.equal(uncond["c_crossattn"][0], model.get_learned_conditioning(["a cat"]).expand(2, -1, -1))
+        monkeypatch.setattr(model, "concat_keys", ("hole", "masked_image"))
+        assert model.mask_key == "hole"
+        cond, _ = inpaint_conditioning(model, m, masked, ["a", "b"], torch.Generator().manual_seed(5))
+        assert torch.equal(cond["c_concat"][0], ref["c_concat"][0])
+        batch = {"jpg": x.permute(0, 2, 3, 1), "hole": m.permute(0, 2, 3, 1),
+                 "masked_image": masked.permute(0, 2, 3, 1), "txt": ["a", "b"]}
+        logged = model.log_images(batch, N=2, sample=False, **dict.fromkeys(compat.IGNORED_LOG_IMAGES_KWARGS, True))
+        assert torch.equal(logged["mask"], (m * 2 - 1).repeat(1, 3, 1, 1))
+        monkeypatch.setattr(model, "concat_keys", ("hole", "depth", "masked_image"))
+        with pytest.raises(ValueError, match="one mask key plus masked_image_key"):
+            inpaint_conditioning(model, m, masked, ["a", "b"])
+        with pytest.raises(ValueError, match="c_concat"):
+            model.null_conditioning({"c_crossattn": ref["c_crossattn"]})
 
 
 def test_paste_back_keeps_known_pixels_exactly(raw_model):

@@ -1,4 +1,4 @@
-"""Mask generators and AddMask: layouts, seeding, no global RNG, and coverage statistics vs SPEC B.4.4."""
+"""Mask generators and AddMask: layouts, seeding, no global RNG, and coverage statistics vs docs/DECISIONS.md R6."""
 
 from __future__ import annotations
 
@@ -179,11 +179,11 @@ def test_addmask_uint8_transport_keeps_uint8_mask():
     assert out["mask"].dtype == np.uint8 and out["mask"].shape == (16, 16, 1) and "masked_image" not in out
 
 
-# ------------------------------------------------------------------------------ coverage vs SPEC B.4.4
+# ------------------------------------------------------------------------------ coverage vs DECISIONS R6
 
 
 @pytest.mark.slow
-def test_512train_large_coverage_matches_spec():
+def test_512train_large_coverage_matches_reference():
     cov = _draw("512train-large", 4000, 512)
     assert abs(cov.mean() - 0.326) < 0.02 and abs(np.median(cov) - 0.304) < 0.02
     assert abs(np.quantile(cov, 0.1) - 0.067) < 0.02 and abs(np.quantile(cov, 0.9) - 0.622) < 0.03
@@ -206,7 +206,7 @@ def test_lama_eval_presets_match_spec_rows(mode, mean, p50, p90):
 
 
 @pytest.mark.slow
-def test_sd_and_lama_training_rows_match_spec():
+def test_sd_and_lama_training_rows_match_reference():
     for mode, size, mean, p50 in (("512train", 512, 0.182, 0.165), ("256train", 256, 0.172, 0.157),
                                   ("lama-train", 256, 0.349, 0.314)):
         cov = _draw(mode, 2000, size)

@@ -24,7 +24,7 @@ def test_q_sample_and_v_formula(batch):
     torch.testing.assert_close(P.q_sample(x0, eps, a, s), a * x0 + s * eps)
     v = P.v_from_x0_eps(x0, eps, a, s)
     abar = a**2
-    torch.testing.assert_close(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0)  # SPEC B.2.3 get_v
+    torch.testing.assert_close(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0)  # DECISIONS R2 get_v
 
 
 def test_round_trips(batch):
@@ -38,7 +38,7 @@ def test_round_trips(batch):
 
 
 def test_matches_ldm_formulas(batch):
-    # SPEC B.2.3: ldm writes x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps and
+    # DECISIONS R2: ldm writes x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps and
     # eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1).
     x0, eps, a, s = batch
     abar = a**2

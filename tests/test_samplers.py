@@ -1,5 +1,6 @@
 """DDIM and DPM-Solver++(2M): exactness with oracle models, accuracy against the closed-form probability-flow ODE
-solution for Gaussian data, and the ldm-style ``sample`` facades with a tiny model, dict conditioning and CFG.
+solution for Gaussian data, the ldm-style ``sample`` facades with a tiny model, dict conditioning and CFG, and the
+sampler registry behind ``sample_latents`` (the one entry point of image logs, inference and evaluation).
 
 Oracles. For data concentrated on one point x0* the best eps prediction at x_t is exactly
 (x_t - sqrt(abar) x0*) / sqrt(1 - abar); both samplers must then reproduce the ODE solution exactly. For
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion import parameterization as P
+from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler, ddim_sample
 from ldm.models.diffusion.dpm_solver import DiscreteVPSchedule, DPMSolverSampler, dpm_solver_pp_2m
 from ldm.models.diffusion.schedule import NoiseSchedule, ddim_timesteps, make_beta_schedule
@@ -306,3 +308,91 @@ def test_unsupported_options_raise():
         DPMSolverSampler(model).sample(**base, x_T=torch.zeros(2, 4, 8, 8))
     with pytest.raises(ValueError, match="schedule"):
         DDIMSampler(model, schedule="cosine")
+
+
+# ------------------------------------------------------------------------------- registry and sample_latents
+@pytest.mark.parametrize("name", list(sampling.SAMPLERS))
+def test_every_registered_sampler_honours_the_contract(name):
+    """One signature for all: ``steps`` model evaluations reported through ``callback``, the oracle's data point
+    as the last x0 prediction, and the deterministic path (eta = 0) ending on the exact ODE solution at abar_0."""
+    g = torch.Generator().manual_seed(8)
+    x0_star = torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64)
+    x_T = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    calls, preds = [], []
+
+    def model_fn(x, t):
+        calls.append(t)
+        return delta_oracle(x0_star, "v")(x, t)
+
+    out = sampling.get_sampler(name)(model_fn, x_T, ABAR64, 10, "v", eta=0.0, generator=None,
+                                     callback=lambda i, x, x0: preds.append(x0), verbose=False)
+    assert len(calls) == len(preds) == 10
+    torch.testing.assert_close(preds[-1], x0_star.expand_as(x_T), atol=1e-5, rtol=1e-5)
+    eps = (x_T - x0_star * ABAR64[int(calls[0][0])].sqrt()) / (1 - ABAR64[int(calls[0][0])]).sqrt()
+    torch.testing.assert_close(out, ABAR64[0].sqrt() * x0_star + (1 - ABAR64[0]).sqrt() * eps, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, adapter, kwargs", [
+    ("ddim", DDIMSampler, {"eta": 0.5}),
+    ("dpm", DPMSolverSampler, {}),
+])
+def test_sample_latents_equals_the_ldm_adapters(name, adapter, kwargs):
+    model = TinyOracleModel("v")
+    cond, uncond = _conds(2)
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(9))
+    ours = sampling.sample_latents(model, cond, x_T, sampler=name, steps=10, scale=3.0, uncond=uncond,
+                                   generator=torch.Generator().manual_seed(1), **kwargs)
+    theirs, _ = adapter(model).sample(S=10, batch_size=2, shape=(4, 4, 4), conditioning=cond, x_T=x_T,
+                                      unconditional_conditioning=uncond, unconditional_guidance_scale=3.0,
+                                      generator=torch.Generator().manual_seed(1), verbose=False, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_eta_rule_and_names_are_checked_in_one_place():
+    from ldm.inference import SAMPLERS, SamplingOptions
+
+    assert SAMPLERS == tuple(sampling.SAMPLERS) == ("ddim", "dpm")
+    model = TinyOracleModel("eps")
+    cond, _ = _conds(2)
+    x_T = torch.zeros(2, 4, 4, 4)
+    for call in (lambda: sampling.sample_latents(model, cond, x_T, sampler="dpm", steps=2, eta=0.3),
+                 lambda: SamplingOptions(sampler="dpm", eta=0.3),
+                 lambda: DPMSolverSampler(model).sample(S=2, batch_size=2, shape=(4, 4, 4), conditioning=cond,
+                                                        eta=0.3, verbose=False)):
+        with pytest.raises(ValueError, match="eta=0.3 is not supported: the solver is deterministic"):
+            call()
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        SamplingOptions(sampler="ddim", eta=1.5)
+    with pytest.raises(ValueError, match="sampler 'plms' is unknown; use one of ddim, dpm"):
+        sampling.sample_latents(model, cond, x_T, sampler="plms")
+    with pytest.raises(ValueError, match="batch"):
+        sampling.sample_latents(model, cond, torch.zeros(3, 4, 4, 4))
+
+
+def test_a_new_sampler_is_one_registration(monkeypatch):
+    """Registering a function is all it takes for sample_latents (hence inference, evaluation and image logs)."""
+    monkeypatch.setattr(sampling, "SAMPLERS", dict(sampling.SAMPLERS))
+
+    @sampling.register_sampler("x0-jump", label="one-step x0", stochastic=False)
+    def x0_jump(model_fn, x_T, alphas_cumprod, steps, parameterization, *, eta=0.0, generator=None,
+                callback=None, verbose=False):
+        """Jump to the model's x0 prediction at the last timestep (a toy)."""
+        t = torch.full((x_T.shape[0],), len(alphas_cumprod) - 1, dtype=torch.long)
+        a = float(alphas_cumprod[-1]) ** 0.5
+        return P.split_prediction(parameterization, model_fn(x_T, t), x_T, a, (1 - a * a) ** 0.5)[1]
+
+    model = TinyOracleModel("v")
+    cond, _ = _conds(2)
+    out = sampling.sample_latents(model, cond, torch.randn(2, 4, 4, 4), sampler="x0-jump", steps=1)
+    torch.testing.assert_close(out, model.target(cond), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="already registered"):
+        sampling.register_sampler("ddim", label="DDIM", stochastic=True)(x0_jump)
+
+
+def test_ldm_adapters_share_one_signature():
+    """DPMSolverSampler.sample repeats DDIMSampler.sample's ldm signature (plus its own options): guard the copy."""
+    import inspect
+
+    ddim = list(inspect.signature(DDIMSampler.sample).parameters.values())
+    dpm = list(inspect.signature(DPMSolverSampler.sample).parameters.values())
+    assert [(p.name, p.default) for p in dpm[: len(ddim)]] == [(p.name, p.default) for p in ddim]

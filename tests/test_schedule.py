@@ -29,7 +29,7 @@ def sd() -> NoiseSchedule:
 
 
 def test_sd_reference_numbers(sd):
-    # SPEC B.2.2 reference values for the SD schedule.
+    # DECISIONS R1 reference values for the SD schedule.
     assert sd.betas[0] == pytest.approx(0.00085, rel=1e-9)
     assert sd.betas[999] == pytest.approx(0.012, rel=1e-9)
     assert sd.alphas_cumprod[0] == pytest.approx(0.99915, rel=1e-6)
@@ -175,7 +175,7 @@ def test_ddim_coefficients_alphas_prev_quirk(sd):
     coef = ddim_coefficients(abar, ts, 0.0)
     abar64 = abar.double()
     torch.testing.assert_close(coef.alphas, abar64[torch.from_numpy(ts)])
-    expected_prev = torch.cat([abar64[:1], abar64[torch.from_numpy(ts[:-1])]])  # SPEC B.6.1
+    expected_prev = torch.cat([abar64[:1], abar64[torch.from_numpy(ts[:-1])]])  # DECISIONS R3
     torch.testing.assert_close(coef.alphas_prev, expected_prev)
     assert coef.alphas_prev[0] == abar64[0]  # lands on abar_0 = 0.99915, not 1
     assert float(coef.alphas_prev[0]) == pytest.approx(0.99915, rel=1e-6)

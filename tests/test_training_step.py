@@ -52,7 +52,7 @@ def test_training_step_does_not_decode(monkeypatch):
     model = build_tiny("inpaint")
 
     def boom(*a, **k):
-        raise AssertionError("the training step must not decode latents (SPEC D8)")
+        raise AssertionError("the training step must not decode latents (DECISIONS D8)")
 
     monkeypatch.setattr(model.first_stage_model, "decode", boom)
     model.train()

@@ -1,4 +1,4 @@
-"""SPEC D3/D4: an inpainting model initialised from a 4-channel base equals the base, whatever the mask says.
+"""DECISIONS D3/D4: an inpainting model initialised from a 4-channel base equals the base, whatever the mask says.
 
 The base is a tiny random text-to-image model saved to disk; the inpainting model loads it through the real
 ``ckpt_path`` route (4 -> 9 channel widening). For the same noisy latent, timestep and text, the inpainting
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ldm.checkpoint import CheckpointError
+from ldm.compat import ema_buffer_name
 from tests.helpers import build_tiny
 
 
@@ -77,7 +78,7 @@ def test_checkpoint_without_ema_initialises_ema_from_loaded_weights(tmp_path):
     base, path = _save_base(tmp_path, perturb_ema=False, with_ema=False)
     inp = build_tiny("inpaint", ckpt_path=str(path))
     for name, p in inp.model.named_parameters():
-        shadow = getattr(inp.model_ema, name.replace(".", ""))
+        shadow = getattr(inp.model_ema, ema_buffer_name(name))
         torch.testing.assert_close(shadow, p.detach())
     with inp.ema_scope():  # the inpainting EMA equals the base's *raw* weights it was initialised from
         ref, outs = _outputs(base, inp)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ldm.data.filters import MetadataFilter
+from ldm.data.masks import masked_image
 from ldm.data.rng import SEED_KEY, Stream, make_rng
 from ldm.data.stats import BadDataMonitor
 from ldm.data.transforms import ImageOp, Resize, TooSmall, to_float_hwc
@@ -181,8 +182,8 @@ def finalize_batch(batch: dict[str, Any], image_key: str = "jpg") -> dict[str, A
     """Turn a uint8-transport batch into the model's float32 layout, in place, on the batch's device.
 
     ``image_key`` uint8 B x H x W x 3 -> float32 in [-1, 1] (the float32 operations of ``to_float_hwc``, so
-    values are identical); ``mask`` uint8 -> float32 {0, 1}; ``masked_image = image * (1 - mask)``. A batch
-    that is already float is returned unchanged.
+    values are identical); ``mask`` uint8 -> float32 {0, 1}; ``masked_image`` from ``ldm.data.masks.masked_image``.
+    A batch that is already float is returned unchanged.
     """
     image = batch.get(image_key)
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
@@ -193,7 +194,7 @@ def finalize_batch(batch: dict[str, Any], image_key: str = "jpg") -> dict[str, A
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.uint8:
         mask = mask.float()  # B x H x W x 1, 1 = hole
         batch["mask"] = mask
-        batch["masked_image"] = image * (1.0 - mask)
+        batch["masked_image"] = masked_image(image, mask)
     return batch
 
 

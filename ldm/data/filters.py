@@ -1,4 +1,4 @@
-"""Sample filters on img2dataset json metadata and captions (SPEC D7).
+"""Sample filters on img2dataset json metadata and captions (DECISIONS D7).
 
 One :class:`MetadataFilter` holds every threshold and answers, for a sample's json and caption, either
 ``None`` (keep) or the name of the counter that explains the skip (see ``ldm.data.stats``). Thresholds:

@@ -1,4 +1,4 @@
-"""``WebDataModuleFromConfig``: LAION/img2dataset WebDataset shards as a Lightning data module (SPEC D7, B.4.1).
+"""``WebDataModuleFromConfig``: LAION/img2dataset WebDataset shards as a Lightning data module (DECISIONS D7, R7).
 
 Config targets kept from the SD configs: ``ldm.data.laion.WebDataModuleFromConfig`` and
 ``ldm.data.laion.AddMask`` (defined in ``ldm.data.inpainting``). Every key of the official SD2 inpainting
@@ -26,10 +26,10 @@ float32 {0, 1}, 1 = hole; ``masked_image`` = jpg * (mask < 0.5); ``json`` list o
 ``__url__`` lists of str. ``mask``/``masked_image`` come from the ``AddMask`` postprocess.
 
 Rank and world size come from the attached trainer, else ``torch.distributed``, else ``RANK``/``WORLD_SIZE``;
-they are resolved in the training process and handed to the workers (ECOSYSTEM.md section 4, spawn trap).
+they are resolved in the training process and handed to the workers (DECISIONS R11, spawn trap).
 The training stream is seeded by (seed, resume step, epoch, rank, worker); after a resume the step is read
 from ``trainer.global_step`` (or :meth:`set_resume_step`), so a restarted run draws a fresh, reproducible
-stream instead of replaying the first shards (ECOSYSTEM.md section 7, option 2).
+stream instead of replaying the first shards (DECISIONS D7, R11).
 """
 
 from __future__ import annotations

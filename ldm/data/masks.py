@@ -4,7 +4,7 @@ Every generator is a frozen dataclass with ``__call__(rng, height, width) -> np.
 array of shape ``(height, width)`` with values in {0, 1}, **1 = hole** (the pixels the model must fill).
 Nothing here reads or writes global RNG state; the caller owns the seed (see ``ldm.data.rng``).
 
-What is here (numbers from SPEC B.4.3 and B.5):
+What is here (numbers: docs/DECISIONS.md R5):
 
 * :class:`SDMask` -- the SD "synthetic mask" generator behind ``AddMask(mode=...)`` in the SD inpainting
   configs: 1-4 straight thick strokes *or* 1-3 boxes (half plain rectangles, half rounded squares).
@@ -21,16 +21,20 @@ linear-ramp curriculum (LaMa's configs use a constant coefficient of 1, which is
 
 COMPAT: the draw *distributions* follow the references; bit-exact masks are not reproducible (the SD code
 mixes the global numpy RNG with a per-process ``RandomState``, LaMa draws with OpenCV). Coverage statistics
-are checked against SPEC B.4.4 in tests/test_masks.py.
+are checked against docs/DECISIONS.md R6 in tests/test_masks.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 MaskGenerator = Callable[[np.random.Generator, int, int], np.ndarray]
 
@@ -83,7 +87,7 @@ class SDMask:
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         img, draw = _canvas(height, width)
         # COMPAT: the reference picks the branch with the *global* np.random; we use the per-sample rng so
-        # that ranks and workers never share the choice (SPEC B.9 item 12).
+        # that ranks and workers never share the choice (DECISIONS D6).
         if rng.random() < self.p_irregular:
             self._strokes(rng, draw, height, width)
         else:
@@ -297,7 +301,7 @@ def _lama_eval(irregular: LamaIrregularMask, box: LamaBoxMask | None) -> MaskGen
     return irregular if box is None else MixedMask((irregular, box), (1.0, 0.3))
 
 
-# Named modes, as AddMask(mode=...) and the configs spell them. Numbers: SPEC B.4.3 (SD) and B.5 (LaMa).
+# Named modes, as AddMask(mode=...) and the configs spell them. Numbers: docs/DECISIONS.md R5 (SD and LaMa).
 MASK_MODES: dict[str, MaskGenerator] = {
     "256train": SDMask(0.5, strokes=(1, 5), max_len=200, max_width=100, boxes=(1, 4), box_side=(30, 150)),
     "256narrow": SDMask(1.0, strokes=(4, 50), max_len=40, max_width=10),
@@ -324,6 +328,35 @@ def get_mask_generator(mode: str) -> MaskGenerator:
         raise ValueError(f"unknown mask mode '{mode}'; valid modes: {', '.join(MASK_MODES)}") from None
 
 
+# ------------------------------------------------------------------------ mask polarity and the masked image
+#: a mask value at or above this marks a hole (1 = hole, the pixels to fill; docs/DECISIONS.md D5, D6)
+HOLE_THRESHOLD = 0.5
+ArrayLike = TypeVar("ArrayLike", np.ndarray, "torch.Tensor")  # this module stays importable without torch
+
+
+def is_hole(mask: ArrayLike) -> ArrayLike:
+    """Boolean hole map of a mask (numpy or torch): ``mask >= 0.5``."""
+    return mask >= HOLE_THRESHOLD
+
+
+def binarize_mask(mask: ArrayLike) -> ArrayLike:
+    """The mask as float32 {0, 1}, 1 = hole (numpy or torch, same shape)."""
+    hole = is_hole(mask)
+    return hole.astype(np.float32) if isinstance(hole, np.ndarray) else hole.float()
+
+
+def masked_image(image: ArrayLike, mask: ArrayLike) -> ArrayLike:
+    """The model's masked-image input: ``image * (mask < 0.5)``, so hole pixels become 0 (mid grey in [-1, 1]).
+
+    The one definition used by the data pipeline, training batches, inference and tests (DECISIONS D5, as in SD2's
+    inpainting data code). ``image`` and ``mask`` are both numpy arrays or both tensors, in broadcastable
+    layouts (``H x W x 3`` with ``H x W x 1``, ``B x 3 x H x W`` with ``B x 1 x H x W``, ...). The keep-map is
+    cast to the image's dtype first, which is bit-identical to the boolean product and faster in numpy.
+    """
+    keep = mask < HOLE_THRESHOLD
+    return image * (keep.astype(image.dtype) if isinstance(keep, np.ndarray) else keep.to(image.dtype))
+
+
 def coverage(mask: np.ndarray) -> float:
     """Fraction of hole pixels (mask == 1)."""
     return float(mask.mean())
@@ -335,6 +368,7 @@ def full_mask(height: int, width: int) -> np.ndarray:
 
 
 __all__ = [
+    "HOLE_THRESHOLD",
     "MASK_MODES",
     "LamaBoxMask",
     "LamaIrregularMask",
@@ -343,7 +377,10 @@ __all__ = [
     "MixedMask",
     "OutpaintingMask",
     "SDMask",
+    "binarize_mask",
     "coverage",
     "full_mask",
     "get_mask_generator",
+    "is_hole",
+    "masked_image",
 ]

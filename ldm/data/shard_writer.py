@@ -1,4 +1,4 @@
-"""Writing img2dataset-compatible WebDataset shards (without installing img2dataset, see ECOSYSTEM.md 4).
+"""Writing img2dataset-compatible WebDataset shards (without installing img2dataset, see DECISIONS R11).
 
 Layout, as img2dataset 1.47 writes it: ``<out>/00000.tar, 00001.tar, ...`` holding ``<key>.jpg``,
 ``<key>.txt`` (caption) and ``<key>.json`` per sample, plus ``<out>/00000_stats.json`` per shard. Keys are

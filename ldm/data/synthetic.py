@@ -4,7 +4,7 @@ Batch ``k`` of rank ``r`` is a pure function of ``(seed, r, k)``: smooth random 
 naming their dominant colour, plus masks from :mod:`ldm.data.masks`. Because the stream restarts at the
 trainer's resumed ``global_step`` (times the accumulation factor), a resumed run sees exactly the batches an
 uninterrupted run sees, which is what the exact-resume test relies on. The batch layout is the LAION
-pipeline's (SPEC B.4.1).
+pipeline's (DECISIONS R7).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ldm.data.masks import full_mask, get_mask_generator
+from ldm.data.masks import binarize_mask, full_mask, get_mask_generator, masked_image
 
 COLOURS = {"red": (1.0, -0.6, -0.6), "green": (-0.6, 1.0, -0.6), "blue": (-0.6, -0.6, 1.0),
            "yellow": (1.0, 1.0, -0.6), "white": (1.0, 1.0, 1.0), "black": (-1.0, -1.0, -1.0)}
@@ -37,8 +37,8 @@ def synthetic_sample(rng: np.random.Generator, size: int, mask_mode: str, p_drop
         mask = get_mask_generator(mask_mode)(rng, native, native)
         idx = (np.arange(size) * native) // size
         mask = mask[idx][:, idx]
-    mask = (mask >= 0.5).astype(np.float32)[..., None]  # H x W x 1, 1 = hole
-    return {"jpg": img, "txt": f"a {name} wavy pattern", "mask": mask, "masked_image": img * (mask < 0.5)}
+    mask = binarize_mask(mask)[..., None]  # H x W x 1, 1 = hole
+    return {"jpg": img, "txt": f"a {name} wavy pattern", "mask": mask, "masked_image": masked_image(img, mask)}
 
 
 class StepIndexedStream(IterableDataset):

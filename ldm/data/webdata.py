@@ -2,7 +2,7 @@
 
 The pipeline is built on Python's ``tarfile`` and webdataset's ``gopen`` (local paths, ``file:``, ``pipe:``,
 ``http(s)://`` ...) rather than on ``wds.WebDataset``, for three reasons found in webdataset 1.0.2
-(ECOSYSTEM.md section 4): its node splitter reads the rank from the environment or ``torch.distributed`` inside
+(docs/DECISIONS.md R11): its node splitter reads the rank from the environment or ``torch.distributed`` inside
 each worker, which silently fails with ``spawn``/``forkserver`` workers; ``resampled=True`` ignores the seed;
 and its error handlers cannot tell a truncated tar from a corrupt image. Here the rank and world size are
 plain attributes of :class:`ShardStream`, set in the training process and pickled into the workers.

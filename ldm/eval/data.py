@@ -4,7 +4,7 @@
   centre-crop to a square, exactly as the validation split of the SD configs (``Resize`` + ``CenterCrop``).
 * :func:`fixed_masks` draws the masks of one preset from generators seeded by ``(seed, preset, image index)``,
   so every checkpoint, and every later run, is scored on the same holes. LaMa's evaluation presets keep LaMa's
-  rule that masks covering more than half of the image are redrawn (SPEC B.5).
+  rule that masks covering more than half of the image are redrawn (DECISIONS R5).
 
 Left out: LaMa's segmentation-based masks and its multi-mask-per-image proposals.
 """
@@ -27,7 +27,7 @@ from ldm.image_io import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
 
-#: evaluation presets of the issue: LaMa thin/medium/thick (512) and SD's 512train-large
+#: default evaluation presets: LaMa thin/medium/thick (512) and SD's 512train-large
 DEFAULT_MASK_MODES = ("lama-thin-512", "lama-medium-512", "lama-thick-512", "512train-large")
 CAPTION_EXTS = ("txt",)
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")

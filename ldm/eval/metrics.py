@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.data.masks import is_hole
+
 PSNR_CAP = 100.0
 SSIM_SIGMA, SSIM_RADIUS, SSIM_K1, SSIM_K2 = 1.5, 5, 0.01, 0.03
 CHANGE_THRESHOLD = 2.0 / 255.0
@@ -76,7 +78,7 @@ def region_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> di
     p, t = _unit(pred), _unit(target)
     if p.shape != t.shape or mask.shape != p.shape[:2]:
         raise ValueError(f"shape mismatch: pred {p.shape}, target {t.shape}, mask {mask.shape}")
-    hole = np.asarray(mask) >= 0.5
+    hole = is_hole(np.asarray(mask))
     known = ~hole
     sq, ab = ((p - t) ** 2).mean(-1), np.abs(p - t).mean(-1)  # per pixel, channel mean
     smap = ssim_map(p, t)

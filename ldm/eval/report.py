@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm.data.masks import is_hole
 from ldm.image_io import load_mask, load_rgb, make_grid, save_png
 
 #: preferred column order; other metrics follow alphabetically
@@ -77,7 +78,7 @@ def write_grids(names: Sequence[str], keys: Sequence[str], modes: Sequence[str],
         image = load_rgb(out_dir / "inputs" / f"{key}.png")
         for mode in modes:
             mask = load_mask(out_dir / "masks" / f"{key}_{mode}.png")
-            masked = np.where((mask >= 0.5)[..., None], 127, image).astype(np.uint8)
+            masked = np.where(is_hole(mask)[..., None], 127, image).astype(np.uint8)
             outs = [load_rgb(out_dir / "samples" / name / f"{key}_{mode}.png") for name in names]
             paths.append(save_png(make_grid([[image, mask, masked, *outs]]), out_dir / "grids" / f"{key}_{mode}.png"))
     return paths

@@ -12,7 +12,7 @@ the ldm model config (no hub download, no diffusers converter):
 
 Weights are renamed by :mod:`ldm.interop.keymaps`. The scheduler is DDIM with ldm's exact timestep rule
 (``steps_offset 1``, ``set_alpha_to_one False``, "leading" spacing) and, importantly, the model's
-``prediction_type``: ``v_prediction`` for our v-objective runs, ``epsilon`` for eps (PEERS.md finding 3:
+``prediction_type``: ``v_prediction`` for our v-objective runs, ``epsilon`` for eps (DECISIONS D12:
 diffusers would otherwise assume eps for a 9-channel SD2 model and sample garbage from a v model).
 
 Neither diffusers nor transformers is imported here: the folder is plain JSON + safetensors, so exporting works

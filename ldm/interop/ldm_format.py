@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
-#: safetensors metadata / .ckpt top-level key that records what the UNet predicts (PEERS.md finding 3).
+#: safetensors metadata / .ckpt top-level key that records what the UNet predicts (DECISIONS D12).
 PARAMETERIZATION_KEY = "parameterization"
 
 __all__ = [

@@ -48,7 +48,7 @@ class AutoencoderKL(pl.LightningModule):
         ignore_keys: key prefixes dropped from ``ckpt_path`` before loading.
         image_key: batch key holding ``B x H x W x C`` images in [-1, 1].
         colorize_nlabels: segmentation-only ldm option; must be None.
-        monitor: metric name for checkpointing (read by main.py's ModelCheckpoint), e.g. ``val/rec_loss``.
+        monitor: accepted for compatibility and ignored (see :data:`ldm.compat.IGNORED_PARAMS`).
         ema_decay: EMA of the autoencoder is not implemented; must be None.
         learn_logvar: also optimise the loss's scalar ``logvar`` (requires a loss with a ``logvar`` parameter).
 
@@ -80,7 +80,6 @@ class AutoencoderKL(pl.LightningModule):
         self.embed_dim = embed_dim
         self.learn_logvar = learn_logvar
         compat.note_ignored("AutoencoderKL", {"monitor": monitor})
-        self.monitor = monitor  # COMPAT: ldm's main.py reads `model.monitor` for its ModelCheckpoint
         self.base_learning_rate = DEFAULT_BASE_LEARNING_RATE
         self.learning_rate: float | None = None
 

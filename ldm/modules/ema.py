@@ -25,6 +25,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ldm.compat import ema_buffer_name
+
 
 class LitEma(nn.Module):
     """EMA shadow copy of ``model``'s trainable parameters.
@@ -47,7 +49,7 @@ class LitEma(nn.Module):
         self.m_name2s_name: dict[str, str] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                s_name = name.replace(".", "")
+                s_name = ema_buffer_name(name)
                 if s_name in self.m_name2s_name.values():
                     raise ValueError(f"parameter names collide once dots are removed: {s_name!r}")
                 self.m_name2s_name[name] = s_name

@@ -8,8 +8,8 @@ guided ``model_fn`` and the ldm hooks around it. One step, with abar_t, abar_pre
     (eps, x0) = split_prediction(parameterization, model output, x_t)
     x_prev    = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma_t^2) eps + sigma_t z,   z ~ N(0, I)
 
-This module also holds the small pieces both samplers share (initial noise, ldm's callbacks and
-``intermediates``, rejecting options a sampler cannot honour); ``dpm_solver`` imports them.
+By name, DDIM is reached through :mod:`ldm.models.diffusion.sampling` (``"ddim"``); the plumbing it shares with
+the other samplers lives in :mod:`ldm.models.diffusion.sampling_utils`.
 Left out: ldm's ``encode`` / ``stochastic_encode`` / ``decode`` (img2img), ``quantize_x0`` (VQ models),
 ``score_corrector`` and ``dynamic_threshold``: passing them raises instead of being silently ignored.
 """
@@ -18,89 +18,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ldm import compat
 from ldm.models.diffusion.guidance import ModelFn, guided_model_fn
 from ldm.models.diffusion.parameterization import check_parameterization, q_sample, split_prediction
+from ldm.models.diffusion.sampling_utils import (
+    SamplingTrace,
+    StepCallback,
+    check_conditioning_batch,
+    check_eta,
+    initial_noise,
+    model_device,
+    randn,
+)
 from ldm.models.diffusion.schedule import ddim_coefficients, ddim_timesteps
 
 log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x after the step, x0 used)
-
-
-# ---------------------------------------------------------------------------------- shared sampler plumbing
-def model_device(model: Any) -> torch.device:
-    """The device of a duck-typed model: its ``device`` attribute, else its first parameter's."""
-    device = getattr(model, "device", None)
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def randn(shape: Sequence[int], device: torch.device, generator: torch.Generator | None,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (so a CPU generator works for a GPU model)."""
-    src = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=src, dtype=dtype).to(device)
-
-
-def initial_noise(size: tuple[int, ...], x_T: torch.Tensor | None, device: torch.device,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """``x_T`` as given (shape-checked) or fresh N(0, I) noise of ``size``."""
-    if x_T is None:
-        return randn(size, device, generator)
-    if tuple(x_T.shape) != size:
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected (batch_size, *shape) = {size}")
-    return x_T
-
-
-def check_conditioning_batch(conditioning: Any, batch_size: int) -> None:
-    """Raise if a conditioning tensor's batch differs from ``batch_size`` (ldm only printed a warning)."""
-    leaves = [conditioning]
-    while leaves:
-        c = leaves.pop()
-        if isinstance(c, torch.Tensor) and c.shape[0] != batch_size:
-            raise ValueError(f"conditioning has batch {c.shape[0]} but batch_size is {batch_size}")
-        if isinstance(c, Mapping):
-            leaves.extend(c.values())
-        elif isinstance(c, (list, tuple)):
-            leaves.extend(c)
-
-
-def reject_unsupported(sampler: str, options: Mapping[str, tuple[Any, Any]]) -> None:
-    """Raise for every ldm option ``name: (value, default)`` that is set to something other than its default."""
-    for name, (value, default) in options.items():
-        is_set = value is not None if default is None else value != default
-        if is_set:
-            raise ValueError(f"{sampler}.sample: {name}={value!r} is not supported; leave it at {default!r}")
-
-
-class SamplingTrace:
-    """ldm's per-step hooks: ``callback(i)``, ``img_callback(pred_x0, i)``, and the ``intermediates`` dict
-    (``x_inter`` / ``pred_x0``: x_T first, then every ``log_every_t`` steps counted from the end, and step 0)."""
-
-    def __init__(self, x_T: torch.Tensor, total_steps: int, log_every_t: int = 100,
-                 callback: Callable[[int], None] | None = None,
-                 img_callback: Callable[[torch.Tensor, int], None] | None = None) -> None:
-        if log_every_t < 1:
-            raise ValueError(f"log_every_t must be >= 1, got {log_every_t}")
-        self.total_steps, self.log_every_t = total_steps, log_every_t
-        self.callback, self.img_callback = callback, img_callback
-        self.intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x_T], "pred_x0": [x_T]}
-
-    def __call__(self, i: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
-        if self.callback is not None:
-            self.callback(i)
-        if self.img_callback is not None:
-            self.img_callback(pred_x0, i)
-        index = self.total_steps - i - 1  # ldm counts the logging index down to 0
-        if index % self.log_every_t == 0 or index == self.total_steps - 1:
-            self.intermediates["x_inter"].append(x)
-            self.intermediates["pred_x0"].append(pred_x0)
 
 
 # --------------------------------------------------------------------------------------------- algorithm
@@ -250,10 +189,11 @@ class DDIMSampler:
         ``generator`` is new and seeds every random draw. Returns ``(samples, intermediates)`` with
         ``intermediates = {"x_inter": [...], "pred_x0": [...]}`` as ldm.
         """
-        reject_unsupported("DDIMSampler", {
+        compat.reject_unsupported("DDIMSampler.sample", {
             "quantize_x0": (quantize_x0, False), "score_corrector": (score_corrector, None),
             "corrector_kwargs": (corrector_kwargs, None), "dynamic_threshold": (dynamic_threshold, None),
         })
+        check_eta("DDIMSampler", eta, stochastic=True)
         check_conditioning_batch(conditioning, batch_size)
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         x_T = initial_noise((batch_size, *shape), x_T, self.device, generator)

@@ -13,7 +13,8 @@ half-log-SNR lambda_t = log(alpha_t / sigma_t). The model is queried at the frac
 
 The solve runs from t = 1 (abar_{N-1}) to t = 1/N (abar_0), the same end point as ldm's DDIM, with one model
 evaluation per step. Left out: single-step and order-3 variants, thresholding, noise-prediction (non "++")
-form, and ldm's img2img / inpainting-by-masking options (they raise).
+form, and ldm's img2img / inpainting-by-masking options (they raise). By name the solver is ``"dpm"`` in
+:mod:`ldm.models.diffusion.sampling`.
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from ldm.models.diffusion.ddim import (
+from ldm import compat
+from ldm.models.diffusion.guidance import ModelFn, guided_model_fn
+from ldm.models.diffusion.parameterization import check_parameterization, split_prediction
+from ldm.models.diffusion.sampling_utils import (
     SamplingTrace,
     StepCallback,
     check_conditioning_batch,
+    check_eta,
     initial_noise,
     model_device,
-    reject_unsupported,
 )
-from ldm.models.diffusion.guidance import ModelFn, guided_model_fn
-from ldm.models.diffusion.parameterization import check_parameterization, split_prediction
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +201,9 @@ class DPMSolverSampler:
         tweaks, correctors, thresholds, per-step guidance) raise when set. Returns ``(samples, intermediates)``
         like DDIM (the SD2 version returned ``None`` for the intermediates).
         """
-        reject_unsupported("DPMSolverSampler", {
-            "quantize_x0": (quantize_x0, False), "eta": (eta, 0.0), "mask": (mask, None), "x0": (x0, None),
+        check_eta("DPMSolverSampler", eta, stochastic=False)
+        compat.reject_unsupported("DPMSolverSampler.sample", {
+            "quantize_x0": (quantize_x0, False), "mask": (mask, None), "x0": (x0, None),
             "temperature": (temperature, 1.0), "noise_dropout": (noise_dropout, 0.0),
             "score_corrector": (score_corrector, None), "corrector_kwargs": (corrector_kwargs, None),
             "dynamic_threshold": (dynamic_threshold, None), "ucg_schedule": (ucg_schedule, None),

@@ -18,7 +18,7 @@ from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 class LatentInpaintDiffusion(LatentDiffusion):
     """SD2 inpainting: the UNet also sees the mask and the masked-image latent (``conditioning_key: hybrid``).
 
-    Conditioning (SPEC D5): ``c_concat = [mask resized to the latent grid with nearest (1 ch),
+    Conditioning (DECISIONS D5): ``c_concat = [mask resized to the latent grid with nearest (1 ch),
     scale_factor * VAE posterior sample of the masked image (4 ch)]``, so UNet input channels are
     0-3 noisy latent, 4 mask, 5-8 masked-image latent. Text goes through cross-attention.
 
@@ -51,6 +51,39 @@ class LatentInpaintDiffusion(LatentDiffusion):
         self.concat_keys = tuple(concat_keys)
         self.masked_image_key = masked_image_key
         self.c_concat_log_start, self.c_concat_log_end = c_concat_log_start, c_concat_log_end
+
+    @property
+    def mask_key(self) -> str:
+        """The concat key that holds the mask: the one key of ``concat_keys`` besides ``masked_image_key``."""
+        others = [k for k in self.concat_keys if k != self.masked_image_key]
+        if len(others) != 1:
+            raise ValueError(f"concat_keys={list(self.concat_keys)} must be one mask key plus masked_image_key="
+                             f"{self.masked_image_key!r} to condition on a mask and a masked image")
+        return others[0]
+
+    def inpaint_conditioning(self, mask: torch.Tensor, masked_image: torch.Tensor, text: torch.Tensor,
+                             generator: torch.Generator | None = None) -> dict[str, list[torch.Tensor]]:
+        """The hybrid conditioning for sampling from B,C,H,W ``mask`` and ``masked_image`` and encoded ``text``.
+
+        ``c_concat`` is built exactly as in training (:meth:`build_c_concat`, keys from ``concat_keys``); the
+        masked image's VAE posterior sample is drawn from ``generator``. Its unconditional twin is
+        ``null_conditioning(cond)``.
+        """
+        c_cat = self.build_c_concat({self.mask_key: mask, self.masked_image_key: masked_image}, generator=generator)
+        return {"c_concat": [c_cat], "c_crossattn": [text]}
+
+    def null_conditioning(self, cond: Mapping[str, list[torch.Tensor]],
+                          null_label: Sequence[str] | str | None = None) -> dict[str, list[torch.Tensor]]:
+        """The unconditional counterpart of the hybrid ``cond``, the one rule every sampling path uses.
+
+        ``c_concat`` (mask and masked-image latent, whatever ``concat_keys`` holds) is kept, as the same tensors;
+        only the text in ``c_crossattn`` becomes the encoding of ``null_label`` ("" by default), as SD2's scripts
+        do (DECISIONS D11).
+        """
+        if "c_crossattn" not in cond or "c_concat" not in cond:
+            raise ValueError(f"null_conditioning: expected a hybrid dict with 'c_concat' and 'c_crossattn', "
+                             f"got {sorted(cond) if isinstance(cond, Mapping) else type(cond).__name__}")
+        return {**cond, "c_crossattn": [super().null_conditioning(cond["c_crossattn"][0], null_label)]}
 
     def concat_conditioning(self, batch: Mapping[str, Any], latent_hw: tuple[int, int], bs: int | None = None,
                             generator: torch.Generator | None = None) -> torch.Tensor:

@@ -5,12 +5,12 @@
 ldm configs name.
 
 This file owns the *training wiring* only. The math lives in pure modules called from here:
-``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets),
-``losses`` (per-sample reductions) and ``guidance`` (classifier-free guidance, used by the samplers).
-Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`; legacy quirks in
-:mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
+``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets, the
+per-mode loss weights), ``losses`` (the loss object) and ``conditioning`` (caption dropout); samplers are reached
+through ``sampling``. Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`; legacy
+quirks and ldm's helper methods in :mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
 
-Deliberate differences from the reference (SPEC Part A):
+Deliberate differences from the reference (docs/DECISIONS.md):
 * the training step never decodes latents back to pixels (D8);
 * the EMA is updated once per optimizer step, also with gradient accumulation (D3);
 * when a checkpoint has no ``model_ema.*`` keys the EMA starts from the loaded weights, not random init (D3);
@@ -32,7 +32,8 @@ from einops import rearrange
 from ldm import compat
 from ldm.checkpoint import drop_prefixes, load_into, load_state_dict_file, widen_input_channels
 from ldm.models.diffusion import losses, parameterization
-from ldm.models.diffusion.schedule import NoiseSchedule, extract, make_beta_schedule
+from ldm.models.diffusion.conditioning import drop_captions
+from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -48,7 +49,7 @@ def disabled_train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
     return self
 
 
-class LatentDiffusion(pl.LightningModule):
+class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
     """Text-conditioned latent diffusion (SD2 layout) as a LightningModule.
 
     Args:
@@ -60,7 +61,7 @@ class LatentDiffusion(pl.LightningModule):
         linear_start, linear_end, cosine_s: schedule parameters.
         given_betas: explicit betas overriding the named schedule.
         v_posterior: weight of beta_t in the posterior variance (0 in SD).
-        parameterization: what the UNet predicts: "eps", "x0" or "v" (SPEC D1: our inpainting run uses "v").
+        parameterization: what the UNet predicts: "eps", "x0" or "v" (DECISIONS D1: our inpainting run uses "v").
         loss_type: "l2" (SD) or "l1", per-sample mean over C,H,W.
         l_simple_weight: weight of the simple loss.
         original_elbo_weight: weight of the VLB term (0 in SD).
@@ -84,7 +85,6 @@ class LatentDiffusion(pl.LightningModule):
         num_timesteps_cond: COMPAT: must be 1 (ldm's conditioning-noise schedule is unused by SD).
         scale_factor: latent scale (0.18215 for the SD VAE).
         scale_by_std: estimate ``scale_factor = 1/std(z)`` from the first training batch (stored as a buffer).
-        image_size: latent side for unconditional sampling shapes.
         channels: latent channels.
         ucg_training: ``{batch_key: {p: prob, val: replacement}}`` per-sample condition dropout for CFG.
         ucg_seed: seed of the text-dropout generator (combined with step and rank).
@@ -92,8 +92,9 @@ class LatentDiffusion(pl.LightningModule):
         weight_decay: AdamW weight decay (torch default 0.01, as the reference).
         adam_betas: AdamW betas.
         adam_eps: AdamW epsilon.
-        monitor, log_every_t, clip_denoised, use_positional_encodings: accepted for compatibility; see
+        monitor, image_size, log_every_t, clip_denoised: accepted for compatibility and ignored; see
             :data:`ldm.compat.IGNORED_PARAMS`.
+        use_positional_encodings: must be False (ldm's positional-encoding conditioning is not supported).
         make_it_fit: ldm's cyclic weight-tiling surgery (not supported: raises; use the zero-init widening).
         channels_last: keep the UNet weights and inputs in channels-last memory format (faster convs on GPUs).
         compile_unet: ``torch.compile`` the UNet in place (``nn.Module.compile``: state-dict keys unchanged);
@@ -160,29 +161,27 @@ class LatentDiffusion(pl.LightningModule):
         shard_optimizer_state: bool = False,
     ) -> None:
         super().__init__()
-        compat.note_ignored("LatentDiffusion", {"monitor": monitor, "log_every_t": log_every_t,
-                                                "clip_denoised": clip_denoised})
-        for name, value in (("learn_logvar", learn_logvar), ("make_it_fit", make_it_fit),
-                            ("use_positional_encodings", use_positional_encodings)):
-            if value:
-                raise ConfigError(f"model.params.{name}=True is not supported by this implementation; remove it")
-        if num_timesteps_cond != 1:
-            raise ConfigError("model.params.num_timesteps_cond must be 1 (conditioning-noise schedules are unused)")
-        self.parameterization = parameterization_checked(parameterization)
-        if loss_type not in ("l1", "l2"):
-            raise ConfigError(f"model.params.loss_type={loss_type!r}: expected 'l1' or 'l2'")
+        compat.note_ignored("LatentDiffusion", {"monitor": monitor, "image_size": image_size,
+                                                "log_every_t": log_every_t, "clip_denoised": clip_denoised})
+        compat.reject_unsupported("model.params", {
+            "learn_logvar": (learn_logvar, False), "make_it_fit": (make_it_fit, False),
+            "use_positional_encodings": (use_positional_encodings, False),
+            "num_timesteps_cond": (num_timesteps_cond, 1),
+        }, error=ConfigError)
+        try:
+            self.loss_fn = losses.DiffusionLoss(parameterization, loss_type, l_simple_weight, original_elbo_weight,
+                                                logvar_init, min_snr_gamma)
+        except ValueError as e:
+            raise ConfigError(f"model.params.{e}") from e
+        self.parameterization = self.loss_fn.parameterization
         if force_null_conditioning:
             conditioning_key = None
         elif conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         self.conditioning_key = conditioning_key
-        self.loss_type, self.l_simple_weight = loss_type, l_simple_weight
-        self.original_elbo_weight = original_elbo_weight
-        self.min_snr_gamma = min_snr_gamma
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
-        self.image_size, self.channels = image_size, channels
-        self.monitor = monitor
+        self.channels = channels
         self.scheduler_config = scheduler_config
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
         self.shard_optimizer_state = shard_optimizer_state
@@ -209,7 +208,6 @@ class LatentDiffusion(pl.LightningModule):
         else:
             self.scale_factor = float(scale_factor)
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior)
-        self.logvar = torch.full((self.num_timesteps,), float(logvar_init))  # not a buffer: ldm never saved it
         self._last_ema_step = -1
         self._std_done = False  # scale_by_std: estimated once, unless a checkpoint brought a scale_factor
 
@@ -232,17 +230,11 @@ class LatentDiffusion(pl.LightningModule):
         model = instantiate_from_config(config)
         return model if self.cond_stage_trainable else self._frozen(model)
 
-    def register_schedule(
-        self,
-        given_betas: Sequence[float] | None = None,
-        beta_schedule: str = "linear",
-        timesteps: int = 1000,
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
-        v_posterior: float = 0.0,
-    ) -> None:
-        """Register ldm's 12 persistent schedule buffers (exact names, float32) plus ``lvlb_weights``."""
+    def register_schedule(self, given_betas: Sequence[float] | None = None, beta_schedule: str = "linear",
+                          timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                          cosine_s: float = 8e-3, v_posterior: float = 0.0) -> None:
+        """Register ldm's 12 persistent schedule buffers (exact names, float32) and rebuild the loss's
+        per-timestep tables for the new schedule."""
         if given_betas is not None:
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
@@ -250,12 +242,11 @@ class LatentDiffusion(pl.LightningModule):
         with torch.device("cpu"):  # the schedule is computed eagerly, also when the model is built on meta
             self.schedule = NoiseSchedule.from_betas(betas, v_posterior=v_posterior)
             buffers = self.schedule.buffers()
-            lvlb_weights = self.schedule.lvlb_weights(self.parameterization)
+            self.loss_fn.set_schedule(self.schedule)
         self.num_timesteps = len(betas)
         self.linear_start, self.linear_end, self.v_posterior = linear_start, linear_end, v_posterior
         for name, value in buffers.items():
             self.register_buffer(name, value)
-        self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     finetune_keys: tuple[str, ...] = ()
@@ -272,7 +263,7 @@ class LatentDiffusion(pl.LightningModule):
         """Initialise from a checkpoint: drop ``ignore_keys``, widen ``finetune_keys``, load, fix up the EMA.
 
         When the checkpoint carries no ``model_ema.*`` tensors (or ``reset_ema``), the EMA is re-initialised from
-        the freshly loaded weights, so it never averages towards a random initialisation (SPEC D3).
+        the freshly loaded weights, so it never averages towards a random initialisation (DECISIONS D3).
         """
         sd = drop_prefixes(load_state_dict_file(path), ignore_keys)
         if only_model:
@@ -322,7 +313,7 @@ class LatentDiffusion(pl.LightningModule):
     def get_first_stage_encoding(
         self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Scaled latent. SPEC B.2.5: the posterior is *sampled* (not its mode), in training and sampling."""
+        """Scaled latent. DECISIONS D5: the posterior is *sampled* (not its mode), in training and sampling."""
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample(generator=generator)
         elif isinstance(encoder_posterior, torch.Tensor):
@@ -350,10 +341,17 @@ class LatentDiffusion(pl.LightningModule):
         c = self.get_learned_conditioning(label[:1])
         return c.expand(batch_size, *c.shape[1:]).contiguous()
 
+    def null_conditioning(self, cond: torch.Tensor, null_label: Sequence[str] | str | None = None) -> Any:
+        """The unconditional counterpart of the text conditioning ``cond`` (B x 77 x D) for classifier-free
+        guidance: the encoding of ``null_label`` ("" by default, what ``ucg_training`` drops captions to)."""
+        if not isinstance(cond, torch.Tensor):  # a hybrid dict: LatentInpaintDiffusion keeps its c_concat
+            raise TypeError(f"{type(self).__name__}.null_conditioning takes the text tensor, not {type(cond).__name__}")
+        return self.get_unconditional_conditioning(cond.shape[0], null_label)
+
     # ------------------------------------------------------------------------------------------------ inputs
     @staticmethod
     def image_from_batch(batch: Mapping[str, Any], key: str) -> torch.Tensor:
-        """Batch images are B,H,W,C in [-1,1] (SPEC B.4.1); the networks want B,C,H,W contiguous."""
+        """Batch images are B,H,W,C in [-1,1] (DECISIONS R7); the networks want B,C,H,W contiguous."""
         x = batch[key]
         if x.ndim == 3:
             x = x[..., None]
@@ -363,7 +361,7 @@ class LatentDiffusion(pl.LightningModule):
         """Return ``(z, c)``: the scaled image latent and the encoded conditioning.
 
         ldm's extra return flags (``return_first_stage_outputs`` and friends) are not supported: they made the
-        reference decode every training batch (SPEC D8). Passing them raises.
+        reference decode every training batch (DECISIONS D8). Passing them raises.
         """
         if any(_legacy.values()):
             raise ValueError(f"get_input: options {sorted(k for k, v in _legacy.items() if v)} are not supported")
@@ -378,22 +376,11 @@ class LatentDiffusion(pl.LightningModule):
         return z, c
 
     def apply_ucg(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Classifier-free-guidance dropout: replace each caption by ``val`` with probability ``p``.
-
-        The replacement is the *string* (encoded later), so the unconditional embedding is the text encoder's
-        output for "" - exactly what sampling uses. Draws are deterministic in (ucg_seed, global step, rank).
-        """
+        """Caption dropout for CFG training (``conditioning.drop_captions``), seeded by (ucg_seed, step, rank)."""
         if not self.ucg_training:
             return batch
         rng = np.random.default_rng([self.ucg_seed, int(self.global_step), int(self.global_rank)])
-        batch = dict(batch)
-        for key, spec in self.ucg_training.items():
-            p, val = float(spec.get("p", 0.0)), spec.get("val", "")
-            val = "" if val is None else val
-            values = list(batch[key])
-            drop = rng.random(len(values)) < p
-            batch[key] = [val if d else v for v, d in zip(values, drop)]
-        return batch
+        return drop_captions(batch, self.ucg_training, rng)
 
     # ------------------------------------------------------------------------------------------------- model
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -406,24 +393,10 @@ class LatentDiffusion(pl.LightningModule):
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None):
         """Diffusion loss at timesteps ``t``: noise, predict, compare with the parameterization's target."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        a = extract(self.sqrt_alphas_cumprod, t, x_start.ndim)  # sqrt(abar_t), B x 1 x 1 x 1
-        s = extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim)  # sqrt(1 - abar_t)
-        x_noisy = parameterization.q_sample(x_start, noise, a, s)
-        model_output = self.apply_model(x_noisy, t, cond)
+        a, s = self._ab(t, x_start.ndim)  # sqrt(abar_t), sqrt(1 - abar_t): B x 1 x 1 x 1
+        model_output = self.apply_model(parameterization.q_sample(x_start, noise, a, s), t, cond)
         target = parameterization.training_target(self.parameterization, x_start, noise, a, s)
-        prefix = "train" if self.training else "val"
-        return losses.diffusion_loss(
-            model_output, target, t,
-            loss_type=self.loss_type,
-            logvar=self.logvar.to(self.device),
-            lvlb_weights=self.lvlb_weights,
-            l_simple_weight=self.l_simple_weight,
-            original_elbo_weight=self.original_elbo_weight,
-            min_snr_gamma=self.min_snr_gamma,
-            alphas_cumprod=self.alphas_cumprod,
-            parameterization=self.parameterization,
-            prefix=prefix,
-        )
+        return self.loss_fn(model_output, target, t, prefix="train" if self.training else "val")
 
     def forward(self, x: torch.Tensor, c: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()  # uniform t per sample
@@ -461,7 +434,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ARG002
         # Lightning calls this per micro-batch; global_step only moves on an optimizer step, so the EMA is
-        # updated exactly once per optimizer step even with gradient accumulation (SPEC D3).
+        # updated exactly once per optimizer step even with gradient accumulation (DECISIONS D3).
         if self.use_ema and self.global_step != self._last_ema_step:
             self._last_ema_step = self.global_step
             self.model_ema(self.model)
@@ -511,44 +484,16 @@ class LatentDiffusion(pl.LightningModule):
 
         return log_images(self, batch, **kwargs)
 
-    # ---------------------------------------------------------- ldm's public helpers (one-line delegations)
-    def _ab(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract(self.sqrt_alphas_cumprod, t, ndim), extract(self.sqrt_one_minus_alphas_cumprod, t, ndim)
-
-    def q_sample(self, x_start, t, noise=None):
-        noise = torch.randn_like(x_start) if noise is None else noise
-        return parameterization.q_sample(x_start, noise, *self._ab(t, x_start.ndim))
-
-    def get_v(self, x, noise, t):
-        return parameterization.v_from_x0_eps(x, noise, *self._ab(t, x.ndim))
-
-    def predict_start_from_noise(self, x_t, t, noise):
-        return parameterization.x0_from_eps(x_t, noise, *self._ab(t, x_t.ndim))
-
-    def predict_start_from_z_and_v(self, x_t, t, v):
-        return parameterization.x0_from_v(x_t, v, *self._ab(t, x_t.ndim))
-
-    def predict_eps_from_z_and_v(self, x_t, t, v):
-        return parameterization.eps_from_v(x_t, v, *self._ab(t, x_t.ndim))
+    def training_target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model regresses on at ``t`` for the configured parameterization (eps, x0 or v)."""
+        return parameterization.training_target(self.parameterization, x_start, noise, *self._ab(t, x_start.ndim))
 
 
 def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
-    """``{"fused": True}`` when torch has a fused AdamW kernel for these parameters, else ``{}`` (torch's default).
-
-    The fused kernel exists for CUDA and, since torch 2.4, for CPU tensors, where it is about 1.9x the
-    per-tensor loop on the UNet's parameters (docs/BENCHMARKS.md, "Training step"); torch's default elsewhere
-    is the foreach kernel where the device has one, else the loop (foreach on CPU is slower than the loop).
-    Asking torch (its constructor checks devices and dtypes) keeps the rule right for other devices and versions.
-    """
+    """``{"fused": True}`` where torch has a fused AdamW for these parameters (CUDA; CPU since torch 2.4, there
+    1.9x the per-tensor loop: docs/BENCHMARKS.md), else ``{}``, torch's default (foreach is slowest on CPUs)."""
     try:
-        torch.optim.AdamW(params, fused=True)
+        torch.optim.AdamW(params, fused=True)  # the constructor checks the devices and dtypes
     except (RuntimeError, ValueError):
         return {}
     return {"fused": True}
-
-
-def parameterization_checked(mode: str) -> str:
-    try:
-        return parameterization.check_parameterization(mode)
-    except ValueError as e:
-        raise ConfigError(f"model.params.parameterization: {e}") from e

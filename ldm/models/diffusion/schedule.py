@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from ldm.models.diffusion.parameterization import check_parameterization
+from ldm.models.diffusion.parameterization import lvlb_weights
 
 BetaScheduleName = Literal["linear", "sqrt_linear", "sqrt", "cosine"]
 
@@ -110,30 +110,18 @@ class NoiseSchedule:
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """``{buffer name: float32 tensor [T]}`` in ldm's order, ready for ``register_buffer``."""
-        return {f.name: torch.tensor(getattr(self, f.name), dtype=torch.float32) for f in fields(self)}
+        return {name: torch.tensor(getattr(self, name), dtype=torch.float32) for name in self.buffer_names()}
 
     def lvlb_weights(self, parameterization: str) -> torch.Tensor:
-        """Per-timestep weights of ldm's ``loss_vlb`` term, float32 ``[T]`` (SPEC B.2.2).
-
-        eps: beta_t^2 / (2 var~_t alpha_t (1 - abar_t)); v: ones; x0: ``0.5 sqrt(abar) / (2 - abar)``.
-        COMPAT: the x0 value is what ldm computes (its ``2. * 1 - abar`` reads as 2 - abar, not the intended
-        2 (1 - abar)). Element 0 is overwritten by element 1 (ldm: var~_0 = 0 makes the eps weight infinite).
-        Computed here in float64; ldm computes them in float32 (differences ~1e-7 relative). They only
-        matter with ``original_elbo_weight > 0``, which no SD config sets.
-        """
-        mode, abar = check_parameterization(parameterization), self.alphas_cumprod
-        with np.errstate(divide="ignore", invalid="ignore"):  # eps: var~_0 = 0 gives inf at t = 0
-            if mode == "eps":
-                w = self.betas**2 / (2 * self.posterior_variance * (1 - self.betas) * (1 - abar))
-            elif mode == "x0":
-                w = 0.5 * np.sqrt(abar) / (2.0 - abar)
-            else:
-                w = np.ones_like(abar)
-        if w.size > 1:
-            w[0] = w[1]
-        if not np.all(np.isfinite(w)):
-            raise ValueError("lvlb_weights are not finite; check betas and v_posterior")
+        """ldm's per-timestep ``loss_vlb`` weights for this schedule, float32 ``[T]``
+        (:func:`ldm.models.diffusion.parameterization.lvlb_weights`, where the per-mode forms live)."""
+        w = lvlb_weights(parameterization, self.betas, self.alphas_cumprod, self.posterior_variance)
         return torch.tensor(w, dtype=torch.float32)
+
+    @classmethod
+    def buffer_names(cls) -> tuple[str, ...]:
+        """The 12 buffer names, in ldm's order (what ``LatentDiffusion`` registers and checkpoints carry)."""
+        return tuple(f.name for f in fields(cls))
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:

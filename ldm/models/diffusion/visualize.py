@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from ldm import compat
+from ldm.models.diffusion.sampling import get_sampler, sample_latents
 
-#: log_images kwargs that official configs pass but that draw nothing here (see ldm.compat.IGNORED_PARAMS)
-IGNORED_KWARGS = ("inpaint", "plot_progressive_rows", "plot_diffusion_rows", "plot_denoise_rows",
-                  "quantize_denoised", "return_keys", "plot_inpaint", "plot_swapped_concat")
+log = logging.getLogger(__name__)
 
 
 def _slice_batch(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
@@ -45,22 +44,25 @@ def log_images(
 
     Keys: ``inputs``, ``reconstruction``, and for inpainting models ``mask`` and ``masked_image``; with
     ``sample``: ``samples`` (no guidance) and, when ``unconditional_guidance_scale > 1``,
-    ``samples_cfg_scale_{s:.2f}``. The unconditional branch shares the concat conditioning (mask and masked
-    image) and only replaces the text by ``unconditional_guidance_label`` (default ``[""]``), as SD2 does.
-    Samples start from a fixed seed so successive logs are comparable.
+    ``samples_cfg_scale_{s:.2f}``. The unconditional branch is ``model.null_conditioning``: the concat
+    conditioning (mask and masked image) is kept and only the text becomes ``unconditional_guidance_label``
+    (default ``[""]``), as SD2 does. Samples start from a fixed seed so successive logs are comparable.
+    ``sampler`` is a name in ``ldm.models.diffusion.sampling.SAMPLERS``; ``ddim_eta`` follows its eta rule.
+    Keywords in :data:`ldm.compat.IGNORED_LOG_IMAGES_KWARGS` are accepted and ignored; others raise.
     """
-    unknown = set(ignored) - set(IGNORED_KWARGS)
+    unknown = set(ignored) - set(compat.IGNORED_LOG_IMAGES_KWARGS)
     if unknown:
         raise ValueError(f"log_images_kwargs: unknown option(s) {sorted(unknown)}")
+    compat.note_ignored("ImageLogger.log_images_kwargs", ignored)
+    get_sampler(sampler).check(ddim_eta)  # fail before encoding anything
     batch = _slice_batch(batch, N)
     out: dict[str, torch.Tensor] = {}
     z, cond = model.get_input(batch, model.first_stage_key)
     n = z.shape[0]
     out["inputs"] = model.image_from_batch(batch, model.first_stage_key)
     out["reconstruction"] = model.decode_first_stage(z)
-    concat_keys = getattr(model, "concat_keys", ())
-    if "mask" in concat_keys:
-        out["mask"] = (model.image_from_batch(batch, "mask") * 2 - 1).repeat(1, 3, 1, 1)
+    if getattr(model, "concat_keys", ()):
+        out["mask"] = (model.image_from_batch(batch, model.mask_key) * 2 - 1).repeat(1, 3, 1, 1)
     if getattr(model, "masked_image_key", None) in batch:
         out["masked_image"] = model.image_from_batch(batch, model.masked_image_key)
     start, end = getattr(model, "c_concat_log_start", None), getattr(model, "c_concat_log_end", None)
@@ -71,9 +73,7 @@ def log_images(
 
     uncond = None
     if unconditional_guidance_scale > 1.0:
-        label = list(unconditional_guidance_label) if unconditional_guidance_label is not None else [""]
-        uc_text = model.get_unconditional_conditioning(n, label)
-        uncond = {**cond, "c_crossattn": [uc_text]} if isinstance(cond, dict) else uc_text
+        uncond = model.null_conditioning(cond, unconditional_guidance_label)
 
     scope = model.ema_scope("log_images") if use_ema_scope else nullcontext()
     with scope:
@@ -83,37 +83,10 @@ def log_images(
         runs = [("samples", 1.0, None)]
         if uncond is not None:
             runs.append((f"samples_cfg_scale_{unconditional_guidance_scale:.2f}", unconditional_guidance_scale, uncond))
-        for key, scale, uc in runs:
-            samples = sample_latents(model, cond, x_T, steps=ddim_steps, eta=ddim_eta, scale=scale, uncond=uc,
-                                     sampler=sampler)
+        for key, scale, uc in runs:  # with eta > 0 both runs draw the same per-step noise
+            noise = torch.Generator(device="cpu").manual_seed(seed + 1)
+            samples = sample_latents(model, cond, x_T, sampler=sampler, steps=ddim_steps, scale=scale, uncond=uc,
+                                     eta=ddim_eta, generator=noise)
             out[key] = model.decode_first_stage(samples)
     return {k: v.detach().float().cpu() for k, v in out.items()}
 
-
-def sample_latents(
-    model: Any,
-    cond: Any,
-    x_T: torch.Tensor,
-    steps: int,
-    eta: float = 0.0,
-    scale: float = 1.0,
-    uncond: Any = None,
-    sampler: str = "ddim",
-) -> torch.Tensor:
-    """Run a sampler from ``x_T`` and return latents (shared by logging and the sampling scripts)."""
-    from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-
-    if sampler == "ddim":
-        s = DDIMSampler(model)
-        kw = {"eta": eta}
-    elif sampler in ("dpm", "dpmpp", "dpm_solver"):
-        s = DPMSolverSampler(model)
-        kw = {}
-    else:
-        raise ValueError(f"sampler={sampler!r}: expected 'ddim' or 'dpm'")
-    samples, _ = s.sample(
-        S=steps, batch_size=x_T.shape[0], shape=tuple(x_T.shape[1:]), conditioning=cond, x_T=x_T,
-        unconditional_guidance_scale=scale, unconditional_conditioning=uncond, verbose=False, **kw,
-    )
-    return samples

@@ -56,7 +56,7 @@ def build_text_tower(cfg: dict[str, Any]) -> nn.Module:
     ``attn_mask``) is what CLIP stores at its top level, so its keys equal ``CLIP.state_dict()`` minus
     ``visual.*``, once ``logit_scale`` is added back (see below).
     """
-    # COMPAT: _build_text_tower is private but has had this signature since open_clip 2.x (ECOSYSTEM.md 2).
+    # COMPAT: _build_text_tower is private but has had this signature since open_clip 2.x (DECISIONS R11).
     tower = open_clip.model._build_text_tower(
         cfg["embed_dim"], open_clip.model.CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=cfg.get("quick_gelu", False)
     )
