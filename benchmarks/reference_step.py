@@ -4,11 +4,12 @@
     python benchmarks/reference_step.py                        # ours only: step time, memory, profile split
     REF=/tmp/ref python benchmarks/reference_step.py            # ours vs the reference, 1 thread
     REF=/tmp/ref python benchmarks/reference_step.py --threads 2
+    REF=/tmp/ref python benchmarks/reference_step.py --also before=/tmp/old   # a third implementation too
     python benchmarks/reference_step.py --no-write              # print only
 
 ``REF`` (or ``--ref``) is a checkout of https://github.com/Stability-AI/stablediffusion that the user
 fetched (e.g. ``git clone https://github.com/Stability-AI/stablediffusion /tmp/ref``); nothing of it is copied
-into this repository. It needs ``einops`` (a test dependency here).
+into this repository. Its code needs ``einops``, which this project installs too.
 
 The step: SD2's inpainting UNet (9 input channels, ``channel_mult`` 1-2-4-4, heads of 64 channels, linear
 transformer projections, context width 1024) at ``--model-channels`` (128; SD2 has 320), a latent of
@@ -16,10 +17,11 @@ transformer projections, context width 1024) at ``--model-channels`` (128; SD2 h
 MSE against a fixed target, backward, gradients dropped. No optimizer: the comparison is about the network.
 
 How it is measured: both implementations are packages called ``ldm``, so each lives in its own worker
-process (this script with ``--worker ROOT``), and the parent alternates the two (ours, ref; ref, ours; ...),
-one step at a time, after a warm-up. Each worker times its step itself (no IPC inside the timing); the
-speed ratio is the median of the per-round ratios (``common.paired_ratio``), so load from other jobs that
-comes and goes hits both alike. Both workers build their weights from the parameter *names* (a seeded
+process (this script with ``--worker ROOT``), and the parent alternates them (ours, ref; ref, ours; ...),
+one step at a time, after a warm-up. ``--also LABEL=ROOT`` adds another checkout (an older commit of this
+repository, say: ``git archive <commit> ldm | tar -x -C /tmp/old``) to the rotation. Each worker times its
+step itself (no IPC inside the timing); the speed ratio is the median of the per-round ratios, so load from
+other jobs that comes and goes hits both alike. Both workers build their weights from the parameter *names* (a seeded
 generator per key), so they hold identical weights without a file; the parity check compares the output and
 every parameter's gradient norm and fails (exit 1) beyond ``--parity-tol`` (relative, 1e-5).
 
