@@ -34,6 +34,7 @@ ops, softmax, and what no operator accounts for: Python and dispatch overhead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -229,10 +230,19 @@ class Worker:
         return self._read()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+        """Ask the worker to quit; kill it if it does not within a minute (or is stuck)."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            for stream in (self.proc.stdin, self.proc.stdout):
+                with contextlib.suppress(OSError):  # a dead worker's pipe may refuse the last flush
+                    stream.close()
 
 
 def split_profile(result: dict[str, Any]) -> dict[str, float]:
