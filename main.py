@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Train or resume an ldm model: ``python main.py --base configs/inpaint.yaml --train``.
 
-The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides;
+The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides
+(``~a.b`` deletes a key or a whole section first, e.g. ``~data data.target=...`` replaces the data section);
 ``-t/--train``, ``-r/--resume`` (a run dir or a checkpoint), ``-n/--name``, ``-l/--logdir``, ``-s/--seed``,
 ``--scale_lr`` (off by default here; the formula is logged). Trainer settings live in ``lightning.trainer``
-(e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run`` and ``ldm.callbacks``; the
-names below are re-exported so ``main.ImageLogger`` & co. resolve as config targets.
+(e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run``, ``ldm.resume`` and
+``ldm.callbacks``; the callback names are re-exported so ldm configs' ``main.ImageLogger`` & co. resolve.
+
+Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 2 bad input (config, checkpoint, full disk:
+one line), 3 too much bad data, 4 non-finite loss or exploded gradient norm (the step was not applied).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--name", default="", help="run name postfix (default: first config's stem)")
     p.add_argument("-p", "--project", default=None, help="accepted for ldm compatibility; unused")
     p.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False, help="debug logging")
-    p.add_argument("-s", "--seed", type=int, default=23, help="global seed (ldm default 23)")
+    p.add_argument("-s", "--seed", type=int, default=None,
+                   help="global seed (default: ldm's 23 for a new run, the run's own seed on resume)")
     p.add_argument("-f", "--postfix", default="", help="suffix appended to the run name")
     p.add_argument("-l", "--logdir", default="logs", help="root directory of runs")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
@@ -69,10 +74,16 @@ import pytorch_lightning as pl  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from pytorch_lightning.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from ldm.callbacks import CUDACallback, ImageLogger, SetupCallback  # noqa: E402, F401 - config targets main.*
+from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
+    CUDACallback,
+    GracefulStop,
+    ImageLogger,
+    SetupCallback,
+)
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
 from ldm.run import (  # noqa: E402
+    DEFAULT_SEED,
     build_trainer,
     check_overrides,
     check_sections,
@@ -84,14 +95,18 @@ from ldm.run import (  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
 
 
+def _is_override(token: str) -> bool:
+    return "=" in token or token.startswith("~")
+
+
 def run(argv: list[str]) -> int:
     opt, unknown = get_parser().parse_known_args(explicit_bools(argv))
-    # `--base a.yaml x.y=1` lets nargs="*" swallow the override: give it back
-    unknown += [b for b in opt.base if "=" in b]
-    opt.base = [b for b in opt.base if "=" not in b]
-    bad = [u for u in unknown if "=" not in u]
+    # `--base a.yaml x.y=1 ~z` lets nargs="*" swallow the overrides: give them back
+    unknown += [b for b in opt.base if _is_override(b)]
+    opt.base = [b for b in opt.base if not _is_override(b)]
+    bad = [u for u in unknown if not _is_override(u)]
     if bad:
-        raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value")
+        raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value (~key.path deletes)")
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot be used together (a resumed run keeps its name)")
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -99,18 +114,23 @@ def run(argv: list[str]) -> int:
     cfg = load_config([*dirs.resume_configs, *opt.base], unknown)
     check_sections(cfg)
     check_overrides(cfg, unknown)
-    if "model" not in cfg:
+    if cfg.get("model") is None:
         raise ConfigError("no 'model' section: pass a config with --base")
+    if opt.train and cfg.get("data") is None:
+        raise ConfigError("--train needs a 'data' section (a data module target, e.g. "
+                          "ldm.data.laion.WebDataModuleFromConfig); see configs/tiny/inpaint_shards.yaml")
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
     if dirs.resume_ckpt is None:
         preflight(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     else:
         cfg.model.params.ckpt_path = None  # the resume checkpoint supersedes the init checkpoint
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(DEFAULT_SEED if opt.seed is None else opt.seed, workers=True)
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
-    model = instantiate_from_config(cfg.model)
-    data = instantiate_from_config(cfg.data) if "data" in cfg else None
+    model = instantiate_from_config(cfg.model, where="model")
+    # every checkpoint records the resolved config it was trained with (ldm.provenance)
+    model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)
+    data = instantiate_from_config(cfg.data, where="data") if cfg.get("data") is not None else None
     tcfg = lightning_cfg.get("trainer", {}) or {}
     bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
     model.learning_rate, formula = effective_lr(
@@ -144,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as e:  # too much bad data: the message names the shards
         log.error("%s", str(e).strip().splitlines()[-1])
         return 3
-    except FloatingPointError as e:  # non-finite loss: the message names the step; last.ckpt is untouched
+    except FloatingPointError as e:  # non-finite loss / gradient norm: names the step; checkpoints are untouched
         log.error("%s", e)
         return 4
 

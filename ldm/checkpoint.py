@@ -1,18 +1,35 @@
-"""Reading checkpoints safely and initialising a model from one, with ldm's surgery made explicit.
+"""Reading and writing checkpoints safely, and initialising a model from one with the surgery made explicit.
 
-* :func:`load_state_dict_file` reads ``.safetensors`` or ``.ckpt``/``.pt``/``.bin`` (``torch.load`` with
-  ``weights_only=True``: no arbitrary code runs), with or without a ``state_dict`` wrapper.
-* :func:`widen_input_channels` is the inpainting 4 -> 9 input-conv surgery (DECISIONS D4): the checkpoint's channels
-  go first, the new channels are zero, anything else is a :class:`CheckpointError`.
-* :func:`load_into` applies ignore prefixes and the surgery, loads non-strictly and reports missing and
-  unexpected keys in one summary.
+Reading. Every checkpoint this project reads -- init weights, ``-r`` resumes (through Lightning's ``CheckpointIO``
+plugin, :func:`atomic_checkpoint_io`), sampling, evaluation and export -- goes through :func:`load_checkpoint_file`:
+
+* ``.safetensors`` holds tensors only;
+* anything else goes through :func:`safe_torch_load`, which passes ``weights_only=True`` to ``torch.load``
+  explicitly. torch consults ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` at every call, but only when the caller left
+  ``weights_only`` unset; an explicit ``True`` is never overridden (``torch/serialization.py``, ``load``). So no
+  environment variable can make this loader unpickle arbitrary objects (tests/test_checkpoint_safety.py sets it);
+* a file that is empty, truncated or not a checkpoint, or that holds pickled Python objects, becomes one
+  :class:`CheckpointError` line naming the file (never a traceback, never torch's advice to unpickle unsafely).
+
+Loading into a model (:func:`load_into`) is strict: a missing or unexpected tensor is an error that gives the
+count and the first keys, except for prefixes the caller names as allowed. :func:`widen_input_channels` is the
+inpainting 4 -> 9 input-conv surgery (DECISIONS D4).
+
+Writing. :func:`atomic_torch_save` writes a temp file beside the target, fsyncs and renames it, so a crash leaves the
+old file or the new one; a full disk becomes one :class:`DiskFullError` line naming the directory. Temp files
+orphaned by a kill during a save match :data:`TEMP_GLOB` and are removed when a run is resumed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import pickle
-from collections.abc import Iterable, Mapping
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +37,80 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: temp files of :func:`atomic_torch_save`: ``.<target name>.<random>.tmp`` beside the target
+TEMP_GLOB = ".*.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.(ckpt|safetensors|pt|pth|bin)\.[A-Za-z0-9_]+\.tmp$")
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: unreadable file, wrong architecture, impossible shapes."""
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file into a dict without unpickling arbitrary objects."""
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written because its file system is full (or over quota)."""
+
+
+def first_line(e: BaseException) -> str:
+    """``TypeName: first line of the message`` (also for exceptions with an empty message)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load`` that only rebuilds tensors and plain containers, whatever the environment says.
+
+    ``mmap=True`` maps tensor storages instead of reading them: a multi-GB file is checked in milliseconds.
+    """
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _unsafe_global(message: str) -> str | None:
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else None
+
+
+def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file into a dict without unpickling arbitrary objects.
+
+    Args:
+        path: ``.ckpt``/``.pt``/``.pth``/``.bin`` (torch zip or legacy format) or ``.safetensors``.
+        mmap: map tensor storages lazily (torch zip files only); used to probe resume candidates cheaply.
+
+    Raises:
+        CheckpointError: missing, empty, truncated or foreign file, or one holding pickled Python objects.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or download? Replace it.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from e
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({first_line(e)})") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError, KeyError) as e:
-        # weights_only unpickling of junk fails with a variety of low-level errors; all mean "not a checkpoint"
+        obj = safe_torch_load(path, mmap=mmap and zipfile.is_zipfile(path))  # mmap needs torch's zip format
+    except pickle.UnpicklingError as e:
+        name = _unsafe_global(str(e))
+        if name is None:  # junk or a legacy pickle cut short, not a refused object
+            raise CheckpointError(
+                f"{path} is truncated or not a loadable checkpoint (its pickle data is invalid). Expected a "
+                "Lightning/ldm .ckpt, a plain {'state_dict': ...} file or a .safetensors file."
+            ) from None
         raise CheckpointError(
-            f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Expected a Lightning/ldm .ckpt, a plain {'state_dict': ...} file or a .safetensors file."
-        ) from e
+            f"{path} contains a pickled Python object ({name}) besides tensors and was not loaded: unpickling it "
+            "could run arbitrary code. Use a checkpoint written by this project or a .safetensors file."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, OSError, AttributeError) as e:
+        # junk, truncation and foreign formats fail with many low-level errors; all mean "not a checkpoint"
+        raise CheckpointError(
+            f"{path} is truncated or not a loadable checkpoint ({first_line(e)}). Expected a Lightning/ldm .ckpt, "
+            "a plain {'state_dict': ...} file or a .safetensors file."
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
@@ -66,6 +132,7 @@ def state_dict_of(obj: Mapping[str, Any], path: str | Path) -> dict[str, torch.T
     return tensors
 
 
+# -------------------------------------------------------------------------------------------- loading into
 def drop_prefixes(sd: dict[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
     prefixes = tuple(prefixes)
     if not prefixes:
@@ -129,42 +196,88 @@ def check_shapes(sd: Mapping[str, torch.Tensor], target_shapes: Mapping[str, tor
         )
 
 
+def _first_keys(keys: Sequence[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
 def load_into(
     module: torch.nn.Module,
     sd: dict[str, torch.Tensor],
     source: str,
-    strict: bool = False,
+    allow_missing: Iterable[str] = (),
+    hint: str = "",
 ) -> tuple[list[str], list[str]]:
-    """Load ``sd`` into ``module`` and log one summary of missing/unexpected keys.
+    """Load ``sd`` into ``module`` strictly, except for missing keys under the ``allow_missing`` prefixes.
+
+    ``hint`` ends the error message (which setting allows a partial load for this caller).
 
     Returns:
-        (missing, unexpected) key lists.
+        (missing, unexpected) key lists; ``missing`` holds only allowed keys, ``unexpected`` is empty.
+
+    Raises:
+        CheckpointError: a shape mismatch, an unexpected tensor, or a missing tensor outside ``allow_missing``
+            (one line with the count and the first keys).
     """
+    allowed = tuple(allow_missing)
     target = module.state_dict()
     check_shapes(sd, {k: v.shape for k, v in target.items()}, source)
-    result = module.load_state_dict(sd, strict=strict)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    log.info(
-        "loaded %d tensors from %s: %d missing, %d unexpected",
-        len(sd) - len(unexpected), source, len(missing), len(unexpected),
-    )
-    for kind, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            shown = ", ".join(keys[:10]) + (f", ... (+{len(keys) - 10})" if len(keys) > 10 else "")
-            log.warning("%s keys from %s: %s", kind, source, shown)
-    return missing, unexpected
+    unexpected = [k for k in sd if k not in target]
+    missing = [k for k in target if k not in sd]
+    refused = [k for k in missing if not k.startswith(allowed)] if allowed else missing
+    if unexpected or refused:
+        parts = []
+        if refused:
+            parts.append(f"{len(refused)} model tensors missing from the checkpoint ({_first_keys(refused)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} checkpoint tensors the model does not have ({_first_keys(unexpected)})")
+        raise CheckpointError(
+            f"{source} does not match the model: {'; '.join(parts)}. Is it the checkpoint for this config?"
+            + (f" {hint}" if hint else "")
+        )
+    module.load_state_dict(sd, strict=False)
+    if missing:
+        log.info("%s: %d model tensors not in the checkpoint keep their initial values (allowed prefixes %s)",
+                 source, len(missing), list(allowed))
+    log.info("loaded %d tensors from %s", len(sd), source)
+    return missing, []
+
+
+def non_finite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors in ``sd`` holding a NaN or an infinity (one sync per device)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            by_device.setdefault(v.device, []).append(k)
+    bad = []
+    for names in by_device.values():  # one stacked reduction (and one sync) per device
+        flags = torch.stack([sd[k].isfinite().all() for k in names]).tolist()
+        bad += [k for k, ok in zip(names, flags) if not ok]
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _disk_full(e: BaseException) -> bool:
+    """True when ``e`` or an exception in its chain is ENOSPC/EDQUOT (torch's zip writer re-raises it as a
+    RuntimeError 'unexpected pos', with the OSError only in ``__context__``)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file in the target directory, fsync, then ``os.replace``.
 
-    A crash or kill at any point leaves either the old file or the new one, never a truncated file. Unlike
-    Lightning's default it streams to disk instead of building the whole checkpoint in memory first, which
-    matters for a 1.3B-parameter model with optimizer and EMA state.
-    """
-    import os
-    import tempfile
+    A crash or kill at any point leaves either the old file or the new one, never a truncated file (a SIGKILL can
+    leave a temp file; see :data:`TEMP_GLOB`). Unlike Lightning's default it streams to disk instead of building the
+    whole checkpoint in memory first, which matters for a 1.3B-parameter model with optimizer and EMA state.
 
+    Raises:
+        DiskFullError: the file system ran out of space (the old file is untouched, the temp file removed).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -174,13 +287,31 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(e):
+            free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+            raise DiskFullError(
+                f"no space left on device while writing {path.name} in {path.parent} ({free / 2**30:.2f} GiB "
+                f"free); the previous {path.name}, if any, is intact. Free space there (README: checkpoint "
+                "retention and sizes) and resume with -r."
+            ) from None
         raise
 
 
+def orphan_temp_files(directories: Iterable[str | Path]) -> list[Path]:
+    """Temp files left in ``directories`` by saves that were killed (SIGKILL, node loss) before their rename."""
+    found = []
+    for d in directories:
+        d = Path(d)
+        if d.is_dir():
+            found += [p for p in d.glob(TEMP_GLOB) if p.is_file() and _TEMP_NAME.match(p.name)]
+    return sorted(found)
+
+
 def atomic_checkpoint_io():
-    """A Lightning ``CheckpointIO`` plugin whose saves go through :func:`atomic_torch_save`."""
+    """The Lightning ``CheckpointIO`` plugin of every run: atomic saves, and loads through
+    :func:`load_checkpoint_file`, so a ``-r`` resume never unpickles arbitrary objects either."""
     from pytorch_lightning.plugins.io import TorchCheckpointIO
 
     class AtomicCheckpointIO(TorchCheckpointIO):
@@ -188,5 +319,11 @@ def atomic_checkpoint_io():
             if storage_options is not None:
                 raise TypeError("AtomicCheckpointIO does not take storage_options")
             atomic_torch_save(checkpoint, path)
+
+        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+            # map_location: tensors are always loaded on the CPU (Lightning's default); weights_only=False requests
+            # are refused by design: a resume needs tensors and plain containers only.
+            del map_location, weights_only
+            return load_checkpoint_file(path)
 
     return AtomicCheckpointIO()

@@ -1,22 +1,38 @@
 """Reading and writing the images of the sampling and evaluation scripts: inputs, masks, prompts, PNGs, grids.
 
-Conventions: images are ``H x W x 3`` uint8 RGB arrays; masks are ``H x W`` float32 in [0, 1] where white (1)
-marks the pixels to inpaint. Every bad input raises ``ValueError`` naming the file and what to do.
-Left out: EXIF orientation handling beyond PIL's default and colour management.
+Conventions: images are ``H x W x 3`` uint8 RGB arrays, decoded by the project's one rule (``ldm.data.rgb``:
+every PIL mode to 8-bit RGB, alpha composited on white); masks are ``H x W`` float32 in [0, 1] where white (1)
+marks the pixels to inpaint (samplers binarise at 0.5). Every bad input raises ``ValueError`` naming the file
+and what to do. Left out: EXIF orientation and colour management.
+
+**Mask rule** (:func:`mask_from_image`), the same for grey, RGB, palette, RGBA and LA files: the mask is what the
+file shows *composited on black*, as luminance (white = hole; black or transparent = keep). One exception: when
+the file has transparency and every visible pixel (alpha > 0) has the same colour, the colour carries no
+information and the alpha channel is the mask (painted = hole), as on SD2's painting canvas or a hole painted in
+any single colour on an empty layer. So an opaque white-on-black mask, the same mask with its background
+made transparent, and the same hole painted on a transparent layer all give the same hole, and a few
+semi-transparent pixels (anti-aliased edges) never switch the rule for the whole picture.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ldm.data.rgb import open_rgb, to_rgb8
+
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"
 
-__all__ = ["find_pairs", "load_mask", "load_rgb", "make_grid", "read_prompts", "save_png"]
+_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+__all__ = ["find_pairs", "load_mask", "load_rgb", "make_grid", "mask_from_image", "read_prompts", "save_png"]
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
@@ -32,16 +48,44 @@ def _open(path: str | Path, what: str) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """An image file as ``H x W x 3`` uint8 RGB (alpha is dropped, grey is expanded)."""
-    return np.asarray(_open(path, "image").convert("RGB"))
+    """An image file as ``H x W x 3`` uint8 RGB by the project's decode rule (``ldm.data.rgb``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    try:
+        return np.asarray(open_rgb(path))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"image file {path} is not a readable image ({e})") from e
 
 
-def load_mask(path: str | Path) -> np.ndarray:
-    """A mask file as ``H x W`` float32 in [0, 1] (luminance / 255; white = inpaint)."""
-    img = _open(path, "mask")
-    if img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] < 255:
-        img = img.getchannel("A")  # a painted alpha layer is the mask (as the SD2 streamlit canvas)
-    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+def mask_from_image(img: Image.Image) -> np.ndarray:
+    """``H x W`` float32 in [0, 1] (1 = hole) from a mask image of any mode, by the module's mask rule."""
+    has_alpha = img.mode in _TRANSPARENT_MODES or (img.mode == "P" and "transparency" in img.info)
+    if not has_alpha:
+        return np.asarray(to_rgb8(img).convert("L"), dtype=np.float32) / 255.0
+    rgba = np.asarray(img.convert("RGBA"))  # H x W x 4, straight alpha (premultiplied modes are undone)
+    colour, alpha = rgba[..., :3], rgba[..., 3]
+    grey = np.asarray(Image.fromarray(colour).convert("L"), dtype=np.float32) / 255.0
+    if alpha.min() == 255:
+        return grey
+    visible = colour[alpha > 0]  # N x 3
+    if len(visible) == 0 or (visible == visible[0]).all():
+        return alpha.astype(np.float32) / 255.0  # one colour: only the alpha channel says where the hole is
+    return grey * (alpha.astype(np.float32) / 255.0)  # composited on black: transparent = keep
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A mask file as ``H x W`` float32 in [0, 1] (white = inpaint) by the module's mask rule.
+
+    ``size`` is the ``(width, height)`` of the image the mask belongs to; a mask of another size is resized to
+    it with nearest-neighbour interpolation (so the hole stays a hole) and a warning.
+    """
+    mask = mask_from_image(_open(path, "mask"))
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        log.warning("mask %s is %dx%d but its image is %dx%d; resizing the mask (nearest neighbour)", path,
+                    mask.shape[1], mask.shape[0], size[0], size[1])
+        mask = np.asarray(Image.fromarray(mask).resize(tuple(size), Image.Resampling.NEAREST))
+    return mask
 
 
 def find_pairs(folder: str | Path) -> list[tuple[Path, Path]]:

@@ -4,7 +4,8 @@ The steps follow the SD2 inpainting scripts (docs/DECISIONS.md R4, D11) with the
 
 * :func:`load_model` builds the model from its yaml and loads a ``.ckpt``/``.safetensors`` in the official layout,
   with or without ``model_ema.*`` (EMA chosen when present unless told otherwise), and rejects files that are not
-  checkpoints, do not fit the architecture, or record a different parameterization than the config.
+  checkpoints, do not fit the architecture, or record a different parameterization or scale factor than the config
+  (a config that does not state them takes the checkpoint's).
 * :func:`fit_to_multiple` / :func:`restore_size` pad (edge) or resize to multiples of 64 and undo it afterwards.
 * :func:`inpaint_conditioning`: ``cond = {c_concat: [mask | z(masked image)], c_crossattn: [text]}``; the
   unconditional branch is the model's ``null_conditioning``: it shares ``c_concat`` and only the text becomes
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,13 +32,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from ldm import provenance
 from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file, state_dict_of
 from ldm.data import masks
 from ldm.defaults import GUIDANCE_SCALE
-from ldm.interop.ldm_format import read_parameterization, select_weights
+from ldm.interop.ldm_format import select_weights
 from ldm.models.diffusion.sampling import SAMPLERS as _REGISTRY
 from ldm.models.diffusion.sampling import get_sampler, sample_latents
 from ldm.models.diffusion.schedule import NoiseSchedule
+from ldm.modules.random_weights import deferred_report, mark_loaded, report_random_weights
 from ldm.util import instantiate_from_config, load_config
 
 log = logging.getLogger(__name__)
@@ -59,9 +62,10 @@ class LoadedModel:
     Args:
         model: the LatentDiffusion / LatentInpaintDiffusion, in eval mode, without an EMA copy.
         used_ema: True if the UNet holds the checkpoint's EMA weights.
-        parameterization: what the UNet predicts ("eps", "v" or "x0"), from the config.
+        parameterization: what the UNet predicts ("eps", "v" or "x0"): the config's, else the checkpoint's.
         source: the checkpoint path.
         global_step: the checkpoint's training step, if recorded.
+        provenance: what the checkpoint records (:mod:`ldm.provenance`; at least ``parameterization``).
     """
 
     model: Any
@@ -69,6 +73,7 @@ class LoadedModel:
     parameterization: str
     source: str
     global_step: int | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -76,18 +81,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@contextmanager
-def _quiet_text_encoder_init():
-    # The text encoder warns loudly that it is randomly initialised; here its weights come from the checkpoint.
-    logger = logging.getLogger("ldm.modules.encoders.modules")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _model_section(config: str | Path | DictConfig) -> dict[str, Any]:
@@ -98,21 +91,45 @@ def _model_section(config: str | Path | DictConfig) -> dict[str, Any]:
 
 
 def build_model(config: str | Path | DictConfig) -> Any:
-    """Instantiate the config's ``model`` for inference: no EMA copy, no checkpoint loading in the constructor."""
+    """Instantiate the config's ``model`` for inference: no EMA copy, no checkpoint loading in the constructor.
+
+    Sub-models without weights are not reported here (the caller loads a checkpoint next): call
+    ``ldm.modules.random_weights.report_random_weights`` after loading.
+    """
     model_cfg = _model_section(config)
     params = model_cfg.setdefault("params", {})
     params["use_ema"] = False  # select_weights already put the chosen UNet weights in place
     params.pop("ckpt_path", None)
-    with _quiet_text_encoder_init():
-        model = instantiate_from_config(model_cfg)
+    with deferred_report():
+        model = instantiate_from_config(model_cfg, where="model")
     return model
 
 
-def _split_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str | None, int | None]:
+def _split_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
     obj = load_checkpoint_file(path)
     tensors = state_dict_of(obj, path)
     step = obj.get("global_step")
-    return tensors, read_parameterization(path, obj), int(step) if isinstance(step, int) else None
+    return tensors, provenance.read(path, obj), int(step) if isinstance(step, int) else None
+
+
+def _fp32_schedule(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Drop noise-schedule tensors stored in reduced precision: the config's float32 schedule is used instead.
+
+    A fp16 ``alphas_cumprod`` moves DDIM's last step from 0.99915 to 0.99902. The stored values must still agree
+    with the config's at their own precision (else the checkpoint was trained with another schedule).
+    """
+    out = dict(sd)
+    for name in SCHEDULE_BUFFERS & sd.keys():
+        value = sd[name]
+        if value.dtype == torch.float32 or name not in own:
+            continue
+        if not torch.equal(value, own[name].to(value.dtype)):
+            raise CheckpointError(f"{path}: its {value.dtype} noise schedule ('{name}') differs from the config's; "
+                                  "use the config it was trained with")
+        del out[name]
+    if len(out) < len(sd):
+        log.info("%s: noise schedule stored in reduced precision; using the config's float32 schedule", path)
+    return out
 
 
 def load_model(
@@ -123,6 +140,10 @@ def load_model(
 ) -> LoadedModel:
     """Build the model of ``config`` and load ``checkpoint`` (official layout, ``.ckpt`` or ``.safetensors``).
 
+    What the checkpoint records wins where the config is silent, and must agree where it speaks
+    (:func:`ldm.provenance.resolve_parameterization`): the parameterization, and the fixed latent ``scale_factor``
+    (a ``scale_by_std`` model carries it as a tensor). The noise schedule is always float32.
+
     Args:
         config: yaml path or loaded config with a ``model`` section.
         checkpoint: weights file; ``model_ema.*`` tensors are optional.
@@ -131,21 +152,31 @@ def load_model(
 
     Raises:
         CheckpointError: not a checkpoint, wrong architecture (names the mismatching tensors), missing or extra
-            tensors, or a recorded parameterization that differs from the config's.
+            tensors, or a recorded parameterization / scale factor that differs from the config's.
     """
     path = Path(checkpoint)
     model_cfg = _model_section(config)
+    params = model_cfg.setdefault("params", {})
     sd, recorded, step = _split_checkpoint(path)
-    expected = model_cfg.get("params", {}).get("parameterization", "eps")  # LatentDiffusion's default
-    if recorded is not None and recorded != expected:
-        raise CheckpointError(
-            f"{path} records parameterization '{recorded}' but the config has '{expected}'; "
-            f"sampling would be wrong. Use a config with model.params.parameterization: {recorded}"
-        )
+    params["parameterization"] = provenance.resolve_parameterization(
+        params.get("parameterization"), recorded.get("parameterization"), str(path))
+    recorded_scale = recorded.get("scale_factor")
+    if "scale_factor" in sd and not params.get("scale_by_std", False):  # a scale_by_std run's learned factor
+        learned = float(sd.pop("scale_factor"))
+        recorded_scale = learned if recorded_scale is None else recorded_scale
+    if recorded_scale is not None and not params.get("scale_by_std", False):
+        if "scale_factor" not in params:
+            params["scale_factor"] = recorded_scale
+        elif float(params["scale_factor"]) != float(recorded_scale):
+            raise CheckpointError(
+                f"{path} was trained with scale_factor {recorded_scale} but the config says {params['scale_factor']};"
+                f" latents would be mis-scaled. Use model.params.scale_factor: {recorded_scale}"
+            )
     sd, used_ema = select_weights(sd, use_ema, source=str(path))
     model = build_model(OmegaConf.create({"model": model_cfg}))
     own = model.state_dict()
     check_shapes(sd, {k: v.shape for k, v in own.items()}, str(path))
+    sd = _fp32_schedule(sd, own, path)
     if "alphas_cumprod" in sd and not torch.allclose(sd["alphas_cumprod"].float(), own["alphas_cumprod"], atol=1e-6):
         log.warning("%s: its noise schedule differs from the config's; the checkpoint's schedule is used", path)
     result = model.load_state_dict(sd, strict=False)
@@ -156,9 +187,11 @@ def load_model(
             f"{missing[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}"
         )
     model.eval().requires_grad_(False).to(resolve_device(str(device)))
-    log.info("loaded %s (%s weights, parameterization %s, step %s)", path, "EMA" if used_ema else "raw",
-             model.parameterization, step)
-    return LoadedModel(model, used_ema, model.parameterization, str(path), step)
+    mark_loaded(model, sd)
+    report_random_weights(model)  # only what the checkpoint did not bring (nothing, for a complete one)
+    log.info("loaded %s (%s weights, parameterization %s, scale factor %.5f, step %s)", path,
+             "EMA" if used_ema else "raw", model.parameterization, float(model.scale_factor), step)
+    return LoadedModel(model, used_ema, model.parameterization, str(path), step, recorded)
 
 
 # ------------------------------------------------------------------------------------------- image geometry

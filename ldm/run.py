@@ -2,14 +2,16 @@
 
 Layout of a run: ``<logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/`` with ``configs/`` (resolved project and
 lightning yaml), ``checkpoints/`` (``last.ckpt``, step checkpoints, ``trainstep_checkpoints/`` weights-only
-snapshots), ``images/`` (ImageLogger grids) and the CSV/TensorBoard/wandb logs.
+snapshots), ``images/`` (ImageLogger grids) and the CSV/TensorBoard/wandb logs. A resumed run keeps all of it:
+same checkpoint directory, same CSV/TensorBoard version directory (rows of the interrupted attempt after the
+resume step are dropped), same wandb run id.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,19 +19,24 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ldm.callbacks import weight_snapshot_checkpoint
+from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
 from ldm.checkpoint import atomic_checkpoint_io
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.config_schema import check_params, check_tree, check_value, suggest
+from ldm.resume import check_file, pick, remove_orphans
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = ("model", "data", "lightning")
+#: ldm's default ``--seed`` (a resume without ``--seed`` keeps the run's own, stored in the checkpoint)
+DEFAULT_SEED = 23
 #: keys of the ``lightning`` section and what reads them
 LIGHTNING_KEYS = {
     "trainer": "pytorch_lightning.Trainer arguments",
     "callbacks": "extra/overriding callback target configs by name (null removes a default one)",
-    "modelcheckpoint": "params of the full-state ModelCheckpoint",
+    "modelcheckpoint": "params of the full-state ModelCheckpoint (plus keep_last_n: keep only the newest n)",
     "loggers": "extra/overriding logger target configs by name (csv, tensorboard, wandb; null removes)",
     "strategy": "a strategy name or target config (default: DDP with bucketing when world size > 1)",
     "find_unused_parameters": "DDP find_unused_parameters (default False)",
@@ -41,62 +48,165 @@ LIGHTNING_KEYS = {
 
 @dataclass
 class RunDirs:
+    """Where a run lives and, for a resume, what it starts from.
+
+    Args:
+        logdir: run directory.
+        ckptdir: checkpoint directory (``<logdir>/checkpoints``).
+        cfgdir: config directory (``<logdir>/configs``).
+        nowname: run name (the directory's name).
+        resume_ckpt: the checkpoint a resume starts from (None for a new run).
+        resume_configs: the run's saved yaml files (a resume merges them first).
+        resume_step: global step of ``resume_ckpt``.
+    """
+
     logdir: Path
     ckptdir: Path
     cfgdir: Path
     nowname: str
     resume_ckpt: Path | None
     resume_configs: list[Path]
+    resume_step: int | None = None
 
 
 def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, base: list[str],
                      resume: str | None) -> RunDirs:
-    """New run: ``<logroot>/<now>_<name or first config stem><postfix>``. Resume: a run dir or a checkpoint."""
+    """New run: ``<logroot>/<now>_<name or first config stem><postfix>``. Resume: a run dir (its newest checkpoint
+    that loads, see :mod:`ldm.resume`) or a checkpoint file."""
     if resume:
         path = Path(resume)
         if not path.exists():
             raise ConfigError(f"--resume {resume}: no such run directory or checkpoint")
         if path.is_file():
-            ckpt = path  # <logdir>/checkpoints/x.ckpt, <logdir>/checkpoints/trainstep_checkpoints/x.ckpt or
-            logdir = next((p.parent for p in path.parents if p.name == "checkpoints"), path.parent)  # hpc_ckpt
+            # <logdir>/checkpoints/x.ckpt, <logdir>/checkpoints/trainstep_checkpoints/x.ckpt or <logdir>/hpc_ckpt_n
+            logdir = next((p.parent for p in path.parents if p.name == "checkpoints"), path.parent)
         else:
             logdir = path
-            # newest of last.ckpt and Lightning's SLURM-requeue checkpoints (hpc_ckpt_<n>.ckpt in the run dir)
-            candidates = [p for p in [path / "checkpoints" / "last.ckpt", *path.glob("hpc_ckpt_*.ckpt")]
-                          if p.is_file()]
-            if not candidates:
-                raise ConfigError(f"--resume {resume}: no checkpoints/last.ckpt or hpc_ckpt_*.ckpt in that "
-                                  "directory; pass a checkpoint file instead")
-            ckpt = max(candidates, key=lambda p: p.stat().st_mtime)
         configs = sorted((logdir / "configs").glob("*.yaml"))
-        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs)
+        remove_orphans(logdir)
+        if path.is_file():
+            ckpt, step = path, check_file(path, configs)
+        else:
+            ckpt, step = pick(logdir)
+        log.info("resuming %s from %s (step %d)", logdir, ckpt, step)
+        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step)
     stem = name or (Path(base[0]).stem if base else "run")
     nowname = f"{now}_{stem}{postfix}"
     logdir = Path(logroot) / nowname
     return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", nowname, None, [])
 
 
+#: keys of the ``model`` section besides ``target``/``params``, with their types
+MODEL_KEYS: dict[str, Any] = {"base_learning_rate": float}
+#: the scalar keys of the ``lightning`` section, with their types
+LIGHTNING_TYPES: dict[str, Any] = {"find_unused_parameters": bool, "ddp_bucket_cap_mb": int,
+                                   "ddp_static_graph": bool, "flops_per_sample": float | None}
+
+
+def _section(tree: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = tree.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _check_checkpoint_params(model_checkpoint: Any, params: dict[str, Any], where: str) -> None:
+    """ModelCheckpoint arguments plus ``keep_last_n`` (see :mod:`ldm.callbacks.checkpoints`)."""
+    params = dict(params)
+    keep = params.pop("keep_last_n", None)
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise ConfigError(f"{where}.keep_last_n: expected an integer >= 1, got {keep!r}")
+    check_params(model_checkpoint, params, where)
+
+
+def _check_named_targets(specs: dict[str, Any], where: str) -> None:
+    """``lightning.callbacks`` / ``lightning.loggers``: name -> null, a target node, or params for a default."""
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}.{name}: expected a mapping with target/params (or null), got {spec!r}")
+        if "target" in spec:
+            check_tree(spec, f"{where}.{name}")
+            continue
+        unknown = set(spec) - {"params"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{where}.{name}.{key}: unknown key{suggest(key, ['target', 'params'])}")
+
+
 def check_sections(cfg: DictConfig) -> None:
-    """Unknown top-level or ``lightning`` keys are errors, not silently ignored settings."""
+    """Check the whole config before anything is built: one :class:`ConfigError` line naming the key.
+
+    Unknown keys (top level, ``model``, ``data``, ``lightning`` and every target's ``params``, with a "did you
+    mean"), values of the wrong type or outside a constructor's choices, missing mandatory values (``???``).
+    Callback and logger params that merge into a default are checked after merging (:func:`build_trainer`).
+    """
     for key in cfg:
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"unknown top-level config key '{key}' (expected {', '.join(TOP_LEVEL_KEYS)})")
-    for key in cfg.get("lightning", {}) or {}:
+            raise ConfigError(f"unknown top-level config key '{key}'{suggest(key, TOP_LEVEL_KEYS)} "
+                              f"(expected {', '.join(TOP_LEVEL_KEYS)})")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: this value is required (??? in the config); set it on the command "
+                          f"line: {missing[0]}=...")
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config: {str(e).splitlines()[0]}") from e
+    for section in ("model", "data"):
+        node = tree.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, dict) or "target" not in node:
+            raise ConfigError(f"{section}: expected a mapping with 'target' and 'params', got {node!r}")
+        check_tree(node, section, extra_keys=MODEL_KEYS if section == "model" else None)
+    lightning = _section(tree, "lightning", "lightning")
+    for key, value in lightning.items():
         if key not in LIGHTNING_KEYS:
-            raise ConfigError(f"unknown key 'lightning.{key}'; valid keys: {', '.join(LIGHTNING_KEYS)}")
+            raise ConfigError(f"lightning.{key}: unknown key{suggest(key, LIGHTNING_KEYS)}; valid keys: "
+                              f"{', '.join(LIGHTNING_KEYS)}")
+        if key in LIGHTNING_TYPES and (expected := check_value(value, LIGHTNING_TYPES[key])) is not None:
+            raise ConfigError(f"lightning.{key}: expected {expected}, got {value!r}")
+    check_params(pl.Trainer, _section(lightning, "trainer", "lightning.trainer"), "lightning.trainer")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    modelcheckpoint = _section(lightning, "modelcheckpoint", "lightning.modelcheckpoint")
+    for key in modelcheckpoint:
+        if key not in ("target", "params"):
+            raise ConfigError(f"lightning.modelcheckpoint.{key}: unknown key{suggest(key, ['params'])}")
+    _check_checkpoint_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params"),
+                             "lightning.modelcheckpoint.params")
+    callbacks = _section(lightning, "callbacks", "lightning.callbacks")
+    snapshot = callbacks.get("metrics_over_trainsteps_checkpoint")
+    if isinstance(snapshot, dict):  # its params go to a weights-only ModelCheckpoint
+        _check_checkpoint_params(ModelCheckpoint, _section(snapshot, "params", "lightning.callbacks."
+                                                           "metrics_over_trainsteps_checkpoint.params"),
+                                 "lightning.callbacks.metrics_over_trainsteps_checkpoint.params")
+    _check_named_targets({k: v for k, v in callbacks.items() if k != "metrics_over_trainsteps_checkpoint"},
+                         "lightning.callbacks")
+    _check_named_targets(_section(lightning, "loggers", "lightning.loggers"), "lightning.loggers")
+    strategy = lightning.get("strategy")
+    if isinstance(strategy, dict):
+        check_tree(strategy, "lightning.strategy")
 
 
 def check_overrides(cfg: DictConfig, overrides: list[str]) -> None:
     """Reject overrides whose key cannot be meant: unknown top-level section or unknown Trainer argument."""
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     for token in overrides:
-        key = token.split("=", 1)[0].lstrip("+")
+        key = token.split("=", 1)[0].lstrip("+~")
         parts = key.split(".")
         if parts[0] not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"override '{token}': unknown top-level key '{parts[0]}' (expected one of "
-                              f"{', '.join(TOP_LEVEL_KEYS)})")
+            raise ConfigError(f"override '{token}': unknown top-level key '{parts[0]}'"
+                              f"{suggest(parts[0], TOP_LEVEL_KEYS)} (expected one of {', '.join(TOP_LEVEL_KEYS)})")
+        if token.startswith("~"):
+            continue
         if parts[:2] == ["lightning", "trainer"] and len(parts) == 3 and parts[2] not in trainer_args:
-            raise ConfigError(f"override '{token}': '{parts[2]}' is not a pytorch_lightning.Trainer argument")
+            raise ConfigError(f"override '{token}': '{parts[2]}' is not a pytorch_lightning.Trainer argument"
+                              f"{suggest(parts[2], trainer_args)}")
         if OmegaConf.select(cfg, ".".join(parts[:-1])) is None and len(parts) > 2 and "params" in parts:
             raise ConfigError(f"override '{token}': '{'.'.join(parts[:-1])}' does not exist in the config")
 
@@ -125,8 +235,24 @@ def count_devices(devices: Any) -> int:
     return int(devices)
 
 
+#: a string value with one of these endings names a weights file, which must exist before anything is built
+WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def _strings(node: Any, key: str) -> Iterator[tuple[str, str]]:
+    """``(key path, value)`` of every string in a plain config tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(node, str):
+        yield key, node
+
+
 def preflight(cfg: DictConfig) -> None:
-    """Fail fast, before building a 1.3B-parameter model, on a missing init checkpoint or missing GPUs."""
+    """Fail fast, before building a 1.3B-parameter model, on a missing weights file or missing GPUs."""
     ckpt = OmegaConf.select(cfg, "model.params.ckpt_path")
     if ckpt and not Path(ckpt).is_file():
         raise ConfigError(
@@ -135,6 +261,9 @@ def preflight(cfg: DictConfig) -> None:
             f"{ckpt}, or point to it with model.params.ckpt_path=/path/to/512-base-ema.ckpt "
             "(model.params.ckpt_path=null trains from scratch)."
         )
+    for key, value in _strings(OmegaConf.to_container(cfg.get("model") or {}, resolve=True), "model"):
+        if value.endswith(WEIGHT_SUFFIXES) and not Path(value).is_file():  # a text encoder's or VAE's weights
+            raise ConfigError(f"{key}={value}: weights file not found; fix the path or set {key}=null")
     accel = str(OmegaConf.select(cfg, "lightning.trainer.accelerator") or "auto")
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
@@ -163,45 +292,46 @@ def build_strategy(lightning_cfg: DictConfig, world: int) -> Any:
     )
 
 
-def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int,
+def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
                       resume: bool, flops_per_sample: float | None) -> dict[str, Any]:
-    """ldm's default callbacks plus ours, as target configs keyed by name (``lightning.callbacks`` merges in)."""
+    """ldm's default callbacks plus ours, as target configs keyed by name (``lightning.callbacks`` merges in).
+
+    ``seed`` None: :data:`DEFAULT_SEED` for a new run, the checkpoint's seed on resume.
+    """
     project = OmegaConf.masked_copy(cfg, ["model", "data"])
     return {
-        "setup_callback": {"target": "main.SetupCallback", "params": {
+        "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": {
             "resume": resume, "now": now, "logdir": str(dirs.logdir), "ckptdir": str(dirs.ckptdir),
             "cfgdir": str(dirs.cfgdir), "config": project, "lightning_config": lightning_cfg}},
-        "image_logger": {"target": "main.ImageLogger", "params": {"batch_frequency": 750, "max_images": 4,
-                                                                  "clamp": True}},
+        "image_logger": {"target": "ldm.callbacks.ImageLogger", "params": {
+            "batch_frequency": 750, "max_images": 4, "clamp": True, "logdir": str(dirs.logdir)}},
         "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
                                  "params": {"logging_interval": "step"}},
-        "cuda_callback": {"target": "main.CUDACallback"},
+        "cuda_callback": {"target": "ldm.callbacks.CUDACallback"},
         "throughput": {"target": "ldm.callbacks.ThroughputMonitor",
                        "params": {"flops_per_sample": flops_per_sample, "log_every_n_steps": 50}},
         "graceful_stop": {"target": "ldm.callbacks.GracefulStop",
-                          "params": {"ckpt_path": str(dirs.ckptdir / "last.ckpt"), "signals": _signals()}},
+                          "params": {"ckpt_path": str(dirs.ckptdir / "last.ckpt"), "hpc_dir": str(dirs.logdir)}},
         "finite_loss": {"target": "ldm.callbacks.FiniteLossGuard"},
+        "grad_norm_guard": {"target": "ldm.callbacks.GradNormGuard"},
         "data_stats": {"target": "ldm.callbacks.DataStatsLogger", "params": {"every_n_steps": 500}},
-        "step_seed": {"target": "ldm.callbacks.StepSeed", "params": {"seed": seed}},
+        "step_seed": {"target": "ldm.callbacks.StepSeed", "params": {
+            "seed": DEFAULT_SEED if seed is None else seed, "keep_checkpoint_seed": seed is None}},
     }
 
 
-def _signals() -> list[str]:
-    # Under SLURM, Lightning's SLURMEnvironment owns SIGUSR1 (checkpoint + requeue). SIGTERM always goes
-    # through Lightning's handler (GracefulStop.on_exception saves).
-    return [] if "SLURM_JOB_ID" in os.environ else ["SIGUSR1"]
-
-
 def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
-    """Full-state checkpoints (resume) plus optional weights-only step snapshots (evaluation)."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    """Full-state checkpoints (resume) plus optional weights-only step snapshots (evaluation).
 
-    params = {"dirpath": str(dirs.ckptdir), "filename": "{step:09}", "save_last": True, "save_top_k": 1,
+    Both keep every file by default (``lightning.modelcheckpoint.params.keep_last_n`` / the snapshot callback's
+    ``params.keep_last_n`` keep only the newest n); ``last.ckpt`` is always kept, overwritten in place.
+    """
+    params = {"dirpath": str(dirs.ckptdir), "filename": "{step:09}", "save_last": True, "save_top_k": -1,
               "enable_version_counter": False,  # last.ckpt is overwritten in place, also after a resume
               "verbose": True}
     user = OmegaConf.create(lightning_cfg.get("modelcheckpoint") or {})  # absent section: defaults only
     params.update(OmegaConf.to_container(user.get("params") or OmegaConf.create(), resolve=True))
-    callbacks = [ModelCheckpoint(**params)]
+    callbacks = [full_state_checkpoint(**params)]
     extra = (lightning_cfg.get("callbacks") or {}).get("metrics_over_trainsteps_checkpoint")
     if extra is not None:
         snap = {"dirpath": str(dirs.ckptdir / "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",
@@ -211,18 +341,34 @@ def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
     return callbacks
 
 
+def log_version(dirs: RunDirs, name: str) -> int:
+    """The logger version directory: 0 for a new run, the newest existing one for a resume."""
+    versions = [int(p.name.split("_", 1)[1]) for p in (dirs.logdir / name).glob("version_*")
+                if p.name.split("_", 1)[1].isdigit()]
+    return max(versions) if dirs.resume_ckpt is not None and versions else 0
+
+
 def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
-    """CSV and TensorBoard by default; ``lightning.loggers.<name>`` adds (a target config) or removes (null)."""
+    """CSV and TensorBoard by default; ``lightning.loggers.<name>`` adds (a target config), tunes a default one
+    (``params`` only, merged into its defaults) or removes one (null).
+
+    A resume continues the same CSV and TensorBoard version directory; rows and events at or after the resume
+    step (written by the interrupted attempt, and about to be recomputed) are dropped (``purge_step``).
+    """
+    resumed = {"resume_step": dirs.resume_step} if dirs.resume_step is not None else {}
     specs: dict[str, Any] = {
-        "csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"save_dir": str(dirs.logdir),
-                                                                            "name": "csv"}},
-        "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger",
-                        "params": {"save_dir": str(dirs.logdir), "name": "tensorboard"}},
+        "csv": {"target": "ldm.loggers.ResumableCSVLogger", "params": {
+            "save_dir": str(dirs.logdir), "name": "csv", "version": log_version(dirs, "csv"), **resumed}},
+        "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger", "params": {
+            "save_dir": str(dirs.logdir), "name": "tensorboard", "version": log_version(dirs, "tensorboard"),
+            **({"purge_step": dirs.resume_step} if dirs.resume_step is not None else {})}},
     }
     for name, spec in (lightning_cfg.get("loggers") or {}).items():
         if spec is None:
             specs.pop(name, None)
             continue
+        if name in specs and "target" not in spec:  # params for a default logger: merged into its defaults
+            spec = OmegaConf.merge(specs[name], spec)
         spec = OmegaConf.to_container(spec, resolve=True)
         if name == "wandb":
             spec.setdefault("target", "pytorch_lightning.loggers.WandbLogger")
@@ -231,10 +377,34 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
             spec["params"].setdefault("id", dirs.nowname)  # same id on resume: the wandb run continues
             spec["params"].setdefault("resume", "allow")
         specs[name] = spec
-    return [instantiate_from_config(s) for s in specs.values()]
+    loggers = []
+    for name, spec in specs.items():
+        if "target" not in spec:
+            raise ConfigError(f"lightning.loggers.{name}: no 'target' (every logger but wandb needs one)"
+                              f"{suggest(name, ['csv', 'tensorboard', 'wandb'])}")
+        check_tree(spec, f"lightning.loggers.{name}")
+        loggers.append(instantiate_from_config(spec, where=f"lightning.loggers.{name}"))
+    return loggers
 
 
-def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int,
+def _with_logdir(spec: dict[str, Any], logdir: Path) -> dict[str, Any]:
+    """Pass the run directory explicitly to a callback that takes ``logdir`` and was not given one."""
+    if not isinstance(spec, dict) or not spec.get("target"):
+        return spec
+    try:
+        accepts = "logdir" in inspect.signature(get_obj_from_str(spec["target"])).parameters
+    except (ConfigError, TypeError, ValueError):  # a bad target is reported when it is instantiated
+        return spec
+    if accepts and (spec.get("params") or {}).get("logdir") is None:
+        spec = {**spec, "params": {**(spec.get("params") or {}), "logdir": str(logdir)}}
+    return spec
+
+
+def _plain(spec: Any) -> Any:
+    return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
+
+
+def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
                   resume: bool) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(lightning_cfg.get("trainer", {}) or {}, resolve=True)
     devices = count_devices(trainer_kwargs.get("devices", "auto"))
@@ -249,13 +419,34 @@ def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictC
         elif name in callbacks_cfg:
             merged = OmegaConf.merge(callbacks_cfg[name], spec)
             callbacks_cfg[name] = merged
+        elif "target" not in spec:  # params for a callback that is not a default: a misspelt name
+            raise ConfigError(f"lightning.callbacks.{name}: no default callback has this name"
+                              f"{suggest(name, callbacks_cfg)} and it has no 'target'")
         else:
             callbacks_cfg[name] = spec
-    callbacks = [instantiate_from_config(c) for c in callbacks_cfg.values()]
+    callbacks = []
+    for name, spec in callbacks_cfg.items():
+        spec = _with_logdir(_plain(spec), dirs.logdir)
+        if name in (lightning_cfg.get("callbacks") or {}):  # what the user wrote, merged into a default
+            check_tree(spec, f"lightning.callbacks.{name}")
+        callbacks.append(instantiate_from_config(spec, where=f"lightning.callbacks.{name}"))
     callbacks += checkpoint_callbacks(dirs, lightning_cfg)
+    if trainer_kwargs.get("enable_progress_bar", True):
+        from ldm.callbacks import StepProgressBar
+
+        callbacks.append(StepProgressBar())
     trainer_kwargs.setdefault("default_root_dir", str(dirs.logdir))
     trainer_kwargs.setdefault("strategy", build_strategy(lightning_cfg, world))
-    trainer_kwargs.setdefault("plugins", [atomic_checkpoint_io()])
-    trainer = pl.Trainer(callbacks=callbacks, logger=build_loggers(dirs, lightning_cfg), **trainer_kwargs)
-    trainer._ldm_logdir = str(dirs.logdir)  # ImageLogger writes <logdir>/images/<split>
-    return trainer
+    trainer_kwargs["plugins"] = checkpoint_plugins(trainer_kwargs.get("plugins"))
+    return pl.Trainer(callbacks=callbacks, logger=build_loggers(dirs, lightning_cfg), **trainer_kwargs)
+
+
+def checkpoint_plugins(plugins: Any) -> list[Any]:
+    """The user's Trainer plugins plus the atomic, safe-loading CheckpointIO (which may not be replaced)."""
+    from pytorch_lightning.plugins.io import CheckpointIO
+
+    plugins = list(plugins or []) if isinstance(plugins, (list, tuple)) or plugins is None else [plugins]
+    if any(isinstance(p, CheckpointIO) or "checkpointio" in str(p).lower() for p in plugins):
+        raise ConfigError("lightning.trainer.plugins: a CheckpointIO plugin cannot be set; every run saves "
+                          "atomically and loads checkpoints without unpickling code (ldm.checkpoint)")
+    return [*plugins, atomic_checkpoint_io()]

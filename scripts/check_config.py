@@ -33,6 +33,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
+from ldm.run import check_sections  # noqa: E402
 from ldm.util import ConfigError, check_params, get_obj_from_str, instantiate_from_config, load_config  # noqa: E402
 
 log = logging.getLogger("check_config")
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [c for c in args.config if "=" in c]
     try:
         cfg = load_config(files, overrides)
+        check_sections(cfg)  # every key and value against its constructor, before any build
         if "model" not in cfg:
             raise ConfigError(f"{files}: no top-level 'model' section")
         t0 = time.perf_counter()

@@ -308,7 +308,7 @@ class Demo:
             results["finetuned"], {"untrained_unet": results["untrained_unet"], "mean_colour": mean_colour}
         )
         self.metrics["evaluation"] = {
-            n: r["modes"] for n, r in {**results, "mean_colour": mean_colour}.items()
+            n: r.get("groups", r.get("modes")) for n, r in {**results, "mean_colour": mean_colour}.items()
         }
         self.metrics["learning"] = verdict
         self.metrics["first_logged_losses"] = first_losses(self.runs["inpaint"])

@@ -1,17 +1,24 @@
 #!/usr/bin/env python
-"""Evaluate one or more inpainting checkpoints on a fixed held-out set with fixed seeded masks.
+"""Evaluate inpainting checkpoints the way the SD2 model card and the inpainting literature do.
 
-Images come from a folder (``NAME.jpg`` + optional ``NAME.txt`` caption) or WebDataset shards (``jpg``/``txt``),
-resized and centre-cropped to ``--size``. Masks: LaMa thin/medium/thick and SD's 512train-large by default, each
-seeded per image, so every checkpoint sees the same holes. Pixel metrics (PSNR/SSIM/L1 inside and outside the hole,
-known-region change) always run; FID, LPIPS and CLIP score run when their weight files are given
-(docs/EVALUATION.md). Writes ``NAME.json`` per checkpoint, ``comparison.md`` / ``comparison.csv`` and
-``grids/KEY_MODE.png`` (input | mask | masked input | each checkpoint).
+Every checkpoint runs at every guidance scale (``--scales``) on every mask preset (``--masks``: LaMa thin, medium,
+thick and SD's 512train-large by default) on the same held-out images, masks, captions and seeds. Pixel metrics
+inside and outside the hole always run; FID (standard Inception weights), LPIPS and CLIP score run when their
+weight files are given (docs/EVALUATION.md). Writes ``NAME.json`` per checkpoint, ``comparison.md`` /
+``comparison.csv`` (checkpoint x scale x preset), ``curves/fid_vs_clip_PRESET.png`` and labelled
+``grids/KEY_PRESET.png``. Samples are kept and reused, so a killed run continues where it stopped.
+
+The model-card protocol for two checkpoints (add ``torchrun --nproc-per-node=K`` in front to shard the images
+across K GPUs):
 
     python scripts/evaluate.py --config configs/inpaint.yaml \\
         --ckpt step100k=logs/a/checkpoints/step=100000.ckpt --ckpt official=512-inpainting-ema.safetensors \\
         --ckpt-config official=configs/stable-diffusion/v2-inpainting-inference.yaml \\
-        --shards "data/val/{00000..00009}.tar" --num-images 500 --out eval/ --steps 50 --scale 7.5
+        --shards "data/val/{00000..00009}.tar" --num-images 1000 --out eval/ \\
+        --scales 1.5 2 3 4 5 6 7 8 --steps 50 --sampler ddim \\
+        --inception weights/weights-inception-2015-12-05-6726825d.pth \\
+        --lpips-alexnet weights/alexnet-owt-7be5be79.pth \\
+        --clip-arch ViT-H-14 --clip-weights weights/open_clip_vit_h14_laion2b_s32b_b79k.bin
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import sys
 from pathlib import Path
 
 from ldm.defaults import GUIDANCE_SCALE, PRECISION_NAMES
+
+#: pooled Inception layers for FID (``ldm.eval.feature_metrics.FID_DIMS``; written out so --help needs no torch)
+FID_DIMS = (64, 192, 768, 2048)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,34 +49,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--masks", nargs="+", default=None,
                    help="mask modes of ldm.data.masks (default: ldm.eval.data.DEFAULT_MASK_MODES, LaMa "
                    "thin/medium/thick 512 and SD 512train-large)")
-    p.add_argument("--out", "--outdir", required=True, help="output folder")
+    p.add_argument("--out", "--outdir", required=True, help="output folder (samples are kept and reused here)")
     p.add_argument("--seed", type=int, default=0, help="seeds masks and sampling")
     p.add_argument("--sampler", default="ddim", help="sampler name, e.g. ddim (default) or dpm (DPM-Solver++ 2M)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--scale", type=float, default=GUIDANCE_SCALE,
-                   help=f"classifier-free guidance scale (default {GUIDANCE_SCALE}; 1 = no guidance)")
+    p.add_argument("--scales", "--scale", type=float, nargs="+", default=[GUIDANCE_SCALE],
+                   help=f"classifier-free guidance scales, each a full run (default {GUIDANCE_SCALE}; the model "
+                   "card sweeps 1.5 2 3 4 5 6 7 8)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32", help="autocast dtype")
     p.add_argument("--paste-back", action="store_true", help="score outputs with the known pixels pasted back")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="EMA weights (default: auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--inception", help="torchvision Inception-v3 weights file -> FID")
-    p.add_argument("--lpips-alexnet", help="torchvision AlexNet weights file (with --lpips-heads) -> LPIPS")
-    p.add_argument("--lpips-heads", help="LPIPS v0.1 alex.pth linear heads")
-    p.add_argument("--clip-weights", help="open_clip weights file -> CLIP score (with --clip-arch)")
-    p.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of --clip-weights")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--grid-images", type=int, default=8, help="labelled grids for the first N images")
+    m = p.add_argument_group("feature metrics (local weight files; docs/EVALUATION.md)")
+    m.add_argument("--inception", help="standard FID Inception weights (weights-inception-2015-12-05-6726825d.pth)")
+    m.add_argument("--fid-dims", type=int, choices=FID_DIMS, default=2048,
+                   help="Inception features for FID: 2048 is the standard FID; 64/192/768 are reported as "
+                        "fid_<D>d (cheap smoke runs, comparable with nothing published)")
+    m.add_argument("--fid-torchvision", metavar="PATH",
+                   help="ALSO report fid_torchvision with torchvision's Inception-v3 file (not comparable with "
+                        "published FIDs)")
+    m.add_argument("--lpips-alexnet", help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth) -> LPIPS")
+    m.add_argument("--clip-weights", help="open_clip weights file -> CLIP score (with --clip-arch)")
+    m.add_argument("--clip-arch", default="ViT-H-14",
+                   help="open_clip architecture of --clip-weights (a model name or a model-config .json)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards  # noqa: E402
-from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures  # noqa: E402
-from ldm.eval.report import write_grids, write_json, write_tables  # noqa: E402
-from ldm.eval.run import CheckpointSpec, FeatureMetrics, evaluate_checkpoint, write_inputs  # noqa: E402
-from ldm.inference import SamplingOptions  # noqa: E402
+from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures, TorchvisionInceptionFeatures  # noqa: E402
+from ldm.eval.report import write_curves, write_grids, write_json, write_tables  # noqa: E402
+from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol  # noqa: E402
+from ldm.eval.shard import Shard, close_shard, init_shard  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -75,7 +93,7 @@ def _named(items: list[str], flag: str) -> list[tuple[str, str]]:
     out = []
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep:
+        if not sep or Path(item).exists():  # an existing path wins: checkpoint names contain '=' (step=...)
             name, path = Path(item).stem, item
         if not name or not path:
             raise ValueError(f"{flag} {item!r}: expected NAME=PATH or PATH")
@@ -95,48 +113,65 @@ def checkpoint_specs(args: argparse.Namespace) -> list[CheckpointSpec]:
     return [CheckpointSpec(n, configs.get(n, args.config), path, args.ema) for n, path in ckpts]
 
 
-def feature_metrics(args: argparse.Namespace) -> FeatureMetrics:
-    feats = FeatureMetrics()
-    if args.inception:
-        feats.inception = InceptionFeatures(args.inception)
-    if args.lpips_alexnet or args.lpips_heads:
-        feats.lpips = LPIPS(args.lpips_alexnet, args.lpips_heads)
-    if args.clip_weights:
-        feats.clip = ClipScore(args.clip_arch, args.clip_weights)
+def feature_metrics(args: argparse.Namespace, shard: Shard) -> FeatureMetrics:
+    dev = shard.device
+    feats = FeatureMetrics(
+        inception=InceptionFeatures(args.inception, dev, args.fid_dims) if args.inception else None,
+        inception_tv=TorchvisionInceptionFeatures(args.fid_torchvision, dev) if args.fid_torchvision else None,
+        lpips=LPIPS(args.lpips_alexnet, dev) if args.lpips_alexnet else None,
+        clip=ClipScore(args.clip_arch, args.clip_weights, dev) if args.clip_weights else None,
+    )
     skipped = [name for name, net in (("FID", feats.inception), ("LPIPS", feats.lpips), ("CLIP score", feats.clip))
                if net is None]
-    if skipped:
-        log.info("no weight files for %s: skipped (see docs/EVALUATION.md)", ", ".join(skipped))
+    if skipped and shard.is_main:
+        log.warning("no weight files for %s: skipped (see docs/EVALUATION.md)", ", ".join(skipped))
     return feats
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.size % 64:
+        raise ValueError(f"--size {args.size} must be a multiple of 64")
+    if args.steps < 1 or args.grid_images < 0:
+        raise ValueError(f"--steps must be >= 1 and --grid-images >= 0, got {args.steps} and {args.grid_images}")
+    if len(set(args.scales)) != len(args.scales):
+        raise ValueError(f"--scales {args.scales}: repeated scale")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    out = Path(args.out)
+    shard = None
     try:
-        if args.size % 64:
-            raise ValueError(f"--size {args.size} must be a multiple of 64")
+        check_args(args)
+        shard = init_shard(args.device)
+        if not shard.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        out = Path(args.out)
         specs = checkpoint_specs(args)
-        options = SamplingOptions(args.sampler, args.steps, args.scale, args.eta, args.precision, args.paste_back)
-        feats = feature_metrics(args)
+        protocol = Protocol(tuple(args.scales), args.sampler, args.steps, args.eta, args.precision, args.paste_back,
+                            args.seed)
+        protocol.options(args.scales[0])  # validates sampler / eta / precision before any work
+        feats = feature_metrics(args, shard)
         images = (load_folder(args.images, args.size, args.num_images) if args.images
                   else load_shards(args.shards, args.size, args.num_images))
         masks = {mode: fixed_masks(mode, len(images), args.size, args.seed)
                  for mode in args.masks or DEFAULT_MASK_MODES}
-        write_inputs(images, masks, out)
-        results = []
-        for spec in specs:
-            result = evaluate_checkpoint(spec, images, masks, options, out, args.seed, args.device, feats)
-            write_json(result, out / f"{spec.name}.json")
-            results.append(result)
-        md, _ = write_tables(results, out)
-        write_grids([s.name for s in specs], [im.key for im in images], list(masks), out)
-    except (ValueError, CheckpointError) as e:
+        results = Evaluation(images, masks, protocol, out, feats, shard).run(specs)
+        if shard.is_main:
+            for result in results:
+                write_json(result, out / f"{result['name']}.json")
+            md, _ = write_tables(results, out)
+            curves = write_curves(results, out, feats.inception.column if feats.inception else "fid")
+            grids = write_grids(results, [im.key for im in images[: args.grid_images]], list(masks), out, args.seed)
+            log.info("wrote %s, %d JSON files, %d curves and %d grids under %s", md.name, len(results),
+                     len(curves), len(grids), out)
+        shard.barrier()
+    except ValueError as e:  # includes ConfigError, CheckpointError and MissingWeightsError
         log.error("%s", e)
         return 2
-    log.info("wrote %s, %d JSON files and %d grids under %s", md.name, len(results),
-             len(images) * len(masks), out)
+    finally:
+        if shard is not None:
+            close_shard(shard)
     return 0
 
 

@@ -4,10 +4,13 @@
 * ``--out FILE.safetensors|FILE.ckpt``: the official ldm layout (EMA swapped into ``model.diffusion_model.*``,
   ``model_ema.*`` dropped); the parameterization is recorded (safetensors metadata / ckpt key).
 * ``--diffusers DIR``: a folder that ``StableDiffusionInpaintPipeline.from_pretrained(DIR)`` loads offline, with
-  the scheduler's ``prediction_type`` set from the config (``v_prediction`` for v models).
+  the scheduler's ``prediction_type`` (``v_prediction`` for v models) and the VAE's ``scaling_factor`` taken from
+  the model as loaded (a ``scale_by_std`` run's learned factor, not the config's starting value).
 
 The checkpoint is first loaded strictly into the config's model, so a wrong config fails here, not in a user's
-pipeline.
+pipeline: a config whose parameterization or scale factor differs from the checkpoint's record is refused (a config
+that does not state them takes the checkpoint's). Every output records its provenance (the training run's, plus
+this export's). ``--dtype fp16|bf16`` casts the network weights only; the noise schedule stays float32.
 
     python scripts/export.py --config configs/inpaint.yaml --ckpt logs/run/checkpoints/last.ckpt \\
         --out export/sd2-inpaint-v.safetensors --diffusers export/sd2-inpaint-v-diffusers
@@ -30,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="export EMA weights (default: EMA when the checkpoint has them)")
     p.add_argument("--out", help="official-layout file to write (.safetensors or .ckpt)")
     p.add_argument("--diffusers", help="diffusers pipeline folder to write")
-    p.add_argument("--dtype", choices=PRECISION_NAMES, default="fp32", help="cast floating-point weights")
+    p.add_argument("--dtype", choices=PRECISION_NAMES, default="fp32",
+                   help="cast the network weights (the noise schedule stays float32)")
     p.add_argument("--pad-token", default="!",
                    help="diffusers tokenizer pad token; '!' (id 0) pads like open_clip (see write_tokenizer)")
     return p.parse_args(argv)
@@ -52,6 +56,18 @@ log = logging.getLogger("export")
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def export_record(loaded, model_cfg: dict, scale: float, args: argparse.Namespace) -> dict:
+    """The training checkpoint's provenance (or a new one when it has none), plus what this export did."""
+    from ldm import provenance
+
+    now = provenance.record(loaded.parameterization, scale, {"model": model_cfg})
+    record = {**now, **{k: v for k, v in loaded.provenance.items() if v is not None}}  # the source's record wins
+    record.update(parameterization=loaded.parameterization, scale_factor=scale)
+    record["export"] = {"source": str(args.ckpt), "ema": loaded.used_ema, "dtype": args.dtype,
+                        "package_version": provenance.package_version(), "git_revision": provenance.git_revision()}
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -62,11 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(cfg, args.ckpt, use_ema=args.ema, device="cpu")
         sd = loaded.model.state_dict()
         dtype = DTYPES[args.dtype]
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg["params"]["parameterization"] = loaded.parameterization  # the resolved one
+        scale = float(loaded.model.scale_factor)
+        record = export_record(loaded, model_cfg, scale, args)
         if args.out:
-            save_ldm_checkpoint(sd, args.out, loaded.parameterization, dtype=dtype, global_step=loaded.global_step)
+            save_ldm_checkpoint(sd, args.out, loaded.parameterization, dtype=dtype, global_step=loaded.global_step,
+                                provenance=record)
         if args.diffusers:
-            export_diffusers(sd, OmegaConf.to_container(cfg.model, resolve=True), args.diffusers, dtype=dtype,
-                             pad_token=args.pad_token)
+            export_diffusers(sd, model_cfg, args.diffusers, dtype=dtype, pad_token=args.pad_token,
+                             scale_factor=scale, provenance=record)
     except (ValueError, CheckpointError) as e:
         log.error("%s", e)
         return 2

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Inpaint images with an SD2-style inpainting checkpoint (.ckpt or .safetensors) and its yaml config.
 
-Mask convention: white = inpaint. Inputs are padded (edge, default) or resized to multiples of 64 and the outputs
-are brought back to the input size. Writes ``NAME_seed{S}_{k}.png`` per sample and ``NAME_grid.png``
-(input | mask | samples, one row per seed).
+Mask convention: white = inpaint; RGBA/LA masks follow the rule of ``ldm.image_io`` (what the mask shows on
+black, or its alpha channel when all visible pixels share one colour); a mask of another size than its image
+is resized (nearest neighbour) with a warning. Inputs are padded (edge, default) or resized to multiples of 64
+and the outputs are brought back to the input size. Writes ``NAME_seed{S}_{k}.png`` per sample and ``NAME_grid.png``
+(column headers input | mask | masked input | each sample with its scale; one row per seed, labelled).
 
     # one image
     python scripts/inpaint.py --config configs/inpaint.yaml --ckpt last.ckpt \\
@@ -58,9 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
 
+import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.data.masks import is_hole  # noqa: E402
 from ldm.image_io import find_pairs, load_mask, load_rgb, make_grid, read_prompts, save_png  # noqa: E402
 from ldm.inference import SamplingOptions, inpaint, load_model  # noqa: E402
 from ldm.util import ConfigError  # noqa: E402
@@ -99,16 +103,21 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         bar = tqdm(total=len(jobs) * len(args.seed), desc="inpainting", unit="seed")
         for img_path, mask_path, prompt in jobs:
-            image, mask = load_rgb(img_path), load_mask(mask_path)
+            image = load_rgb(img_path)
+            mask = load_mask(mask_path, size=(image.shape[1], image.shape[0]))
             rows = []
             for seed in args.seed:
                 samples = inpaint(loaded.model, image, mask, prompt, seed, args.num_samples, options, fit=args.fit)
                 for k, sample in enumerate(samples):
                     save_png(sample, out / f"{img_path.stem}_seed{seed}_{k}.png")
-                rows.append([image, mask, *samples])
+                masked = np.where(is_hole(mask)[..., None], 127, image).astype(np.uint8)
+                rows.append([image, mask, masked, *samples])
                 bar.update(1)
             if not args.no_grid:
-                save_png(make_grid(rows), out / f"{img_path.stem}_grid.png")
+                headers = ["input", "mask", "masked input",
+                           *(f"sample {k} (scale {args.scale:g})" for k in range(args.num_samples))]
+                grid = make_grid(rows, headers=headers, row_labels=[f"seed {s}" for s in args.seed])
+                save_png(grid, out / f"{img_path.stem}_grid.png")
         bar.close()
     except (ValueError, ConfigError, CheckpointError) as e:
         log.error("%s", e)

@@ -57,9 +57,9 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 from demo_data import DEMO_MANIFEST, demo_records, load_manifest  # noqa: E402 - sibling module in scripts/
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ldm.data.rgb import open_rgb  # noqa: E402
 from ldm.data.shard_writer import Record, brace_pattern, write_shards  # noqa: E402
 
 log = logging.getLogger("make_shards")
@@ -136,9 +136,8 @@ def folder_items(images: Path, captions: Path | None, image_col: str | None,
 def folder_records(items: list[tuple[Path, str, dict[str, Any]]], root: Path) -> Iterator[Record]:
     for path, caption, meta in items:
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except OSError as e:
+            image = open_rgb(path)  # the project's one decode rule: any mode -> 8-bit RGB, alpha on white
+        except (OSError, ValueError) as e:
             raise InputError(f"cannot read image {path}: {e}") from e
         yield Record(image=image, caption=caption, url=str(path.relative_to(root)), meta=meta)
 

@@ -104,3 +104,59 @@ class PoisonAtStep:
                         next(pl_module.model.parameters()).fill_(float("nan"))
 
         return _Poison()
+
+
+class KillAtStep:
+    """Callback (config target ``tests.helpers.KillAtStep``) that SIGKILLs its own process at the end of optimizer
+    step ``step``: no handler, no cleanup, no flush -- what a node failure or the OOM killer does."""
+
+    def __new__(cls, step: int):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Killer(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Killer()
+
+
+class ScaleGradsAtStep:
+    """Callback (config target ``tests.helpers.ScaleGradsAtStep``) that multiplies every UNet gradient by
+    ``factor`` after the backward pass of optimizer step ``step`` (``nan`` poisons them): an exploding or non-finite
+    gradient with a perfectly finite loss."""
+
+    def __new__(cls, step: int, factor: float):
+        import pytorch_lightning as pl
+
+        class _Scale(pl.Callback):
+            def on_after_backward(self, trainer, pl_module):
+                if trainer.global_step == step:
+                    with torch.no_grad():
+                        for p in pl_module.model.parameters():
+                            if p.grad is not None:
+                                p.grad.mul_(float(factor))
+
+        return _Scale()
+
+
+class KillBeforeStep:
+    """Callback (config target ``tests.helpers.KillBeforeStep``) that SIGKILLs its own process when the batch after
+    optimizer step ``step`` starts, i.e. right after a periodic checkpoint at ``step`` was written: no handler
+    runs, nothing is saved, batches the DataLoader workers had prefetched are lost, as when a node dies."""
+
+    def __new__(cls, step: int):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Killer(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Killer()

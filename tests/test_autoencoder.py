@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch.distributions import Normal, kl_divergence
 
+from ldm.checkpoint import CheckpointError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Downsample, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -216,12 +217,22 @@ def test_ckpt_path_loads_wrapped_prefixed_ckpt_and_bare_safetensors(tmp_path, ca
         loaded = tiny_vae(ckpt_path=str(path))
         assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
 
+    # strict by default: dropping the decoder leaves its tensors missing, which is an error naming them ...
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(decoder\.conv_in\.weight"):
+        tiny_vae(ckpt_path=str(bare), ignore_keys=["decoder."])
+    # ... unless the partial load is asked for explicitly
     torch.manual_seed(123)
-    with caplog.at_level(logging.WARNING):
-        partial = tiny_vae(ckpt_path=str(bare), ignore_keys=["decoder."])
+    with caplog.at_level(logging.INFO):
+        partial = tiny_vae(ckpt_path=str(bare), ignore_keys=["decoder."], allow_missing_prefixes=["decoder."])
     assert torch.equal(partial.encoder.conv_in.weight, sd["encoder.conv_in.weight"])
     assert not torch.equal(partial.decoder.conv_in.weight, sd["decoder.conv_in.weight"])
-    assert any("missing" in r.getMessage() and "decoder.conv_in.weight" in r.getMessage() for r in caplog.records)
+    n_decoder = sum(k.startswith("decoder.") for k in sd)
+    assert any(f"{n_decoder} model tensors not in the checkpoint" in r.getMessage() for r in caplog.records)
+    # a bigger model than the file (an unexpected tensor in the file) is refused too
+    extra = tmp_path / "extra.safetensors"
+    save_file({**{k: v.contiguous() for k, v in sd.items()}, "encoder.surplus": torch.ones(1)}, str(extra))
+    with pytest.raises(CheckpointError, match=r"1 checkpoint tensors the model does not have \(encoder\.surplus\)"):
+        tiny_vae(ckpt_path=str(extra))
 
 
 # ------------------------------------------------------------------------------------------ training

@@ -54,23 +54,21 @@ def _hole_l1(sample: np.ndarray, truth: np.ndarray, hole: np.ndarray) -> float:
 
 
 def test_finetuned_model_beats_both_baselines_by_half(demo_out):
+    from ldm.eval.run import sample_path
+
     eval_dir = demo_out / "eval"
-    masks = sorted(eval_dir.glob("masks/*.png"))
+    runs = {n: json.loads((eval_dir / f"{n}.json").read_text()) for n in ("finetuned", "untrained_unet")}
     photos = len(list(eval_dir.glob("inputs/*.png")))
-    assert photos >= 4 and len(masks) == 2 * photos  # every held-in photo under both fixed mask presets
+    assert photos >= 4 and len(list(eval_dir.glob("masks/*.png"))) == 2 * photos  # both fixed mask presets
+    assert len(runs["finetuned"]["samples"]) == 2 * photos
     ours, untrained, mean_fill = [], [], []
-    for mask_path in masks:
-        key = mask_path.stem.rsplit("_", 1)[0]
-        if not (eval_dir / "inputs" / f"{key}.png").is_file():  # key itself contains an underscore
-            key = next(
-                k.stem for k in eval_dir.glob("inputs/*.png") if mask_path.stem.startswith(k.stem + "_")
-            )
-        truth, hole = _png(eval_dir / "inputs" / f"{key}.png"), _mask(mask_path)
+    for s in runs["finetuned"]["samples"]:  # where the sample PNGs are; the scores are recomputed from them
+        truth = _png(eval_dir / "inputs" / f"{s['key']}.png")
+        hole = _mask(eval_dir / "masks" / f"{s['key']}_{s['mask']}.png")
         assert 0.05 < hole.mean() < 0.6  # a real hole, with known pixels around it
-        ours.append(_hole_l1(_png(eval_dir / "samples" / "finetuned" / mask_path.name), truth, hole))
-        untrained.append(
-            _hole_l1(_png(eval_dir / "samples" / "untrained_unet" / mask_path.name), truth, hole)
-        )
+        for scores, run in ((ours, runs["finetuned"]), (untrained, runs["untrained_unet"])):
+            png = sample_path(eval_dir, run["run"], s["scale"], s["mask"], s["key"], s["seed"])
+            scores.append(_hole_l1(_png(png), truth, hole))
         filled = truth.copy()
         filled[hole] = truth[~hole].mean(0)
         mean_fill.append(_hole_l1(filled, truth, hole))

@@ -1,10 +1,15 @@
-"""Evaluation: pixel metrics against independent computations, feature metrics from local weight files, the
-held-out set readers, and scripts/evaluate.py end to end on two tiny checkpoints."""
+"""Evaluation: pixel metrics against independent computations, FID / LPIPS / CLIP score against the libraries they
+come from (random weights of the real layouts, from local files), the model-card protocol end to end with resume,
+two gloo processes against one, and the in-training evaluation on a fixed held-out set."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +18,21 @@ import torch
 from PIL import Image
 
 from ldm.eval.data import fixed_masks, load_folder, load_shards
-from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures, MissingWeightsError
-from ldm.eval.metrics import PSNR_CAP, frechet_distance, gaussian_stats, region_metrics
-from ldm.eval.run import CheckpointSpec, FeatureMetrics, evaluate_checkpoint
-from ldm.inference import SamplingOptions
-from tests.helpers import REPO, build_tiny, load_script
+from ldm.eval.feature_metrics import (
+    LPIPS,
+    ClipScore,
+    InceptionFeatures,
+    MissingWeightsError,
+    TorchvisionInceptionFeatures,
+    frechet_distance,
+)
+from ldm.eval.metrics import PSNR_CAP, region_metrics
+from tests.helpers import REPO, build_tiny, load_script, synthetic_batch
 
 evaluate_script = load_script("evaluate")
 
 CONFIG = str(REPO / "configs" / "tiny" / "inpaint.yaml")
 MODES = ["lama-thin-256", "512train-large"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +58,44 @@ def image_dir(tmp_path_factory) -> Path:
     Image.fromarray(data.astronaut()).resize((80, 96)).save(d / "astronaut.png")
     Image.fromarray(data.chelsea()).save(d / "cat.jpg", quality=95)
     (d / "cat.txt").write_text("a ginger cat\n")
+    Image.fromarray(data.coffee()).save(d / "coffee.jpg", quality=95)
+    (d / "coffee.txt").write_text("a cup of coffee\n")
     return d
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """Random weight files in the layouts of the real ones: FID Inception (torch-fidelity's names, 1008-way fc),
+    torchvision AlexNet features, a tiny open_clip model. He-scaled convolutions keep the Inception features
+    O(1) through 90 layers, so FIDs are far from round-off."""
+    import open_clip
+    import torchvision
+
+    d = tmp_path_factory.mktemp("weights")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    layout = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).state_dict()
+    for k, v in layout.items():
+        sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel()) if k.endswith("conv.weight") else v
+    sd["fc.weight"], sd["fc.bias"] = torch.randn(1008, 2048, generator=g) * 0.01, torch.zeros(1008)
+    torch.save(sd, d / "inception.pth")
+    alex = torchvision.models.alexnet().state_dict()
+    torch.save({k: v for k, v in alex.items() if k.startswith("features.")}, d / "alexnet.pth")
+    cfg = json.loads((REPO / "configs/tiny/open_clip_tiny_text.json").read_text())
+    cfg["vision_cfg"]["head_width"] = 16
+    (d / "eval_tiny_clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d / "eval_tiny_clip.json")
+    torch.save(open_clip.create_model("eval_tiny_clip").state_dict(), d / "clip.pt")
+    return {"inception": d / "inception.pth", "alexnet": d / "alexnet.pth", "clip": d / "clip.pt",
+            "clip_config": d / "eval_tiny_clip.json"}
 
 
 def _rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------------------- pixel metrics
@@ -65,78 +106,93 @@ def test_region_metrics_against_independent_formulas():
     target = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
     pred = np.clip(target.astype(int) + rng.integers(-30, 31, target.shape), 0, 255).astype(np.uint8)
     mask = np.zeros((48, 40), np.float32)
-    mask[10:30, 5:25] = 1
+    mask[10:30, 5:25] = 1  # >= 5 px from the border: the SSIM windows there need no padding
     pred[mask < 0.5] = target[mask < 0.5]  # known region untouched, as with paste-back
     m = region_metrics(pred, target, mask)
     diff = (pred.astype(np.float64) - target) / 255.0
-    assert m["psnr_hole"] == pytest.approx(10 * np.log10(1 / np.mean(diff[mask == 1] ** 2)), abs=1e-9)
-    assert m["l1_hole"] == pytest.approx(np.abs(diff[mask == 1]).mean(), abs=1e-12)
+    hole = mask == 1
+    # torchmetrics' PSNR multiplies by a float32 10 / ln(10): float32 round-off
+    assert m["psnr_hole"] == pytest.approx(10 * np.log10(1 / np.mean(diff[hole] ** 2)), rel=1e-7)
+    assert m["l1_hole"] == pytest.approx(np.abs(diff[hole]).mean(), abs=1e-12)
     assert m["psnr_known"] == PSNR_CAP and m["l1_known"] == 0.0 and m["known_changed"] == 0.0
+    _, smap = structural_similarity(pred / 255.0, target / 255.0, channel_axis=2, data_range=1.0, full=True,
+                                    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert m["ssim_hole"] == pytest.approx(smap.mean(-1)[hole].mean(), abs=1e-9)
     assert m["ssim_hole"] < m["ssim_known"] < 1.0  # known windows near the hole still see changed pixels
-    ref = structural_similarity(pred / 255.0, target / 255.0, channel_axis=2, data_range=1.0,
-                                gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
-    assert m["ssim"] == pytest.approx(ref, abs=1e-9)
     assert m["hole_fraction"] == pytest.approx(mask.mean())
-
-
-def test_frechet_distance_matches_scipy_sqrtm():
-    import scipy.linalg
-
-    rng = np.random.default_rng(1)
-    f1, f2 = rng.normal(size=(64, 6)), rng.normal(size=(80, 6)) @ rng.normal(size=(6, 6)) + 0.3
-    (m1, s1), (m2, s2) = gaussian_stats(f1), gaussian_stats(f2)
-    ref = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
-    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-8)
-    assert frechet_distance(m1, s1, m1, s1) == pytest.approx(0.0, abs=1e-8)
+    assert math.isnan(region_metrics(pred, target, np.ones_like(mask))["psnr_known"])  # empty region
 
 
 # --------------------------------------------------------------------------------------- weight-file metrics
+def test_fid_is_torchmetrics_fid_with_the_library_extractor(weights):
+    import scipy.linalg
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    real, fake = _images(3, seed=1), _images(3, seed=2)
+    pool3 = InceptionFeatures(weights["inception"])  # the standard 2048-d features: identical to the library's
+    assert isinstance(pool3.net, FeatureExtractorInceptionV3) and not pool3.standard and pool3.column == "fid"
+    lib = FrechetInceptionDistance(feature_extractor_weights_path=str(weights["inception"]), antialias=False)
+    f_fake = pool3(fake)
+    assert f_fake.shape == (3, 2048) and f_fake.std() > 1e-2
+    assert np.array_equal(lib.inception(torch.from_numpy(fake).permute(0, 3, 1, 2)).double().numpy(), f_fake)
+    # the FID value, on the 64-d features (the same code path; a 2048-d FID costs ~10 s of eigen-solver here)
+    ours = InceptionFeatures(weights["inception"], dims=64)
+    lib = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=str(weights["inception"]),
+                                   antialias=False)
+    f_real, f_fake = ours(real), ours(fake)
+    lib.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
+    lib.update(torch.from_numpy(fake).permute(0, 3, 1, 2), real=False)
+    fid = frechet_distance(f_fake, f_real)
+    assert fid == pytest.approx(float(lib.compute()), rel=1e-6)
+    (m1, s1), (m2, s2) = ((f.mean(0), np.cov(f, rowvar=False)) for f in (f_fake, f_real))
+    independent = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert fid == pytest.approx(independent, rel=1e-6) and fid > 0
+
+
+def test_lpips_is_the_v01_formula_with_the_given_backbone(weights):
+    import torchmetrics
+    import torchvision
+
+    lpips = LPIPS(weights["alexnet"])
+    a, b = _images(2, seed=3), _images(2, seed=4)
+    d = lpips(a, b)
+    # independent: torchvision AlexNet from the same file, relu1..5, unit-normalised channels, v0.1 heads
+    features = torchvision.models.alexnet().features
+    features.load_state_dict({k[9:]: v for k, v in torch.load(weights["alexnet"]).items()})
+    heads = torch.load(Path(torchmetrics.__file__).parent / "functional/image/lpips_models/alex.pth",
+                       map_location="cpu")
+    shift, scale = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), torch.tensor([0.458, 0.448, 0.450])
+    xa, xb = ((torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1 - shift) / scale.view(1, 3, 1, 1)
+              for x in (a, b))
+    ref = torch.zeros(2)
+    with torch.no_grad():
+        for i, (start, stop) in enumerate(((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))):  # relu1 .. relu5
+            xa, xb = features[start:stop](xa), features[start:stop](xb)
+            na, nb = (x / torch.sqrt((x**2).sum(1, keepdim=True) + 1e-8) for x in (xa, xb))
+            ref += (((na - nb) ** 2) * heads[f"lin{i}.model.1.weight"]).sum(1).mean((1, 2))
+    np.testing.assert_allclose(d, ref.double().numpy(), rtol=1e-5)
+    assert np.allclose(lpips(a, a), 0.0) and (d > 0).all() and np.allclose(d, lpips(b, a))
+
+
+def test_clip_score_is_100_times_clamped_cosine(weights):
+    import open_clip
+
+    images, captions = _images(4, seed=5), ["a cat", "a dog", "a red car", "the sea"]
+    scores = ClipScore("eval_tiny_clip", weights["clip"])(images, captions)
+    model, _, preprocess = open_clip.create_model_and_transforms("eval_tiny_clip", pretrained=str(weights["clip"]))
+    with torch.no_grad():
+        fi = model.encode_image(torch.stack([preprocess(Image.fromarray(x)) for x in images]))
+        ft = model.encode_text(open_clip.get_tokenizer("eval_tiny_clip")(captions))
+    cos = torch.nn.functional.cosine_similarity(fi, ft).double().numpy()
+    np.testing.assert_allclose(scores, 100 * np.maximum(cos, 0), atol=1e-4)
+
+
 def test_feature_metrics_need_weight_files(tmp_path):
-    for build in (lambda: InceptionFeatures(None), lambda: LPIPS(tmp_path / "alex.pth", None),
-                  lambda: ClipScore("ViT-B-32", tmp_path / "nope.bin")):
+    for build in (lambda: InceptionFeatures(None), lambda: TorchvisionInceptionFeatures(tmp_path / "x.pth"),
+                  lambda: LPIPS(tmp_path / "alex.pth"), lambda: ClipScore("ViT-B-32", tmp_path / "nope.bin")):
         with pytest.raises(MissingWeightsError, match="docs/EVALUATION.md"):
             build()
-
-
-def test_lpips_and_clip_score_from_local_files(tmp_path):
-    import open_clip
-    import torchvision
-
-    alex = torchvision.models.alexnet().state_dict()
-    torch.save({k: v for k, v in alex.items() if k.startswith("features.")}, tmp_path / "alex.pth")
-    g = torch.Generator().manual_seed(0)
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-                for i, c in enumerate((64, 192, 384, 256, 256))}, tmp_path / "heads.pth")
-    lpips = LPIPS(tmp_path / "alex.pth", tmp_path / "heads.pth")
-    rng = np.random.default_rng(0)
-    a, b = (rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8) for _ in range(2))
-    assert np.allclose(lpips(a, a), 0.0)
-    d = lpips(a, b)
-    assert d.shape == (2,) and (d > 0).all()
-    assert np.allclose(d, lpips(b, a)) and np.allclose(d[1:], lpips(a[1:], b[1:]))  # symmetric, per pair
-
-    cfg = json.loads((REPO / "configs/tiny/open_clip_tiny_text.json").read_text())
-    cfg["vision_cfg"]["head_width"] = 16
-    (tmp_path / "eval_tiny_clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "eval_tiny_clip.json")
-    torch.save(open_clip.create_model("eval_tiny_clip").state_dict(), tmp_path / "clip.pt")
-    scores = ClipScore("eval_tiny_clip", tmp_path / "clip.pt")(a, ["a cat", "a dog"])
-    assert scores.shape == (2,) and ((scores >= 0) & (scores <= 100)).all()
-
-
-@pytest.mark.slow  # four Inception-v3 passes at 299 px on CPU
-def test_fid_runs_with_an_inception_file(checkpoints, image_dir, tmp_path):
-    import torchvision
-
-    torch.save(torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(),
-               tmp_path / "inception.pth")
-    feats = FeatureMetrics(inception=InceptionFeatures(tmp_path / "inception.pth"))
-    images = load_folder(image_dir, 64)
-    masks = {"lama-thin-256": fixed_masks("lama-thin-256", len(images), 64)}
-    result = evaluate_checkpoint(CheckpointSpec("a", CONFIG, str(checkpoints["a"])), images, masks,
-                                 SamplingOptions(steps=2, scale=3.0), tmp_path / "out", feats=feats)
-    fid = result["modes"]["lama-thin-256"]["fid"]
-    assert np.isfinite(fid) and fid > 0
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -145,7 +201,8 @@ def test_held_out_readers_and_fixed_masks(image_dir, tmp_path):
 
     images = load_folder(image_dir, 64)
     assert [(im.key, im.caption, im.image.shape) for im in images] == [
-        ("astronaut", "", (64, 64, 3)), ("cat", "a ginger cat", (64, 64, 3))]
+        ("astronaut", "", (64, 64, 3)), ("cat", "a ginger cat", (64, 64, 3)),
+        ("coffee", "a cup of coffee", (64, 64, 3))]
     with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
         for im in images:
             sink.write({"__key__": im.key, "png": Image.fromarray(im.image), "txt": im.caption})
@@ -158,40 +215,192 @@ def test_held_out_readers_and_fixed_masks(image_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the script
-def test_evaluate_script_two_checkpoints(checkpoints, image_dir, tmp_path):
+def _cell(grid: np.ndarray, rows: int, cols: int, i: int, j: int, size: int = 64, pad: int = 2) -> np.ndarray:
+    """Cell (i, j) of a labelled grid of ``rows x cols`` cells: the header band and row-label band are what is
+    left above and to the left of the tiled body."""
+    top, left = grid.shape[0] - (rows * (size + pad) + pad), grid.shape[1] - (cols * (size + pad) + pad)
+    y, x = top + pad + i * (size + pad), left + pad + j * (size + pad)
+    return grid[y : y + size, x : x + size]
+
+
+def test_model_card_protocol_two_checkpoints_resumes(checkpoints, image_dir, weights, tmp_path, caplog):
     out = tmp_path / "eval"
-    rc = evaluate_script.main(["--config", CONFIG, "--ckpt", str(checkpoints["a"]), "--ckpt", f"b={checkpoints['b']}",
-                               "--images", str(image_dir), "--size", "64", "--masks", *MODES, "--out", str(out),
-                               "--steps", "2", "--scale", "3"])
-    assert rc == 0
+    argv = ["--config", CONFIG, "--ckpt", str(checkpoints["a"]), "--ckpt", f"b={checkpoints['b']}", "--images",
+            str(image_dir), "--num-images", "2", "--size", "64", "--masks", *MODES, "--out", str(out), "--steps",
+            "2", "--scales", "2", "5", "--lpips-alexnet", str(weights["alexnet"]), "--clip-arch", "eval_tiny_clip",
+            "--clip-weights", str(weights["clip"]), "--grid-images", "1"]
+    assert evaluate_script.main(argv) == 0
     results = {name: json.loads((out / f"{name}.json").read_text()) for name in ("a", "b")}
-    for name, res in results.items():
-        assert set(res["modes"]) == set(MODES) and len(res["samples"]) == 2 * len(MODES)
+    for res in results.values():
+        assert res["samples_drawn"] == 8 and [(g["scale"], g["mask"]) for g in res["groups"]] == [
+            (s, m) for s in (2.0, 5.0) for m in MODES]
         for s in res["samples"]:  # masked PSNR recomputed independently from the PNGs on disk
             gt = _rgb(out / "inputs" / f"{s['key']}.png").astype(np.float64) / 255
-            pred = _rgb(out / "samples" / name / f"{s['key']}_{s['mode']}.png").astype(np.float64) / 255
-            hole = np.asarray(Image.open(out / "masks" / f"{s['key']}_{s['mode']}.png")) >= 128
-            assert s["psnr_hole"] == pytest.approx(10 * np.log10(1 / np.mean((pred - gt)[hole] ** 2)), abs=1e-9)
-        for mode in MODES:
-            rows = [s["psnr_hole"] for s in res["samples"] if s["mode"] == mode]
-            assert res["modes"][mode]["psnr_hole"] == pytest.approx(np.mean(rows))
-    # same masks for both checkpoints, different weights -> different outputs
-    coverage = {name: [s["hole_fraction"] for s in res["samples"]] for name, res in results.items()}
-    assert coverage["a"] == coverage["b"]
+            png = out / "samples" / res["run"] / f"scale_{s['scale']:g}" / s["mask"] / f"{s['key']}_seed{s['seed']}.png"
+            pred = _rgb(png).astype(np.float64) / 255
+            hole = np.asarray(Image.open(out / "masks" / f"{s['key']}_{s['mask']}.png")) >= 128
+            assert s["psnr_hole"] == pytest.approx(10 * np.log10(1 / np.mean((pred - gt)[hole] ** 2)), rel=1e-7)
+            assert (s["clip_score"] is None) == (s["key"] == "astronaut")  # no caption, no CLIP score
+        for g in res["groups"]:
+            rows = [s for s in res["samples"] if (s["scale"], s["mask"]) == (g["scale"], g["mask"])]
+            assert g["psnr_hole"] == pytest.approx(np.mean([s["psnr_hole"] for s in rows]))
+            assert g["lpips"] == pytest.approx(np.mean([s["lpips"] for s in rows])) and g["lpips"] > 0
+    # the same seeds and masks for both checkpoints and all scales; other weights or scale -> other pixels
+    seeds = {name: [(s["key"], s["mask"], s["seed"], s["hole_fraction"]) for s in res["samples"]]
+             for name, res in results.items()}
+    assert seeds["a"] == seeds["b"] and results["a"]["run"] != results["b"]["run"]
     assert results["a"]["samples"][0]["psnr_hole"] != results["b"]["samples"][0]["psnr_hole"]
 
     with (out / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert [(r["mask"], r["checkpoint"]) for r in table] == [(m, c) for m in MODES for c in ("a", "b")]
-    assert float(table[0]["psnr_hole"]) == pytest.approx(results["a"]["modes"][MODES[0]]["psnr_hole"])
-    md = (out / "comparison.md").read_text().splitlines()
-    assert len(md) == 2 + 4 and "psnr_hole" in md[0]
-    grid = _rgb(out / "grids" / f"cat_{MODES[0]}.png")
-    assert grid.shape == (64 + 4, 5 * (64 + 2) + 2, 3)  # input | mask | masked input | a | b
+    assert [(r["mask"], r["checkpoint"], float(r["scale"])) for r in table] == [
+        (m, c, s) for m in MODES for c in ("a", "b") for s in (2.0, 5.0)]
+    assert float(table[1]["lpips"]) == pytest.approx(results["a"]["groups"][2]["lpips"])  # (mask 0, a, scale 5)
+    assert len((out / "comparison.md").read_text().splitlines()) == 2 + 8
+    grid = _rgb(out / "grids" / f"astronaut_{MODES[0]}.png")  # rows a, b; input | mask | masked | scale 2 | 5
+    seed = results["b"]["samples"][0]["seed"]
+    b_scale5 = out / "samples" / results["b"]["run"] / "scale_5" / MODES[0] / f"astronaut_seed{seed}.png"
+    assert np.array_equal(_cell(grid, 2, 5, 1, 4), _rgb(b_scale5))
+    assert np.array_equal(_cell(grid, 2, 5, 0, 0), _rgb(out / "inputs" / "astronaut.png"))
+    assert (grid[:10] < 128).any()  # the header band holds text
+    assert not (out / "curves").exists() and "no FID-vs-CLIP plot" in caplog.text  # no --inception given
+
+    # a killed run: one sample never written; the rerun draws only that one and reproduces every number
+    b_scale5.unlink()
+    caplog.clear()
+    assert evaluate_script.main(argv) == 0
+    again = {name: json.loads((out / f"{name}.json").read_text()) for name in ("a", "b")}
+    assert (again["a"]["samples_drawn"], again["b"]["samples_drawn"], again["b"]["samples_reused"]) == (0, 1, 7)
+    for name in ("a", "b"):
+        for g1, g2 in zip(again[name]["groups"], results[name]["groups"]):
+            assert {k: (g1[k], g2[k]) for k in g1 if g1[k] != g2[k]} == {}
+    assert not list(out.rglob("*.tmp"))
 
 
-def test_evaluate_script_rejects_bad_arguments(checkpoints, image_dir, tmp_path):
-    base = ["--config", CONFIG, "--images", str(image_dir), "--out", str(tmp_path / "o"), "--size", "64"]
-    assert evaluate_script.main([*base, "--ckpt", str(checkpoints["a"]), "--ckpt", str(checkpoints["a"])]) == 2
-    assert evaluate_script.main([*base, "--ckpt", str(checkpoints["a"]), "--ckpt-config", f"zzz={CONFIG}"]) == 2
-    assert evaluate_script.main([*base[:-1], "100", "--ckpt", str(checkpoints["a"])]) == 2
+def test_fid_vs_clip_curves_one_png_per_preset(tmp_path):
+    from ldm.eval.report import write_curves
+
+    groups = [{"mask": m, "scale": s, "fid": 10 + s, "clip_score": 20 + s} for m in MODES for s in (1.5, 4.0, 8.0)]
+    results = [{"name": "a", "groups": groups}, {"name": "b", "groups": [{**g, "fid": g["fid"] + 3} for g in groups]}]
+    paths = write_curves(results, tmp_path)
+    assert [p.name for p in paths] == [f"fid_vs_clip_{m}.png" for m in MODES]
+    img = _rgb(paths[0])
+    assert img.shape[0] > 300 and len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # two coloured lines, labels
+
+
+@pytest.mark.slow  # two torchrun workers: process start-up and imports dominate
+def test_torchrun_two_gloo_processes_equal_one(checkpoints, image_dir, weights, tmp_path):
+    args = ["--config", CONFIG, "--ckpt", f"a={checkpoints['a']}", "--images", str(image_dir), "--size", "64",
+            "--masks", "lama-thin-256", "--steps", "2", "--scales", "2", "5", "--device", "cpu", "--inception",
+            str(weights["inception"]), "--fid-dims", "64", "--lpips-alexnet", str(weights["alexnet"]),
+            "--clip-arch", str(weights["clip_config"]), "--clip-weights", str(weights["clip"])]
+    assert evaluate_script.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(REPO / "scripts" / "evaluate.py"), *args, "--out", str(tmp_path / "two")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "a.json").read_text()) for d in ("one", "two"))
+    assert two["samples_drawn"] == 6 and len(two["samples"]) == 6  # 3 images (2 + 1 per rank) x 2 scales
+    assert two["samples"] == one["samples"]  # exact: same pixels, same order
+    for g1, g2 in zip(one["groups"], two["groups"]):
+        assert g1["fid_64d"] > 0 and g2["fid_64d"] == pytest.approx(g1["fid_64d"], rel=1e-6)
+        assert {k: v for k, v in g1.items() if k != "fid_64d"} == {k: v for k, v in g2.items() if k != "fid_64d"}
+    for d in ("one", "two"):  # FID (here its 64-d variant) against CLIP score, a point per scale
+        assert (tmp_path / d / "curves" / "fid_vs_clip_lama-thin-256.png").is_file()
+
+
+def test_evaluate_script_rejects_bad_arguments(checkpoints, image_dir, tmp_path, caplog):
+    base = ["--config", CONFIG, "--images", str(image_dir), "--out", str(tmp_path / "o"), "--masks",
+            "lama-thin-256", "--steps", "1", "--num-images", "1", "--size", "64"]
+    a = str(checkpoints["a"])
+    assert evaluate_script.main([*base, "--ckpt", a, "--ckpt", a]) == 2
+    assert evaluate_script.main([*base, "--ckpt", a, "--ckpt-config", f"zzz={CONFIG}"]) == 2
+    assert evaluate_script.main([*base[:-1], "100", "--ckpt", a]) == 2
+    assert evaluate_script.main([*base, "--ckpt", a, "--masks", "no-such-preset"]) == 2
+    assert evaluate_script.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt: file not found" in caplog.text
+    assert evaluate_script.main([*base, "--ckpt", a, "--inception", str(tmp_path / "nope.pth")]) == 2
+    # the same --out with other masks: refused instead of mixing two held-out sets
+    assert evaluate_script.main([*base, "--ckpt", a, "--scales", "3"]) == 0
+    caplog.clear()
+    assert evaluate_script.main([*base, "--ckpt", a, "--seed", "1"]) == 2
+    assert "another held-out set" in caplog.text and "Traceback" not in caplog.text
+
+
+# --------------------------------------------------------------------------------- in-training evaluation
+class _Batches(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return synthetic_batch(2, seed=i)
+
+
+def test_heldout_evaluation_during_training(image_dir, tmp_path, caplog):
+    import pytorch_lightning as pl
+    import webdataset as wds
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ldm.eval.callback import HeldOutEvaluation
+    from ldm.eval.fixed_set import load_fixed_set
+    from ldm.eval.metrics import region_metrics as metrics_of
+
+    with wds.TarWriter(str(tmp_path / "val-00000.tar")) as sink:  # validation shards -> the default set
+        for im in load_folder(image_dir, 64):
+            sink.write({"__key__": im.key, "png": Image.fromarray(im.image), "txt": im.caption or "a photo"})
+    set_dir = tmp_path / "heldout"
+    cb = HeldOutEvaluation(str(set_dir), every_n_steps=1, shards=str(tmp_path / "val-00000.tar"), num_images=2,
+                           size=64, steps=2, scale=3.0, logdir=str(tmp_path / "run"))
+    model = build_tiny("inpaint")
+    with torch.no_grad():  # raw weights away from the EMA copy, so the two columns differ
+        for p in model.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loggers = [CSVLogger(tmp_path / "run", name="csv"), TensorBoardLogger(tmp_path / "run", name="tb")]
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=loggers, callbacks=[cb], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, torch.utils.data.DataLoader(_Batches(), batch_size=None))
+
+    fixed = load_fixed_set(set_dir)
+    assert [it.key for it in fixed.items] == ["astronaut", "cat"] and fixed.size == 64
+    lines = [json.loads(x) for x in (tmp_path / "run" / "heldout" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and {x["fingerprint"] for x in lines} == {fixed.fingerprint}
+    # the logged numbers are the metrics of what the weights at step 2 draw from the fixed seeds
+    model.eval()
+    with model.ema_scope():
+        ema = cb.inpaint_set(model)
+    raw = cb.inpaint_set(model)
+    for weights, outs in (("ema", ema), ("raw", raw)):
+        expected = np.mean([metrics_of(o, it.image, it.mask)["psnr_hole"] for o, it in zip(outs, fixed.items)])
+        assert lines[-1][f"heldout/{weights}/psnr_hole"] == pytest.approx(expected)
+    assert not np.array_equal(ema[0], raw[0])
+    grid = _rgb(tmp_path / "run" / "heldout" / "step_000000002.png")  # input | mask | masked | EMA | raw
+    assert np.array_equal(_cell(grid, 2, 5, 1, 3), ema[1]) and np.array_equal(_cell(grid, 2, 5, 1, 4), raw[1])
+    # every logger: CSV rows and TensorBoard scalars + image at steps 1 and 2
+    with open(next((tmp_path / "run" / "csv").rglob("metrics.csv"))) as f:
+        csv_rows = [r for r in csv.DictReader(f) if r.get("heldout/raw/psnr_hole")]
+    assert [int(r["step"]) for r in csv_rows] == [1, 2]
+    acc = EventAccumulator(str(next((tmp_path / "run" / "tb").rglob("events.*")).parent)).Reload()
+    assert [e.step for e in acc.Scalars("heldout/ema/ssim_hole")] == [1, 2]
+    assert [e.step for e in acc.Images("heldout/grid")] == [1, 2]
+
+    other = HeldOutEvaluation(str(set_dir), every_n_steps=1, num_images=3, size=64)  # the set has 2 images
+    with pytest.raises(ValueError, match="never changes"):
+        other.setup(trainer, model, "fit")
+    (set_dir / "masks" / "cat.png").write_bytes((set_dir / "masks" / "astronaut.png").read_bytes())
+    with pytest.raises(ValueError, match="cat.png is missing or changed"):
+        load_fixed_set(set_dir)
+
+
+def test_image_logger_overview_labels_every_column():
+    from ldm.callbacks import ImageLogger
+
+    logger = ImageLogger(batch_frequency=1, max_images=2, log_images_kwargs={"seed": 3})
+    g = torch.Generator().manual_seed(0)
+    images = {k: torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+              for k in ("inputs", "mask", "masked_image", "samples", "samples_cfg_scale_5.00")}
+    grid = logger.overview(images)
+    cell = logger.to_grid(images["samples_cfg_scale_5.00"][1:2])  # 20 x 20: the image and make_grid's padding
+    assert np.array_equal(_cell(grid, 2, 5, 1, 4, size=cell.shape[0]), cell)
+    assert (grid[: grid.shape[0] - 2 * (20 + 2) - 2] < 128).any()  # header text above the two rows

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldm.interop.diffusers_export import convert_to_diffusers, diffusers_configs
 from ldm.interop.keymaps import KeyMapError, UNetLayout, unet_key, vae_key
-from ldm.interop.ldm_format import PARAMETERIZATION_KEY, ema_key, read_parameterization
+from ldm.interop.ldm_format import PARAMETERIZATION_KEY, PROVENANCE_KEY, ema_key, read_parameterization
 from tests.conftest import read_reference_tsv
 from tests.helpers import REPO, build_tiny, load_script, tiny_config
 
@@ -48,7 +48,8 @@ def test_exported_files_reload_strictly_with_ema_swapped_in(exported):
 
     ema_file = load_file(str(d / "ema.safetensors"))
     raw_file = torch.load(d / "raw.ckpt", weights_only=True)
-    assert set(raw_file) == {"state_dict", PARAMETERIZATION_KEY, "global_step"} and raw_file["global_step"] == 5
+    assert set(raw_file) == {"state_dict", PARAMETERIZATION_KEY, PROVENANCE_KEY, "global_step"}
+    assert raw_file["global_step"] == 5
     for name, flat in (("ema", ema_file), ("raw", raw_file["state_dict"])):
         assert not any(k.startswith("model_ema.") for k in flat)
         fresh = build_tiny("inpaint", use_ema=False)

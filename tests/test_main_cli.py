@@ -25,12 +25,12 @@ def run_dir(root: Path) -> Path:
 def test_train_writes_checkpoint_images_metrics_and_resumes(tmp_path):
     assert main.main(["--base", TINY, "--train", "-l", str(tmp_path), "lightning.trainer.max_steps=20"]) == 0
     run = run_dir(tmp_path)
-    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
     assert any(k.startswith("model_ema.") for k in ckpt["state_dict"])
     assert (run / "checkpoints/trainstep_checkpoints").is_dir()
     snaps = sorted((run / "checkpoints/trainstep_checkpoints").glob("*.ckpt"))
-    assert len(snaps) == 2 and "optimizer_states" not in torch.load(snaps[-1], weights_only=False)
+    assert len(snaps) == 2 and "optimizer_states" not in torch.load(snaps[-1], weights_only=True)
     assert sorted(p.name.split("-")[-1] for p in (run / "configs").glob("*.yaml")) == ["lightning.yaml",
                                                                                        "project.yaml"]
     images = {p.name.split("_gs-")[0] for p in (run / "images/train").glob("*.png")}
@@ -41,14 +41,14 @@ def test_train_writes_checkpoint_images_metrics_and_resumes(tmp_path):
     assert any(r.get("lr-AdamW") for r in rows)  # LearningRateMonitor
 
     assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=30"]) == 0
-    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 30
     # the LR schedule continued (warm-up of 10 steps is over; no restart at f_start)
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 30
 
 
 def _state(path: Path):
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     return ck["global_step"], ck["state_dict"], ck["optimizer_states"][0]["state"]
 
 
@@ -63,8 +63,9 @@ def test_sigterm_then_resume_is_exact(tmp_path):
                       "lightning.callbacks.kill.target=tests.helpers.SignalAtStep",
                       f"lightning.callbacks.kill.params.step={n}"]) == 0
     b_run = run_dir(b_root)
-    step_b, _, _ = _state(b_run / "checkpoints/last.ckpt")
+    step_b, sd_b, _ = _state(b_run / "checkpoints/last.ckpt")
     assert step_b == n  # SIGTERM -> saved at step n and stopped
+    assert int(sd_b["model_ema.num_updates"]) == n  # with every EMA update of those n steps
     assert main.main(["-r", str(b_run), "--train", "lightning.callbacks.kill=null"]) == 0
     step_a, sd_a, opt_a = _state(run_dir(a_root) / "checkpoints/last.ckpt")
     step_b, sd_b, opt_b = _state(b_run / "checkpoints/last.ckpt")
@@ -72,10 +73,10 @@ def test_sigterm_then_resume_is_exact(tmp_path):
     assert sd_a.keys() == sd_b.keys()
     for k in sd_a:
         if k.startswith(("model.", "model_ema.")):
-            torch.testing.assert_close(sd_a[k], sd_b[k], msg=k)
+            assert torch.equal(sd_a[k], sd_b[k]), k
     for idx in opt_a:
         for name in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(opt_a[idx][name], opt_b[idx][name])
+            assert torch.equal(opt_a[idx][name], opt_b[idx][name]), (idx, name)
 
 
 def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

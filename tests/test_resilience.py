@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_sigusr1_saves_and_stops(tmp_path):
                       "lightning.callbacks.kill.params.signal_name=SIGUSR1"]) == 0
     run = next(tmp_path.iterdir())
     # the signal arrives after GracefulStop's check of step 4 (callback order), so it saves at the end of step 5
-    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
+    ck = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert ck["global_step"] == 5 and int(ck["state_dict"]["model_ema.num_updates"]) == 5
 
 
 def test_wandb_offline_logger(tmp_path, monkeypatch):
@@ -73,3 +75,143 @@ def test_wandb_offline_logger(tmp_path, monkeypatch):
     run = next(p for p in tmp_path.iterdir() if p.name.endswith("_inpaint"))
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline, list(run.rglob("*"))[:20]
+
+
+def test_keep_last_n_retention(tmp_path):
+    """Default: every periodic checkpoint is kept (tests/test_exact_resume.py); keep_last_n keeps the newest n."""
+    assert main.main(["--base", TINY, "--train", "-l", str(tmp_path), "lightning.trainer.max_steps=8",
+                      "lightning.callbacks.image_logger.params.disabled=true",
+                      "lightning.modelcheckpoint.params.every_n_train_steps=2",
+                      "lightning.modelcheckpoint.params.keep_last_n=2",
+                      "lightning.callbacks.metrics_over_trainsteps_checkpoint.params.every_n_train_steps=2",
+                      "lightning.callbacks.metrics_over_trainsteps_checkpoint.params.keep_last_n=3"]) == 0
+    ckpts = next(tmp_path.iterdir()) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=000000006.ckpt", "step=000000008.ckpt"]
+    snaps = sorted(p.name.split("step=")[1] for p in (ckpts / "trainstep_checkpoints").glob("*.ckpt"))
+    assert snaps == ["000000004.ckpt", "000000006.ckpt", "000000008.ckpt"]
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A directory on a file system that holds 48 MiB (the tiny model's full checkpoint is ~35 MB).
+
+    Where this process may mount (root), it is a real tmpfs and the kernel returns ENOSPC. Elsewhere the fault is
+    injected at the lowest level a checkpoint write reaches from Python: the raw file object of
+    ``ldm.checkpoint.atomic_torch_save`` raises ``OSError(ENOSPC)`` once the directory's files would exceed 48 MiB.
+    """
+    import errno
+    import io
+    import os
+    import shutil
+    import subprocess
+
+    disk, capacity = tmp_path / "disk", 48 * 2**20
+    disk.mkdir()
+    if os.geteuid() == 0 and shutil.which("mount"):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={capacity}", "tmpfs", str(disk)],
+                                 capture_output=True).returncode == 0
+        if mounted:
+            yield disk
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+            return
+
+    real_fdopen = os.fdopen
+
+    class Full(io.RawIOBase):
+        def __init__(self, fd):
+            self.f = real_fdopen(fd, "wb", buffering=0)
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
+            if used + len(b) > capacity:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        return io.BufferedWriter(Full(fd)) if str(Path(os.readlink(f"/proc/self/fd/{fd}"))).startswith(str(disk)) \
+            else real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr("ldm.checkpoint.os.fdopen", fdopen)
+    yield disk
+
+
+def test_full_disk_is_one_line_naming_the_directory(small_disk, caplog):
+    rc = main.main(["--base", TINY, "--train", "-l", str(small_disk), "lightning.trainer.max_steps=4",
+                    "lightning.callbacks.image_logger.params.disabled=true",
+                    "lightning.callbacks.metrics_over_trainsteps_checkpoint=null",
+                    "lightning.modelcheckpoint.params.every_n_train_steps=2"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    ckpts = next(small_disk.iterdir()) / "checkpoints"
+    assert rc == 2 and len(errors) == 1, errors
+    assert "no space left on device" in errors[0] and f"in {ckpts} " in errors[0] and "\n" not in errors[0]
+    assert not list(ckpts.glob(".*.tmp"))  # the interrupted write left no temp file
+    first = torch.load(ckpts / "step=000000002.ckpt", weights_only=True)  # the save before it is intact
+    assert first["global_step"] == 2
+
+
+@pytest.mark.parametrize("factor, expected", [(1e9, "exceeds max_grad_norm=100000"),
+                                              (float("nan"), "non-finite gradient norm")])
+def test_exploding_gradient_stops_before_the_step(tmp_path, caplog, factor, expected):
+    rc = main.main(["--base", TINY, "--train", "-l", str(tmp_path), "lightning.trainer.max_steps=6",
+                    "lightning.callbacks.image_logger.params.disabled=true",
+                    "lightning.modelcheckpoint.params.every_n_train_steps=2",
+                    "lightning.callbacks.metrics_over_trainsteps_checkpoint.params.every_n_train_steps=1",
+                    "lightning.callbacks.scale.target=tests.helpers.ScaleGradsAtStep",
+                    "lightning.callbacks.scale.params.step=3",
+                    f"lightning.callbacks.scale.params.factor={'.nan' if factor != factor else factor}"])  # yaml NaN
+    assert rc == 4
+    assert expected in caplog.text and "global step 3 (before its optimizer step)" in caplog.text
+    ckpts = next(tmp_path.iterdir()) / "checkpoints"
+    steps = sorted(torch.load(p, weights_only=True)["global_step"] for p in ckpts.rglob("*.ckpt"))
+    assert max(steps) == 3  # step 3's snapshot: weights after 3 good steps; the poisoned 4th never happened
+    last_snap = max(ckpts.rglob("*step=000000003.ckpt"))
+    sd = torch.load(last_snap, weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in sd.values() if v.is_floating_point())
+
+
+def test_non_finite_weights_are_never_written():
+    from ldm.checkpoint import CheckpointError
+    from tests.helpers import build_tiny
+
+    model = build_tiny("inpaint")
+    with torch.no_grad():
+        model.model.diffusion_model.out[2].bias[0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"refusing to write a checkpoint at step 9: 1 tensors hold NaN or inf "
+                                              r"\(first: model\.diffusion_model\.out\.2\.bias\)"):
+        model.on_save_checkpoint({"state_dict": model.state_dict(), "global_step": 9})
+
+
+def test_grad_norm_guard_leaves_fp16_overflow_to_the_grad_scaler():
+    """With a fp16 GradScaler, inf/NaN gradients are routine (the scaler skips the step); only the threshold stops."""
+    from types import SimpleNamespace
+
+    import pytorch_lightning as pl
+
+    from ldm.callbacks import GradNormGuard
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p])
+    module = pl.LightningModule()
+    guard = GradNormGuard(max_grad_norm=100.0)
+    plain = SimpleNamespace(global_step=7, precision_plugin=SimpleNamespace())
+    scaled = SimpleNamespace(global_step=7, precision_plugin=SimpleNamespace(scaler=torch.amp.GradScaler("cpu")))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])  # norm 5: fine
+    guard.on_before_optimizer_step(plain, module, opt)
+    p.grad = torch.tensor([float("inf"), 0.0, 0.0])
+    guard.on_before_optimizer_step(scaled, module, opt)  # the scaler's business
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+        guard.on_before_optimizer_step(plain, module, opt)
+    p.grad = torch.tensor([300.0, 400.0, 0.0])  # norm 500 > 100: stops with or without a scaler
+    for trainer in (plain, scaled):
+        with pytest.raises(FloatingPointError, match="gradient norm 500 exceeds max_grad_norm=100"):
+            guard.on_before_optimizer_step(trainer, module, opt)

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from ldm.run import check_overrides, check_sections, count_devices, effective_lr, resolve_run_dirs
@@ -18,26 +19,34 @@ def test_new_run_name_and_layout(tmp_path):
     assert d.ckptdir == tmp_path / d.nowname / "checkpoints" and d.resume_ckpt is None
 
 
+def full_state(step: int) -> dict:
+    """The top-level layout of a Lightning training checkpoint (what ldm.resume.probe checks), tiny."""
+    return {"state_dict": {"w": torch.full((2,), float(step))}, "optimizer_states": [{}], "lr_schedulers": [],
+            "loops": {}, "callbacks": {}, "global_step": step, "epoch": 0}
+
+
 def test_resume_picks_newest_of_last_and_hpc(tmp_path):
     run = tmp_path / "2026-01-01T00-00-00_inpaint"
     (run / "checkpoints").mkdir(parents=True)
     (run / "configs").mkdir()
     (run / "configs" / "a-project.yaml").write_text("model: {}\n")
     last, hpc = run / "checkpoints" / "last.ckpt", run / "hpc_ckpt_1.ckpt"
-    last.write_bytes(b"x")
-    hpc.write_bytes(b"x")
+    torch.save(full_state(10), last)
+    torch.save(full_state(12), hpc)
     now = time.time()
     os.utime(last, (now - 100, now - 100))
     d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(run))
-    assert d.resume_ckpt == hpc and d.logdir == run and d.resume_configs == [run / "configs" / "a-project.yaml"]
+    assert d.resume_ckpt == hpc and d.resume_step == 12
+    assert d.logdir == run and d.resume_configs == [run / "configs" / "a-project.yaml"]
     os.utime(last, (now + 100, now + 100))
-    assert resolve_run_dirs("t", str(tmp_path), None, "", [], str(run)).resume_ckpt == last
-    # a checkpoint file: the run dir is found above "checkpoints", also for hpc and trainstep checkpoints
-    snap = run / "checkpoints" / "trainstep_checkpoints" / "s.ckpt"
-    snap.parent.mkdir()
-    snap.write_bytes(b"x")
-    for f in (last, hpc, snap):
-        assert resolve_run_dirs("t", str(tmp_path), None, "", [], str(f)).logdir == run
+    d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(run))
+    assert (d.resume_ckpt, d.resume_step) == (last, 10)
+    # a checkpoint file: the run dir is found above "checkpoints", also for hpc and periodic checkpoints
+    step = run / "checkpoints" / "step=000000005.ckpt"
+    torch.save(full_state(5), step)
+    for f, n in ((last, 10), (hpc, 12), (step, 5)):
+        d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(f))
+        assert (d.logdir, d.resume_ckpt, d.resume_step) == (run, f, n)
     with pytest.raises(ConfigError, match="no such run"):
         resolve_run_dirs("t", str(tmp_path), None, "", [], str(tmp_path / "nope"))
 
@@ -50,7 +59,7 @@ def test_effective_lr_formula():
 
 
 def test_unknown_sections_and_overrides_are_errors():
-    cfg = OmegaConf.create({"model": {"params": {"a": 1}}, "lightning": {"trainer": {}}})
+    cfg = OmegaConf.create({"model": {"target": "torch.nn.Identity", "params": {"a": 1}}, "lightning": {"trainer": {}}})
     check_sections(cfg)
     with pytest.raises(ConfigError, match="lightning.trainr"):
         check_sections(OmegaConf.merge(cfg, {"lightning": {"trainr": {}}}))
@@ -67,3 +76,58 @@ def test_checkpoint_callbacks_without_a_modelcheckpoint_section(tmp_path):
     d = resolve_run_dirs("t", str(tmp_path), None, "", ["x.yaml"], None)
     (cb,) = checkpoint_callbacks(d, OmegaConf.create({"trainer": {}}))
     assert cb.dirpath == str(d.ckptdir) and cb.save_last
+
+
+def test_resume_with_no_loadable_checkpoint_is_one_line_naming_each(tmp_path):
+    from ldm.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {"w": torch.ones(1)}, "global_step": 3}, run / "hpc_ckpt_1.ckpt")  # weights only
+    with pytest.raises(CheckpointError) as info:
+        resolve_run_dirs("t", str(tmp_path), None, "", [], str(run))
+    msg = str(info.value)
+    assert "\n" not in msg and "last.ckpt: " in msg and "empty (0 bytes)" in msg
+    assert "hpc_ckpt_1.ckpt: " in msg and "weights-only snapshot" in msg
+
+
+def test_default_callbacks_target_the_library_and_ldm_paths_still_resolve(tmp_path):
+    import main
+    from ldm import callbacks
+    from ldm.run import default_callbacks
+    from ldm.util import get_obj_from_str
+
+    d = resolve_run_dirs("t", str(tmp_path), None, "", ["x.yaml"], None)
+    specs = default_callbacks(d, "t", OmegaConf.create({"model": {}}), OmegaConf.create({}), 1, False, None)
+    ours = [s["target"] for s in specs.values() if not s["target"].startswith("pytorch_lightning.")]
+    assert ours and all(t.startswith("ldm.callbacks.") for t in ours), ours
+    assert specs["image_logger"]["params"]["logdir"] == str(d.logdir)  # passed explicitly, not via the trainer
+    for name in ("ImageLogger", "SetupCallback", "CUDACallback", "GracefulStop"):  # ldm configs say main.<Name>
+        assert get_obj_from_str(f"main.{name}") is getattr(callbacks, name) is getattr(main, name)
+
+
+def test_the_checkpoint_io_cannot_be_replaced():
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    from ldm.run import checkpoint_plugins
+
+    (plugin,) = checkpoint_plugins(None)
+    assert type(plugin).__name__ == "AtomicCheckpointIO"
+    with pytest.raises(ConfigError, match="CheckpointIO"):
+        checkpoint_plugins([TorchCheckpointIO()])
+
+
+def test_harness_uses_no_private_lightning_api():
+    """Private Lightning attributes (``fit_loop._should_accumulate()``, ``self._trainer``, attributes parked on the
+    trainer) break silently across Lightning releases; the harness sticks to the public API."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    private = re.compile(r"fit_loop\._|\bself\._trainer\b|\btrainer\._\w+|\bstrategy\._\w+|_ldm_logdir")
+    hits = [f"{p.relative_to(root)}:{i + 1}: {line.strip()}"
+            for p in [root / "main.py", *sorted((root / "ldm").rglob("*.py"))]
+            for i, line in enumerate(p.read_text().splitlines()) if private.search(line)]
+    assert not hits, "\n".join(hits)
+    assert private.search("if trainer.fit_loop._should_accumulate():")  # the pattern can fail

@@ -1,7 +1,9 @@
 """Turning one raw shard sample (bytes per member) into a model-ready sample, or a counted skip.
 
-Order, cheapest checks first: image/caption/json present -> json parses -> metadata and caption filters ->
-JPEG decode -> seeded resize/crop -> float H x W x 3 in [-1, 1] -> postprocess (e.g. ``AddMask``).
+Order, cheapest checks first: image/caption/json present -> caption is UTF-8 -> json parses -> metadata and
+caption filters (json sizes are a pre-filter) -> image header: the stored size against ``min_size``,
+``max_aspect_ratio`` and ``max_pixels`` (also the size of every planned resize) -> decode to 8-bit RGB by the
+rule of ``ldm.data.rgb`` -> seeded resize/crop -> float H x W x 3 in [-1, 1] -> postprocess (e.g. ``AddMask``).
 Every failure becomes one counted skip (``ldm.data.stats``), never an exception that reaches training.
 
 Output sample keys: ``<image_key>`` (H x W x 3 float32 numpy array in [-1, 1]; uint8 in [0, 255] with the uint8
@@ -12,10 +14,8 @@ transport, see :func:`finalize_batch`), ``txt`` (str, stripped, never empty),
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,28 +26,37 @@ from PIL import Image
 
 from ldm.data.filters import MetadataFilter
 from ldm.data.masks import masked_image
+from ldm.data.rgb import ImageLimits, ImageRejected, open_rgb
 from ldm.data.rng import SEED_KEY, Stream, make_rng
 from ldm.data.stats import BadDataMonitor
-from ldm.data.transforms import ImageOp, Resize, TooSmall, to_float_hwc
+from ldm.data.transforms import Crop, HorizontalFlip, ImageOp, Resize, TooSmall, to_float_hwc
 
 log = logging.getLogger(__name__)
 
 
 def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode image bytes to an RGB PIL image; raises on any corruption (truncated data included).
+    """Decode image bytes to 8-bit RGB by the project's one rule (``ldm.data.rgb``); raises on any corruption.
 
     ``draft_size`` lets libjpeg decode at a reduced scale (1/2, 1/4, 1/8) that is still at least this big.
     """
-    img = Image.open(io.BytesIO(data))
-    if draft_size is not None and img.format == "JPEG":
-        img.draft("RGB", draft_size)
-    with warnings.catch_warnings():
-        # Palette images with transparency warn on every conversion; going through RGBA is the documented way.
-        warnings.simplefilter("ignore", UserWarning)
-        img.load()  # forces the full decode, so broken data raises here
-        if img.mode in ("P", "LA", "PA"):
-            img = img.convert("RGBA")
-        return img if img.mode == "RGB" else img.convert("RGB")
+    return open_rgb(data, plan=(lambda *_: [draft_size]) if draft_size else None, draft=draft_size is not None)
+
+
+def resize_plan(ops: list[ImageOp], width: int, height: int) -> list[tuple[int, int]]:
+    """The ``(width, height)`` outputs of the ``Resize`` ops of ``ops`` for a ``width x height`` input.
+
+    Crops and flips are followed; the plan stops at a transform whose output size is unknown (``External``).
+    """
+    sizes = []
+    for op in ops:
+        if isinstance(op, Resize):
+            width, height = op.output_size(width, height)
+            sizes.append((width, height))
+        elif isinstance(op, Crop):
+            height, width = (op.size, op.size) if isinstance(op.size, int) else op.size
+        elif not isinstance(op, HorizontalFlip):
+            break
+    return sizes
 
 
 @dataclass
@@ -63,6 +72,10 @@ class SampleProcessor:
         jpeg_draft: Let libjpeg downscale by a power of two before a leading ``Resize`` (faster on large
             originals; pixels differ slightly from a full-resolution resize).
         uint8_images: Keep the image as H x W x 3 uint8 (see :func:`finalize_batch`) instead of float [-1, 1].
+        limits: Size limits checked on the stored image before decoding and before any resize
+            (``ldm.data.rgb.ImageLimits``); the json sizes are only a cheaper pre-filter.
+        require_caption: Count a sample without a caption as ``missing_caption`` (training); False delivers it
+            with ``txt`` "" (evaluation).
     """
 
     image_key: str
@@ -72,12 +85,23 @@ class SampleProcessor:
     key_transforms: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
     jpeg_draft: bool = False
     uint8_images: bool = False
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    require_caption: bool = True
 
-    def _draft_size(self, data: bytes) -> tuple[int, int] | None:
-        if not self.jpeg_draft or not self.image_ops or not isinstance(self.image_ops[0], Resize):
-            return None
-        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-            return self.image_ops[0].output_size(*probe.size)
+    def _plan(self, width: int, height: int) -> list[tuple[int, int]]:
+        return resize_plan(self.image_ops, width, height)
+
+    def _caption(self, data: bytes | None) -> tuple[str | None, str]:
+        """(caption, "") or (None, skip reason: detail)."""
+        if data is None:
+            return ("", "") if not self.require_caption else (None, "missing_caption: no '.txt' member")
+        try:
+            caption = data.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            return None, f"bad_caption: not UTF-8 ({e})"
+        if not caption and self.require_caption:
+            return None, "missing_caption: empty caption"
+        return caption, ""
 
     def _parse_json(self, data: bytes | None) -> tuple[dict | None, str]:
         """(parsed json, "") or (None, skip reason: detail)."""
@@ -95,10 +119,10 @@ class SampleProcessor:
         if image_bytes is None:
             mon.skip("missing_image", url, f"{key}: no '.{self.image_key}' member")
             return None
-        caption = raw.get("txt")
-        caption = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
-        if not caption:
-            mon.skip("missing_caption", url, key)
+        caption, problem = self._caption(raw.get("txt"))
+        if caption is None:
+            reason, _, detail = problem.partition(": ")
+            mon.skip(reason, url, f"{key}: {detail}")
             return None
         meta, problem = self._parse_json(raw.get("json"))
         if meta is None:
@@ -110,7 +134,11 @@ class SampleProcessor:
             mon.skip(reason, url, key)
             return None
         try:
-            img = decode_image(image_bytes, self._draft_size(image_bytes))
+            draft = self.jpeg_draft and bool(self.image_ops) and isinstance(self.image_ops[0], Resize)
+            img = open_rgb(image_bytes, self.limits, self._plan, draft=draft)
+        except ImageRejected as e:  # a size limit, read from the header: nothing was decoded
+            mon.skip(e.reason, url, f"{key}: {e}")
+            return None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
             mon.skip("corrupt_image", url, f"{key}: {type(e).__name__}: {e}")
             return None
@@ -198,4 +226,4 @@ def finalize_batch(batch: dict[str, Any], image_key: str = "jpg") -> dict[str, A
     return batch
 
 
-__all__ = ["SampleProcessor", "collate", "decode_image", "finalize_batch"]
+__all__ = ["SampleProcessor", "collate", "decode_image", "finalize_batch", "resize_plan"]

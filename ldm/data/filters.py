@@ -4,7 +4,9 @@ One :class:`MetadataFilter` holds every threshold and answers, for a sample's js
 ``None`` (keep) or the name of the counter that explains the skip (see ``ldm.data.stats``). Thresholds:
 
 * ``min_size``: ``original_width`` and ``original_height`` both >= min_size (img2dataset writes the size of
-  the image before its own resize under these names; the reference loader reads the same fields);
+  the image before its own resize under these names; the reference loader reads the same fields). This is a
+  cheap pre-filter only: json can lie, so the stored image's own size is checked as well, from its header
+  (``ldm.data.rgb.ImageLimits``; shards stored below ``min_size`` are therefore filtered as ``too_small``);
 * ``p_unsafe_threshold``: keep ``punsafe <= threshold`` (LAION's NSFW-classifier probability);
 * ``max_pwatermark``: keep ``pwatermark <= threshold`` (disabled at 1.0, as in the reference);
 * ``min_aesthetic``: keep ``aesthetic >= threshold`` (``AESTHETIC_SCORE`` is accepted as the field name too);

@@ -30,6 +30,7 @@ import torch
 from ldm.data.masks import (
     MASK_MODES,
     MaskGenerator,
+    MaskMode,
     MaxCoverage,
     binarize_mask,
     get_mask_generator,
@@ -57,7 +58,7 @@ class AddMask:
 
     def __init__(
         self,
-        mode: str | Mapping[str, Any] = "512train",
+        mode: MaskMode | Mapping[str, Any] = "512train",
         p_drop: float = 0.0,
         max_coverage: float | None = None,
         seed: int = 0,

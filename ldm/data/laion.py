@@ -11,7 +11,8 @@ tar_base               prefix joined to each split's ``shards`` pattern; ``null`
 batch_size             samples per batch (per process); training drops the last partial batch
 num_workers            DataLoader worker processes per rank
 multinode              split data across ranks; ``False`` with more than one rank is an error (as in ldm)
-min_size               minimum ``original_width`` and ``original_height`` from the json
+min_size               minimum width and height: of the json ``original_width``/``original_height`` (a cheap
+                       pre-filter) and of the stored image itself (read from its header)
 max_pwatermark         maximum ``pwatermark`` (1.0 disables, as in ldm)
 p_unsafe_threshold     maximum ``punsafe``
 filter_word_list       yaml word list; captions containing a listed word are dropped
@@ -27,9 +28,13 @@ float32 {0, 1}, 1 = hole; ``masked_image`` = jpg * (mask < 0.5); ``json`` list o
 
 Rank and world size come from the attached trainer, else ``torch.distributed``, else ``RANK``/``WORLD_SIZE``;
 they are resolved in the training process and handed to the workers (DECISIONS R11, spawn trap).
-The training stream is seeded by (seed, resume step, epoch, rank, worker); after a resume the step is read
-from ``trainer.global_step`` (or :meth:`set_resume_step`), so a restarted run draws a fresh, reproducible
-stream instead of replaying the first shards (DECISIONS D7, R11).
+
+Exact resume (DECISIONS D15): the data module is stateful. Its ``state_dict`` holds every rank's stream
+positions as of the last batch the training step consumed (gathered to rank 0, which writes the checkpoint);
+``load_state_dict`` hands each rank its own, and the next ``train_dataloader()`` continues there, so a resumed
+run sees the samples an uninterrupted run would, in the same order, on every rank. When the saved position does
+not fit the run (another world size, worker count, seed, shuffle size or shard list), or the checkpoint has none,
+the stream is reseeded by the resume step instead, and one warning line says so.
 """
 
 from __future__ import annotations
@@ -47,13 +52,16 @@ import torch
 from ldm.data.decode import SampleProcessor, finalize_batch
 from ldm.data.filters import MetadataFilter, MissingFieldPolicy, load_word_list
 from ldm.data.inpainting import AddMask
+from ldm.data.resumable import ResumableLoader, describe_change, gather_to_rank0, stream_fingerprint
+from ldm.data.rgb import ImageLimits
 from ldm.data.stats import SharedCounts
 from ldm.data.transforms import build_image_transforms
-from ldm.data.webdata import EpochDataLoader, ShardStream, expand_shards
+from ldm.data.webdata import ShardStream, expand_shards
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
+STATE_VERSION = 1
 _SPLIT_KEYS = {"shards", "shuffle", "image_key", "image_transforms", "postprocess", "transforms", "resampled"}
 
 
@@ -91,7 +99,8 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         test: Test split config; None for no test loader.
         num_workers: DataLoader workers per process for training (and evaluation unless ``val_num_workers``).
         multinode: Split the data across ranks. False with world size > 1 raises, as ldm's single-node mode.
-        min_size: Minimum original width and height (json ``original_width``/``original_height``); None = off.
+        min_size: Minimum width and height; checked on the json ``original_width``/``original_height`` (a
+            pre-filter before decoding) and on the stored image's header. None = off.
         max_pwatermark: Maximum json ``pwatermark``; 1.0 disables the check.
         p_unsafe_threshold: Maximum json ``punsafe``; None = off.
         filter_word_list: Path of a yaml word list (relative paths also resolve against the repo root), or a
@@ -116,6 +125,12 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             which dominates worker CPU time at 512 px, see docs/BENCHMARKS.md); ``on_after_batch_transfer``
             then builds the float32 batch on the training device, so a Lightning model sees the same layout.
             Loaders used outside Lightning return uint8 batches: pass them through :meth:`finalize_batch`.
+        max_pixels: Largest image (width x height of the stored image, and of every planned resize of it)
+            that is decoded; larger ones are skipped as ``too_large`` before decoding. None = off (PIL's own
+            decompression-bomb guard still applies).
+        max_aspect_ratio: Largest ``long side / short side``; more elongated images are skipped as
+            ``extreme_aspect`` before decoding (a centre crop of a strip or banner shows a sliver that its
+            caption does not describe, and upscaling its short side costs gigabytes). None = off.
     """
 
     def __init__(
@@ -145,15 +160,19 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         jpeg_draft: bool = False,
         log_every_s: float = 300.0,
         uint8_transport: bool = False,
+        max_pixels: int | None = 50_000_000,
+        max_aspect_ratio: float | None = 10.0,
     ) -> None:
         super().__init__()
         positive = {"batch_size": batch_size, "val_batch_size": val_batch_size, "prefetch_factor": prefetch_factor,
-                    "bad_check_min_samples": bad_check_min_samples}
+                    "bad_check_min_samples": bad_check_min_samples, "max_pixels": max_pixels}
         for name, value in positive.items():
             if value is not None and int(value) < 1:
                 raise ConfigError(f"'{name}' must be a positive integer, got {value}")
         if num_workers < 0 or (val_num_workers or 0) < 0:
             raise ConfigError(f"'num_workers'/'val_num_workers' must be >= 0, got {num_workers}/{val_num_workers}")
+        if max_aspect_ratio is not None and max_aspect_ratio < 1.0:
+            raise ConfigError(f"'max_aspect_ratio' must be >= 1 (long side / short side), got {max_aspect_ratio}")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ConfigError(f"'max_bad_fraction' must be in [0, 1], got {max_bad_fraction}")
         if seed < 0:
@@ -171,11 +190,15 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             min_aesthetic=min_aesthetic, words=load_word_list(filter_word_list),
             missing_field_policy=missing_field_policy,
         )
+        self.limits = ImageLimits(min_size=min_size if min_size and min_size > 1 else None, max_pixels=max_pixels,
+                                  max_aspect_ratio=max_aspect_ratio)
         self._patterns: dict[str, Any] = {}
         self.splits = {name: self._parse_split(name, cfg) for name, cfg in
                        (("train", train), ("validation", validation), ("test", test)) if cfg is not None}
         self.counts: dict[str, SharedCounts] = {}
         self._resume_step: int | None = None
+        self._loaders: dict[str, tuple[ResumableLoader, dict[str, Any], int]] = {}  # loader, fingerprint, seed step
+        self._restored: dict[str, Any] | None = None  # this rank's saved positions, by split
 
     def _parse_split(self, name: str, cfg: Mapping[str, Any]) -> _Split:
         if not isinstance(cfg, Mapping):
@@ -202,6 +225,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
             key_transforms={k: instantiate_from_config(v) for k, v in key_transforms.items()},
             jpeg_draft=self.jpeg_draft,
             uint8_images=self.uint8_transport,
+            limits=self.limits,
         )
         urls = expand_shards(cfg["shards"], self.tar_base, where=f"{name}.shards")
         self._patterns[name] = cfg["shards"]
@@ -224,12 +248,33 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
                         len(missing), len(local), missing[0])
 
     def set_resume_step(self, step: int) -> None:
-        """Seed the next training stream with this global step (overrides ``trainer.global_step``)."""
+        """Seed the next training stream with this global step, ignoring any restored position."""
         if step < 0:
             raise ValueError(f"set_resume_step: step must be >= 0, got {step}")
         self._resume_step = int(step)
 
-    def _loader(self, split: str) -> EpochDataLoader:
+    def _resume_plan(self, split: str, fingerprint: dict[str, Any], rank: int) -> tuple[int, dict | None]:
+        """(seed step of the stream, saved position to continue from or None); one warning line on a reseed."""
+        step = self.trainer.global_step if self.trainer is not None else 0
+        if split == "train" and self._resume_step is not None:
+            return self._resume_step, None
+        saved = (self._restored or {}).pop(split, None)
+        if saved is not None and saved.get("fingerprint") == fingerprint:
+            return int(saved["resume_step"]), saved["position"]
+        if split != "train":
+            return 0, None
+        why = None
+        if saved is not None:
+            change = describe_change(saved["fingerprint"], fingerprint)
+            why = f"the checkpoint's {split} stream position was saved with {change}"
+        elif step > 0:
+            why = f"the checkpoint holds no {split} stream position (older code, or another data module)"
+        if why is not None and rank == 0:
+            log.warning("data: %s; continuing with a new stream seeded by step %d (not sample-exact, see "
+                        "docs/DECISIONS.md D15)", why, step)
+        return step, None
+
+    def _loader(self, split: str) -> ResumableLoader:
         if split not in self.splits:
             raise ConfigError(f"no '{split}' split configured in the data module (add a '{split}:' section)")
         spec = self.splits[split]
@@ -244,39 +289,79 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
                         len(spec.urls), world_size, max(1, workers),
                         " and a rank with no data can stall collectives" if len(spec.urls) < world_size else "")
         self.counts[split] = SharedCounts(max(1, workers))
-        dataset = ShardStream(
-            spec.urls, spec.processor, split=split, batch_size=self.batch_size if train else self.val_batch_size,
-            partial=not train, resampled=spec.resampled, shuffle=spec.shuffle, seed=self.seed,
-            counts=self.counts[split], max_bad_fraction=self.max_bad_fraction,
-            bad_check_min_samples=self.bad_check_min_samples, log_every_s=self.log_every_s,
-        )
-        dataset.rank, dataset.world_size = rank, world_size
-        if train:
-            step = self._resume_step
-            if step is None:
-                step = self.trainer.global_step if self.trainer is not None else 0
-            dataset.resume_step = int(step)
-        log.info("%s loader: %d shard URLs, rank %d/%d, %d workers, resampled=%s, shuffle=%d, seed=%d, step=%d",
-                 split, len(spec.urls), rank, world_size, workers, spec.resampled, spec.shuffle, self.seed,
-                 dataset.resume_step)
-        extra = {}
-        if workers > 0:
-            extra = dict(prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
-                         multiprocessing_context=self.multiprocessing_context)
+
+        def stream(resume_step: int, fallback_step: int | None = None) -> ShardStream:
+            return ShardStream(
+                spec.urls, spec.processor, split=split, batch_size=self.batch_size if train else self.val_batch_size,
+                partial=not train, resampled=spec.resampled, shuffle=spec.shuffle, seed=self.seed,
+                counts=self.counts[split], rank=rank, world_size=world_size, resume_step=resume_step,
+                max_bad_fraction=self.max_bad_fraction, bad_check_min_samples=self.bad_check_min_samples,
+                log_every_s=self.log_every_s, fallback_step=fallback_step)
+
+        fingerprint = stream_fingerprint(stream(0), workers)
+        resume_step, position = self._resume_plan(split, fingerprint, rank)
+        dataset = stream(resume_step, self.trainer.global_step if self.trainer is not None else resume_step)
         # The DataLoader draws its workers' base seed from this generator instead of torch's global RNG, so
         # loading leaves global state alone and unseeded ``External`` transforms still repeat run to run.
         generator = torch.Generator().manual_seed(self.seed * 4 + _split_index(split))
-        return EpochDataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                               pin_memory=self.pin_memory, generator=generator, **extra)
+        loader = ResumableLoader(dataset, num_workers=workers, pin_memory=self.pin_memory, generator=generator,
+                                 prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers,
+                                 multiprocessing_context=self.multiprocessing_context)
+        if position is not None:
+            loader.restore(position)
+        self._loaders[split] = (loader, fingerprint, resume_step)
+        log.info("%s loader: %d shard URLs, rank %d/%d, %d workers, resampled=%s, shuffle=%d, seed=%d, step=%d%s",
+                 split, len(spec.urls), rank, world_size, workers, spec.resampled, spec.shuffle, self.seed,
+                 resume_step, ", continuing from the saved position" if position is not None else "")
+        return loader
 
-    def train_dataloader(self) -> EpochDataLoader:
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's stream positions (rank 0 writes the checkpoint, so they are gathered there).
+
+        Lightning calls this on every rank while it dumps a checkpoint; it is a collective. Inside a trainer the
+        training position is that of the last batch the step consumed (not of the batch Lightning has
+        prefetched), and an evaluation loader's is the start of its next pass.
+        """
+        local = {}
+        for split, (loader, fingerprint, resume_step) in self._loaders.items():
+            if self.trainer is None:  # iterated by hand: the position after the last batch handed out
+                position = loader.snapshot()
+            elif split == "train":
+                position = loader.snapshot(loader.consumed)
+            else:  # Lightning runs every validation/test pass whole and starts the next one afresh
+                position = loader.next_pass()
+            local[split] = {"fingerprint": fingerprint, "resume_step": resume_step, "position": position}
+        ranks = gather_to_rank0(local)
+        return {} if ranks is None else {"version": STATE_VERSION, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep this rank's saved positions for the next ``*_dataloader()`` calls (see :meth:`state_dict`)."""
+        ranks = state_dict.get("ranks") or []
+        if state_dict.get("version") != STATE_VERSION or not ranks:
+            self._restored = {}
+            return
+        rank, _ = resolve_rank(self.trainer)
+        # Another world size fails the fingerprint check; a rank beyond the saved ones reports the difference.
+        self._restored = dict(ranks[min(rank, len(ranks) - 1)])
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ARG002 (Lightning hook)
+        # Lightning calls this once per batch the loop consumes (its fetcher pulls one batch ahead of that).
+        trainer = self.trainer
+        if trainer is not None:
+            split = ("train" if trainer.training else "test" if trainer.testing
+                     else "validation" if trainer.validating or trainer.sanity_checking else None)
+            if split in self._loaders:
+                self._loaders[split][0].mark_consumed()
+        return batch
+
+    def train_dataloader(self) -> ResumableLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> EpochDataLoader | list:
+    def val_dataloader(self) -> ResumableLoader | list:
         # No validation split: an empty list tells Lightning to skip validation.
         return self._loader("validation") if "validation" in self.splits else []
 
-    def test_dataloader(self) -> EpochDataLoader:
+    def test_dataloader(self) -> ResumableLoader:
         return self._loader("test")
 
     def finalize_batch(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ldm.util import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -320,12 +322,16 @@ MASK_MODES: dict[str, MaskGenerator] = {
 }
 
 
+#: the mode names as a type, so config checks (``ldm.config_schema``) list them as the valid choices
+MaskMode = Literal[tuple(MASK_MODES)]  # built from the table above: one list of names
+
+
 def get_mask_generator(mode: str) -> MaskGenerator:
-    """Look up a named mode; unknown names raise ValueError listing the valid ones."""
+    """Look up a named mode; unknown names raise ConfigError listing the valid ones."""
     try:
         return MASK_MODES[mode]
-    except KeyError:
-        raise ValueError(f"unknown mask mode '{mode}'; valid modes: {', '.join(MASK_MODES)}") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown mask mode {mode!r}; valid modes: {', '.join(MASK_MODES)}") from None
 
 
 # ------------------------------------------------------------------------ mask polarity and the masked image
@@ -370,6 +376,7 @@ def full_mask(height: int, width: int) -> np.ndarray:
 __all__ = [
     "HOLE_THRESHOLD",
     "MASK_MODES",
+    "MaskMode",
     "LamaBoxMask",
     "LamaIrregularMask",
     "MaskGenerator",

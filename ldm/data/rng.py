@@ -3,7 +3,9 @@
 The pipeline never touches global RNG state (``random``, ``np.random``, ``torch``). Instead each random
 decision gets its own ``numpy.random.Generator`` built from a tuple of integers ("seed words"):
 
-* worker streams (which shard next, the shuffle buffer): ``(seed, split, resume_step, epoch, rank, worker)``;
+* worker streams (which shard next, the shuffle buffer): ``(seed, split, resume_step, epoch, rank, worker)``,
+  where ``resume_step`` is 0 for a new run and stays 0 through exact resumes; a resume without a usable saved
+  position reseeds the stream with its global step;
 * per-sample streams (crop offset, mask, p_drop): the worker words plus the sample's index in that worker's
   stream, or, for evaluation splits, ``(seed, split, hash(shard name, sample key))`` so a validation sample
   gets the same crop and mask whatever the number of ranks and workers.

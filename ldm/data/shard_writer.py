@@ -27,6 +27,8 @@ from typing import Any, Literal
 from PIL import Image
 from webdataset import TarWriter
 
+from ldm.data.rgb import to_rgb8
+
 log = logging.getLogger(__name__)
 ResizeMode = Literal["keep_ratio", "center_crop", "no"]
 
@@ -49,8 +51,9 @@ class Record:
 
 
 def resize_image(img: Image.Image, size: int | None, mode: ResizeMode) -> Image.Image:
-    """Resize like img2dataset's ``resize_mode`` (LANCZOS; antialiased when shrinking)."""
-    img = img.convert("RGB")
+    """Resize like img2dataset's ``resize_mode`` (LANCZOS; antialiased when shrinking), after the project's decode
+    rule (``ldm.data.rgb.to_rgb8``: any mode to 8-bit RGB, alpha composited on white)."""
+    img = to_rgb8(img)
     if size is None or mode == "no":
         return img
     w, h = img.size

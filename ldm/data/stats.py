@@ -2,11 +2,11 @@
 
 Two kinds of skips are kept apart:
 
-* **bad data** (``BAD_REASONS``): unreadable or truncated shards, corrupt images, samples missing their
-  image, caption or json, unparsable json, and json without a field a filter needs. These count towards
-  ``max_bad_fraction``; crossing it raises :class:`BadDataError` naming the shard.
+* **bad data** (``BAD_REASONS``): unreadable, truncated or corrupt shards, repeated keys, corrupt images,
+  samples missing their image, caption or json, unparsable json, and json without a field a filter needs.
+  These count towards ``max_bad_fraction``; crossing it raises :class:`BadDataError` naming the shard.
 * **filtered by policy** (``FILTER_REASONS``): well-formed samples that the configured thresholds reject
-  (too small, punsafe, watermark, aesthetic, caption word list). They never stop a run.
+  (too small, too large, extreme aspect ratio, punsafe, watermark, aesthetic, caption word list). They never stop a run.
 
 Counts live in a small int64 tensor in shared memory, one row per DataLoader worker (each worker writes only
 its own row), so the training process can read live totals with :meth:`SharedCounts.totals` while workers
@@ -25,10 +25,13 @@ log = logging.getLogger(__name__)
 
 BAD_REASONS: tuple[str, ...] = (
     "read_error",  # the shard could not be opened or read (missing file, failing pipe: command)
-    "truncated_tar",  # the tar ended mid-member; samples before the cut were kept
+    "truncated_tar",  # the tar ended without an end-of-archive block, or broke while reading; earlier samples kept
+    "corrupt_header",  # a run of invalid tar header blocks (bad checksum); reading resumed at the next valid one
+    "duplicate_key",  # a sample whose key already occurred in the same tar; the first occurrence is kept
     "corrupt_image",  # the image bytes do not decode
     "missing_image",
     "missing_caption",  # no .txt member, or an empty caption
+    "bad_caption",  # a .txt member that is not UTF-8
     "missing_json",
     "bad_json",  # a .json member that does not parse to an object
     "missing_size",  # json lacks original_width/original_height while min_size is set
@@ -37,7 +40,9 @@ BAD_REASONS: tuple[str, ...] = (
     "missing_aesthetic",
 )
 FILTER_REASONS: tuple[str, ...] = (
-    "too_small",
+    "too_small",  # json size or stored image below min_size
+    "too_large",  # stored image, or a planned resize of it, above max_pixels (ldm.data.rgb.ImageLimits)
+    "extreme_aspect",  # long side / short side above max_aspect_ratio
     "filtered_punsafe",
     "filtered_watermark",
     "filtered_aesthetic",
@@ -128,9 +133,20 @@ class BadDataMonitor:
             "Inspect or remove these shards, or raise max_bad_fraction."
         )
 
+    def counts(self) -> dict[str, int]:
+        """This worker's non-zero counts by name (saved with a stream position)."""
+        return {name: int(v) for name, v in zip(COUNTERS, self.row.tolist()) if v}
+
+    def restore(self, counts: dict[str, int], records: int, bad: int) -> None:
+        """Continue counting from a saved :meth:`counts` (names this version does not know are dropped)."""
+        self.row[:] = 0
+        for name, value in counts.items():
+            if name in _INDEX:
+                self.row[_INDEX[name]] = value
+        self.records, self.bad = records, bad
+
     def summary(self) -> str:
-        counts = {name: int(v) for name, v in zip(COUNTERS, self.row.tolist()) if v}
-        return f"{self.where}: {counts}"
+        return f"{self.where}: {self.counts()}"
 
 
 __all__ = ["BAD_REASONS", "COUNTERS", "FILTER_REASONS", "BadDataError", "BadDataMonitor", "SharedCounts"]

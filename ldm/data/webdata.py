@@ -1,19 +1,29 @@
-"""Reading img2dataset/WebDataset tar shards: shard lists, rank/worker splitting, seeded streams, batching.
+"""Sample streams over img2dataset/WebDataset tar shards, whose position can be saved and restored exactly.
 
-The pipeline is built on Python's ``tarfile`` and webdataset's ``gopen`` (local paths, ``file:``, ``pipe:``,
-``http(s)://`` ...) rather than on ``wds.WebDataset``, for three reasons found in webdataset 1.0.2
-(docs/DECISIONS.md R11): its node splitter reads the rank from the environment or ``torch.distributed`` inside
-each worker, which silently fails with ``spawn``/``forkserver`` workers; ``resampled=True`` ignores the seed;
-and its error handlers cannot tell a truncated tar from a corrupt image. Here the rank and world size are
-plain attributes of :class:`ShardStream`, set in the training process and pickled into the workers.
+Shards are read by ``ldm.data.shards`` (samples of one tar) on ``ldm.data.tarstream`` (bytes and headers)
+rather than by ``wds.WebDataset``: in webdataset 1.0.2 the node splitter reads the rank inside each worker
+(silently wrong with ``spawn``/``forkserver`` workers), ``resampled=True`` ignores the seed, its error handlers
+cannot tell a truncated tar from a corrupt image (DECISIONS R11), and its pipeline has no position that could
+be saved (DECISIONS D15). Here the rank and world size are constructor arguments of :class:`ShardStream`,
+resolved in the training process and pickled into the workers.
 
 Streams (seed words in ``ldm.data.rng``):
 
 * **resampled** (training default): an infinite stream; each worker draws shards with replacement from the
-  full list with a generator keyed by (seed, resume step, epoch, rank, worker), so ranks and workers differ
-  and a restart with the same seed and step replays the same stream.
+  full list with a generator keyed by (seed, split, resume step, epoch, rank, worker), so ranks and workers
+  differ.
 * **finite** (evaluation default): shards split by rank, then by worker (``urls[rank::world][worker::workers]``),
   read in order, so one pass over all ranks and workers delivers every good sample exactly once.
+
+Both are **resumable**. :meth:`ShardStream.state_dict` (called in each worker by torchdata's
+``StatefulDataLoader``, see ``ldm.data.resumable``) gives a worker's position after the batch it just made, in a
+few numbers: the shard-choice generator's state, the current shard and the byte offset of its next sample, each
+buffered sample as (shard, tar block, key checksum), the shuffle generator's state, the sample counter and the
+skip counts; 12 bytes per buffered sample plus a few hundred bytes. :meth:`ShardStream.load_state_dict` continues
+from there without decoding anything already consumed: the current shard is re-entered by reading its headers only
+(a seek per member for local uncompressed shards), and the shuffle buffer is refilled by reading back just the
+buffered samples. A resume therefore costs at most a shard's headers plus a buffer's worth of samples, however far
+the stream had run (docs/BENCHMARKS.md).
 
 Left out: webdataset's caching (``cache_dir``) and ``select_files``; every member of a sample is read.
 """
@@ -21,163 +31,271 @@ Left out: webdataset's caching (``cache_dir``) and ``select_files``; every membe
 from __future__ import annotations
 
 import logging
-import re
-import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
-from webdataset.gopen import gopen
-from webdataset.shardlists import expand_urls
+from torch.utils.data import IterableDataset
 
 from ldm.data.decode import SampleProcessor, collate
 from ldm.data.rng import Stream, make_rng, split_id, stable_hash
+from ldm.data.shards import POS_KEY, ShardReader, expand_shards, key_checksum, read_groups, read_shard, shard_name
 from ldm.data.stats import BadDataError, BadDataMonitor, SharedCounts
-from ldm.util import ConfigError
+from ldm.data.tarstream import BLOCK
 
 log = logging.getLogger(__name__)
-_MEMBER = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")  # key = path up to the first dot of the file name
 _SHUFFLE_INITIAL = 100  # samples buffered before the shuffle buffer starts yielding (webdataset's default)
+STATE_VERSION = 1
 
 
-def expand_shards(shards: str | Sequence[str], tar_base: str | None = None, where: str = "shards") -> list[str]:
-    """Expand brace patterns (``{00000..00099}``) of one pattern or a list of them into a flat URL list.
+class ShuffleBuffer:
+    """webdataset's approximate shuffle (a buffer that grows to ``size`` samples; each step adds one or two and
+    takes out a random one), as an object whose position can be saved: the buffered samples' positions plus the
+    generator's state. The positions live in an array kept in step with the buffer, so saving costs a copy of
+    it (12 bytes per sample), not a pass over the samples: every batch a worker makes carries its state.
 
-    With ``tar_base`` set, each pattern is joined to it with ``/`` (ldm's ``tar_base`` + ``shards``).
-    Nothing is opened: building a pipeline never touches the network or the shards.
+    Args:
+        size: Buffer capacity; 0 or 1 passes samples through in order.
+        rng: The seeded generator that picks which sample leaves.
     """
-    patterns = [shards] if isinstance(shards, str) else list(shards)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise ConfigError(f"'{where}' must be a brace pattern or a non-empty list of them, got {shards!r}")
-    urls: list[str] = []
-    for pattern in patterns:
-        pattern = pattern.strip()  # COMPAT: the SD2 yaml's validation URL ends in "- " (trailing space)
-        if tar_base:
-            pattern = f"{tar_base.rstrip('/')}/{pattern.lstrip('/')}"
-        urls.extend(u.strip() for u in expand_urls(pattern))
-    if not urls:
-        raise ConfigError(f"'{where}' expanded to no shard URLs")
-    return urls
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.size, self.rng = size, rng
+        self.items: list[dict[str, Any]] = []
+        self._pos = np.zeros((max(size, 1) + 1, 3), dtype=np.int64)  # shard, offset, key checksum per item
+        self.exhausted = False
+
+    def next(self, source: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The next sample, drawing from ``source`` (None when it is exhausted); None at the end."""
+        if self.size <= 1:
+            return source()
+        while not self.exhausted:
+            item = source()
+            if item is None:
+                self.exhausted = True
+                break
+            self._push(item)
+            if len(self.items) < self.size:  # grow by one extra sample per step until full
+                extra = source()
+                if extra is None:
+                    self.exhausted = True
+                else:
+                    self._push(extra)
+            if len(self.items) >= min(self.size, _SHUFFLE_INITIAL):
+                return self._pop()
+        return self._pop() if self.items else None
+
+    def _push(self, item: dict[str, Any]) -> None:
+        n = len(self.items)
+        if n == len(self._pos):
+            self._pos = np.concatenate([self._pos, np.zeros_like(self._pos)])
+        self._pos[n] = (*item[POS_KEY], key_checksum(item["__key__"]))
+        self.items.append(item)
+
+    def _pop(self) -> dict[str, Any]:
+        i, last = int(self.rng.integers(len(self.items))), len(self.items) - 1
+        self.items[i], self.items[last] = self.items[last], self.items[i]
+        self._pos[[i, last]] = self._pos[[last, i]]
+        return self.items.pop()
+
+    def positions(self) -> bytes:
+        """(shard index, 512-byte block of the first header, key CRC-32) of every buffered sample, in buffer order,
+        as little-endian uint32 triples: 12 bytes per sample (samples start on tar block boundaries, so a uint32
+        block number covers 2 TiB shards). Plain bytes pickle inline through the worker queue and load with
+        ``torch.load(weights_only=True)``."""
+        pos = self._pos[: len(self.items)].copy()
+        pos[:, 1] //= BLOCK
+        return pos.astype("<u4").tobytes()
+
+    def restore(self, items: list[dict[str, Any]]) -> None:
+        self.items = []
+        for item in items:
+            self._push(item)
 
 
-def shard_name(url: str) -> str:
-    """The tar file name in a URL or ``pipe:`` command: ``pipe:aws s3 cp s3://b/p/00001.tar -`` -> ``00001.tar``."""
-    tokens = [t for t in url.split() if ".tar" in t] or [url]
-    return tokens[-1].rstrip("/").rsplit("/", 1)[-1]
+class StaleStateError(RuntimeError):
+    """A saved stream position no longer matches the shards (a file changed or disappeared)."""
 
 
-class _CountingReader:
-    """A read-only stream wrapper that counts the bytes it delivered."""
+class _Pass:
+    """One worker's pass over its stream, with a position that :meth:`state` saves and :meth:`restore` reloads."""
 
-    def __init__(self, raw: Any) -> None:
-        self.raw, self.count = raw, 0
+    def __init__(self, ds: ShardStream, worker: int, num_workers: int, epoch: int, where: str) -> None:
+        self.ds, self.epoch, self.where = ds, epoch, where
+        self.words = ds._words(worker, epoch)
+        self.mon = BadDataMonitor(ds.counts.row(worker), ds.max_bad_fraction, ds.bad_check_min_samples, where)
+        self.shard_rng = make_rng(self.words, Stream.SHARDS) if ds.resampled else None
+        self.order = [] if ds.resampled else ds.finite_order(worker, num_workers, epoch)
+        self.next_pos = 0  # finite streams: position in ``order``
+        self.buffer = ShuffleBuffer(ds.shuffle, make_rng(self.words, Stream.SHUFFLE))
+        self.reader: ShardReader | None = None
+        self._groups: Iterator[dict[str, Any]] | None = None
+        self.index = self.delivered = 0  # samples taken from the buffer / delivered in batches
+        self.done = False
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.count += len(data)
-        return data
+    def _next_shard(self) -> int | None:
+        if self.shard_rng is not None:
+            return int(self.shard_rng.integers(len(self.ds.urls)))
+        if self.next_pos >= len(self.order):
+            return None
+        self.next_pos += 1
+        return self.order[self.next_pos - 1]
 
+    def _open(self, shard: int, start: int) -> None:
+        self.reader = ShardReader(self.ds.urls[shard], self.mon, start, shard)
+        self._groups = iter(self.reader)
 
-def read_shard(url: str, mon: BadDataMonitor) -> Iterator[dict[str, Any]]:
-    """Yield raw samples ``{"__key__", "__url__", <ext>: bytes, ...}`` of one tar, counting read failures.
+    def _next_raw(self) -> dict[str, Any] | None:
+        while True:
+            if self._groups is None:
+                shard = self._next_shard()
+                if shard is None:
+                    return None
+                self._open(shard, 0)
+            group = next(self._groups, None)
+            if group is not None:
+                return group
+            self.reader = self._groups = None
 
-    A shard that cannot be opened counts as ``read_error``. A tar that breaks after some members counts as
-    ``truncated_tar``: every sample completed before the break is kept; a sample cut inside a member's data
-    is dropped, and one cut between members is passed on (the sample checks then count what it lacks).
-    """
-    try:
-        stream = gopen(url)
-    except Exception as e:  # missing file, bad scheme, failing pipe command
-        mon.skip("read_error", url, f"{type(e).__name__}: {e}")
-        return
-    mon.shard_opened()
-    group: dict[str, Any] | None = None
-    members, in_member = 0, False
-    reader = _CountingReader(stream)
-    try:
-        with tarfile.open(fileobj=reader, mode="r|*") as tar:
-            for info in tar:
-                match = _MEMBER.match(info.name) if info.isfile() else None
-                if match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if group is not None and (group["__key__"] != key or ext in group):
-                    yield group  # complete: the next key has started
-                    group = None
-                in_member = True
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} has {len(data)} of {info.size} bytes")
-                in_member, members = False, members + 1
-                group = group if group is not None else {"__key__": key, "__url__": url}
-                group[ext] = data
-            # tarfile ends silently when the data stops inside a header; a complete archive has a full
-            # zero block where iteration stopped.
-            cut_in_header = reader.count < tar.offset + tarfile.BLOCKSIZE
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        mon.skip("truncated_tar" if members else "read_error", url, f"after {members} members: {e}")
-        if in_member:  # the sample being assembled lost part of a member
-            group = None
-    else:
-        if cut_in_header:
-            mon.skip("truncated_tar", url, f"after {members} members: the archive ends inside a header")
-    finally:
-        try:
-            stream.close()
-        except OSError as e:  # a pipe: command that exited non-zero after the data was read
-            log.warning("closing %s: %s", url, e)
-    if group is not None:
-        yield group
+    def state(self) -> dict[str, Any]:
+        """This worker's position after the batch it just yielded (no partial batch exists at that point)."""
+        reader = self.reader
+        current = None if reader is None or reader.next_offset is None else [reader.index, reader.next_offset]
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "done": self.done,
+            "shard_rng": None if self.shard_rng is None else self.shard_rng.bit_generator.state,
+            "next_pos": self.next_pos, "current": current,
+            "buffer": self.buffer.positions(), "shuffle_rng": self.buffer.rng.bit_generator.state,
+            "exhausted": self.buffer.exhausted, "index": self.index, "delivered": self.delivered,
+            "counts": self.mon.counts(), "records": self.mon.records, "bad": self.mon.bad,
+        }
 
+    def restore(self, st: dict[str, Any]) -> None:
+        """Continue from :meth:`state`: re-read the buffered samples, re-enter the current shard (headers only
+        up to the saved offset), restore both generators and the counts. Nothing consumed is decoded again."""
+        if st.get("version") != STATE_VERSION:
+            raise StaleStateError(f"state version {st.get('version')} (this code reads {STATE_VERSION})")
+        n = len(self.ds.urls)
+        buf = st["buffer"]
+        shards = np.frombuffer(buf, dtype="<u4")[0::3].tolist() + ([int(st["current"][0])] if st["current"] else [])
+        if any(not 0 <= s < n for s in shards):
+            raise StaleStateError(f"a saved shard index is outside the {n} shards of this run")
+        if self.shard_rng is not None:
+            self.shard_rng.bit_generator.state = st["shard_rng"]
+        self.next_pos, self.done = int(st["next_pos"]), bool(st["done"])
+        self.buffer.rng.bit_generator.state = st["shuffle_rng"]
+        self.buffer.exhausted = bool(st["exhausted"])
+        self.buffer.restore(self._reread(buf))
+        if st["current"] is not None:
+            self._open(int(st["current"][0]), int(st["current"][1]))
+        self.index, self.delivered = int(st["index"]), int(st["delivered"])
+        self.mon.restore(st["counts"], int(st["records"]), int(st["bad"]))
 
-def shuffle_buffer(items: Iterator[Any], size: int, rng) -> Iterator[Any]:
-    """Approximate shuffle with a buffer that grows to ``size`` items (webdataset's scheme, seeded)."""
-    buf: list[Any] = []
-    end = object()
-    for item in items:
-        buf.append(item)
-        if len(buf) < size:  # grow by one extra item per step until full
-            extra = next(items, end)
-            if extra is not end:
-                buf.append(extra)
-        if len(buf) >= min(size, _SHUFFLE_INITIAL):
-            i = int(rng.integers(len(buf)))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
+    def _reread(self, buf: bytes) -> list[dict[str, Any]]:
+        pos = np.frombuffer(buf, dtype="<u4").reshape(-1, 3).astype(np.int64)
+        shards, offsets, crcs = pos[:, 0].tolist(), (pos[:, 1] * BLOCK).tolist(), pos[:, 2].tolist()
+        wanted: dict[int, list[int]] = {}
+        for shard, offset in zip(shards, offsets):
+            wanted.setdefault(shard, []).append(offset)
+        groups: dict[tuple[int, int], dict[str, Any]] = {}
+        for shard, in_shard in wanted.items():
+            try:
+                found = read_groups(self.ds.urls[shard], in_shard, shard)
+            except Exception as e:
+                raise StaleStateError(f"cannot re-read {self.ds.urls[shard]}: {type(e).__name__}: {e}") from e
+            groups.update({(shard, off): g for off, g in found.items()})
+        items = []
+        for shard, offset, crc in zip(shards, offsets, crcs):
+            group = groups.get((shard, offset))
+            if group is None or key_checksum(group["__key__"]) != crc:
+                raise StaleStateError(f"{self.ds.urls[shard]} holds no sample with the saved key at byte {offset}")
+            items.append(dict(group))
+        return items
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        ds, mon = self.ds, self.mon
+        batch: list[dict[str, Any]] = []
+        last_log = time.monotonic()
+        while not self.done:
+            item = self.buffer.next(self._next_raw)
+            if item is None:
+                break
+            index, self.index = self.index, self.index + 1
+            sample = ds.processor(item, ds._sample_words(self.words, index, item), mon)
+            if sample is not None:
+                mon.ok()
+                self.delivered += 1
+                batch.append(sample)
+                if len(batch) == ds.batch_size:
+                    out, batch = collate(batch), []  # emptied first: the state saved at the yield has no partial batch
+                    yield out
+            elif ds.resampled and not self.delivered and self.index >= ds.bad_check_min_samples:
+                # An infinite stream that rejects everything would otherwise spin silently forever.
+                raise BadDataError(f"{self.where}: none of the first {self.index} samples passed ({mon.summary()}); "
+                                   "check image_key and the filters (min_size, p_unsafe_threshold, ...)")
+            if time.monotonic() - last_log > ds.log_every_s:
+                log.info("data %s", mon.summary())
+                last_log = time.monotonic()
+        self.done = True
+        if batch and ds.partial:
+            yield collate(batch)
+        log.info("data pass done: %s", mon.summary())
 
 
 class ShardStream(IterableDataset):
-    """Batches from tar shards for one split; see the module docstring for the stream semantics.
+    """Batches from tar shards for one split; see the module docstring for the stream semantics and its state.
 
-    ``rank``, ``world_size`` and ``resume_step`` are set by the data module in the training process before
-    the DataLoader starts its workers; ``epoch`` advances with every pass (see :class:`EpochDataLoader`).
+    ``epoch`` is the pass number the next ``iter()`` uses; it advances with every pass (``ldm.data.resumable``
+    keeps the training-process copy in step when workers are re-created).
+
+    Args:
+        urls: Shard URLs (see :func:`expand_shards`).
+        processor: Turns a raw sample into a model sample or a counted skip.
+        split: ``train``, ``validation`` or ``test`` (part of every seed).
+        batch_size: Samples per batch.
+        partial: Yield the last, smaller batch of a finite stream.
+        resampled: Infinite stream drawing shards with replacement (else one pass over this rank's shards).
+        shuffle: Shuffle buffer size in samples (0 or 1: none); finite streams also shuffle the shard order.
+        seed: Seed of every random draw of the pipeline.
+        counts: Shared per-worker skip counters.
+        rank: This process's rank, resolved in the training process (workers cannot ask torch.distributed).
+        world_size: Number of ranks.
+        resume_step: The global step that seeds the stream: 0 for a new run and for an exact resume of it; a run
+            resumed without a usable saved position is reseeded with its resume step.
+        max_bad_fraction: Stop with ``BadDataError`` past this fraction of bad records per worker.
+        bad_check_min_samples: Records a worker reads before ``max_bad_fraction`` is enforced.
+        log_every_s: Seconds between each worker's log lines with its skip counts.
+        fallback_step: Seed step used when a restored position does not match the shards any more (a shard
+            changed or vanished); None means ``resume_step``.
     """
 
     def __init__(self, urls: list[str], processor: SampleProcessor, *, split: str, batch_size: int,
-                 partial: bool, resampled: bool, shuffle: int, seed: int, counts: SharedCounts,
-                 max_bad_fraction: float, bad_check_min_samples: int, log_every_s: float) -> None:
+                 partial: bool, resampled: bool, shuffle: int, seed: int, counts: SharedCounts, rank: int,
+                 world_size: int, resume_step: int, max_bad_fraction: float = 0.1,
+                 bad_check_min_samples: int = 1000, log_every_s: float = 300.0,
+                 fallback_step: int | None = None) -> None:
         super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"ShardStream: rank {rank} is not in [0, world_size={world_size})")
         self.urls, self.processor, self.split = urls, processor, split
         self.batch_size, self.partial, self.resampled, self.shuffle = batch_size, partial, resampled, shuffle
         self.seed, self.counts = seed, counts
+        self.rank, self.world_size, self.resume_step = rank, world_size, int(resume_step)
+        self.fallback_step = self.resume_step if fallback_step is None else int(fallback_step)
         self.max_bad_fraction, self.bad_check_min_samples, self.log_every_s = (
             max_bad_fraction, bad_check_min_samples, log_every_s)
-        self.rank, self.world_size, self.resume_step, self.epoch = 0, 1, 0, 0
+        self.epoch = 0
+        self._pending: dict[str, Any] | None = None
+        self._live: _Pass | None = None
 
-    def worker_shards(self, worker: int, num_workers: int, epoch: int) -> Iterator[str]:
-        """The shard URLs this (rank, worker) reads in pass ``epoch``."""
-        if self.resampled:
-            rng = make_rng(self._words(worker, epoch), Stream.SHARDS)
-            while True:
-                yield self.urls[int(rng.integers(len(self.urls)))]
-        urls = list(self.urls)
+    def finite_order(self, worker: int, num_workers: int, epoch: int) -> list[int]:
+        """Indices of the shards this (rank, worker) reads, in order, in pass ``epoch`` of a finite stream."""
+        order = list(range(len(self.urls)))
         if self.shuffle > 0:  # same permutation on every rank, so the rank split stays a partition
-            make_rng((self.seed, split_id(self.split), epoch), Stream.SHARDS).shuffle(urls)
-        yield from urls[self.rank :: self.world_size][worker::num_workers]
+            make_rng((self.seed, split_id(self.split), epoch), Stream.SHARDS).shuffle(order)
+        return order[self.rank :: self.world_size][worker::num_workers]
 
     def _words(self, worker: int, epoch: int) -> tuple[int, ...]:
         return (self.seed, split_id(self.split), self.resume_step, epoch, self.rank, worker)
@@ -188,50 +306,40 @@ class ShardStream(IterableDataset):
         # Evaluation: keyed by the sample itself, so crops and masks do not depend on ranks or workers.
         return (self.seed, split_id(self.split), stable_hash(f"{shard_name(raw['__url__'])}/{raw['__key__']}"))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The position of this worker's pass after its last batch (torchdata's ``Stateful`` protocol)."""
+        if self._live is not None:
+            return self._live.state()
+        if self._pending is not None:
+            return self._pending
+        return {"version": STATE_VERSION, "fresh": True, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next ``iter()`` continue from ``state`` (from :meth:`state_dict` of the same worker)."""
+        self._pending = state
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, self.epoch = self.epoch, self.epoch + 1
+        state, self._pending = self._pending, None
+        if state is not None and state.get("fresh"):
+            self.epoch, state = int(state["epoch"]), None
+        epoch = self.epoch if state is None else int(state["epoch"])
+        self.epoch = epoch + 1
         where = f"{self.split} rank {self.rank} worker {worker}"
-        mon = BadDataMonitor(self.counts.row(worker), self.max_bad_fraction, self.bad_check_min_samples, where)
-        words = self._words(worker, epoch)
-        raw = (s for url in self.worker_shards(worker, num_workers, epoch) for s in read_shard(url, mon))
-        if self.shuffle > 1:
-            raw = shuffle_buffer(raw, self.shuffle, make_rng(words, Stream.SHUFFLE))
-        batch: list[dict[str, Any]] = []
-        last_log, delivered = time.monotonic(), 0
-        for index, item in enumerate(raw):
-            sample = self.processor(item, self._sample_words(words, index, item), mon)
-            if sample is not None:
-                mon.ok()
-                delivered += 1
-                batch.append(sample)
-                if len(batch) == self.batch_size:
-                    yield collate(batch)
-                    batch = []
-            elif self.resampled and not delivered and index + 1 >= self.bad_check_min_samples:
-                # An infinite stream that rejects everything would otherwise spin silently forever.
-                raise BadDataError(f"{where}: none of the first {index + 1} samples passed ({mon.summary()}); "
-                                   "check image_key and the filters (min_size, p_unsafe_threshold, ...)")
-            if time.monotonic() - last_log > self.log_every_s:
-                log.info("data %s", mon.summary())
-                last_log = time.monotonic()
-        if batch and self.partial:
-            yield collate(batch)
-        log.info("data pass done: %s", mon.summary())
+        live = _Pass(self, worker, num_workers, epoch, where)
+        if state is not None:
+            try:
+                live.restore(state)
+            except StaleStateError as e:
+                log.warning("%s: the saved data position does not fit the shards (%s); continuing with a new stream "
+                            "seeded by step %d, not sample-exact", where, e, self.fallback_step)
+                self.resume_step = self.fallback_step
+                live = _Pass(self, worker, num_workers, epoch, where)
+        self._live = live
+        yield from live.batches()
+        self._live = None
 
 
-class EpochDataLoader(DataLoader):
-    """A DataLoader that advances the dataset's ``epoch`` for each pass when workers are re-created.
-
-    Persistent workers and in-process loading keep their own dataset copy, which advances itself.
-    """
-
-    def __iter__(self):
-        it = super().__iter__()  # non-persistent workers are started (and the dataset copied) here
-        if self.num_workers > 0 and not self.persistent_workers:
-            self.dataset.epoch += 1
-        return it
-
-
-__all__ = ["EpochDataLoader", "ShardStream", "expand_shards", "read_shard", "shard_name", "shuffle_buffer"]
+__all__ = ["ShardReader", "ShardStream", "ShuffleBuffer", "StaleStateError", "expand_shards", "read_shard",
+           "shard_name"]

@@ -1,21 +1,28 @@
-"""Metrics that need pretrained networks: FID features, LPIPS and CLIP score, from local weight files only.
+"""Metrics that need pretrained networks -- FID, LPIPS, CLIP score -- from library code and local weight files.
 
-Nothing here downloads. Each network is built from a file path the user gives (see docs/EVALUATION.md for which
-files and where to get them); a missing path raises :class:`MissingWeightsError` saying exactly that.
+Nothing here downloads. Each network is built from a file path the user gives (docs/EVALUATION.md lists the files
+and where to get them); a missing path raises :class:`MissingWeightsError` naming the flag.
 
-* :class:`InceptionFeatures` -- 2048-d pool features of torchvision's Inception-v3 (``inception_v3_google-*.pth``)
-  for FID. COMPAT: this is torchvision's port, not the TF graph of the original FID paper, so FIDs are comparable
-  between our checkpoints but not with numbers published by TF-Inception tools.
-* :class:`LPIPS` -- Zhang et al. 2018 with AlexNet: channel-normalised relu1..relu5 features, squared
-  differences weighted by the learned 1x1 "lin" heads, spatially averaged and summed. Needs torchvision's AlexNet
-  file and the LPIPS v0.1 ``alex.pth`` heads.
-* :class:`ClipScore` -- 100 * max(cos(image, text), 0) with an open_clip model and a local weights file.
+* :class:`InceptionFeatures` -- the FID network: the TensorFlow Inception-v3 graph of 2015-12-05 ported to PyTorch,
+  the one pytorch-fid, torch-fidelity, clean-fid and torchmetrics share. The module is torchmetrics'
+  ``NoTrainInceptionV3`` (a torch-fidelity ``FeatureExtractorInceptionV3``), with torch-fidelity's
+  TensorFlow-compatible bilinear resize to 299 px (``antialias=False``, as the original FID code).
+* :class:`TorchvisionInceptionFeatures` -- torchvision's ImageNet Inception-v3: only behind the explicit
+  ``--fid-torchvision`` option, reported as ``fid_torchvision``; comparable between our own runs only.
+* :func:`frechet_distance` -- torchmetrics' ``FrechetInceptionDistance`` on features computed beforehand (so
+  features gathered from several processes give the single-process number).
+* :class:`LPIPS` -- torchmetrics' LPIPS network (AlexNet, the v0.1 linear heads shipped in the torchmetrics wheel)
+  with the AlexNet backbone read from a local torchvision file instead of a download.
+* :class:`ClipScore` -- 100 * max(cos(image, text), 0) (Hessel et al. 2021, torchmetrics' formula) with open_clip:
+  SD2's text encoder is OpenCLIP ViT-H-14, so the score is read in the same embedding family.
 
 Images are ``N x H x W x 3`` uint8 arrays throughout.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 DOC = "docs/EVALUATION.md"
-# LPIPS's input scaling (inputs in [-1, 1]): x' = (x - shift) / scale, per RGB channel (Zhang et al. 2018)
-LPIPS_SHIFT = (-0.030, -0.088, -0.188)
-LPIPS_SCALE = (0.458, 0.448, 0.450)
-ALEX_RELU_TAPS = (1, 4, 7, 9, 11)  # indices in torchvision alexnet.features after which a stage ends
-ALEX_CHANNELS = (64, 192, 384, 256, 256)
+#: first hex digits of the SHA-256 of the standard FID weights (torch.hub convention: they end the file name,
+#: ``weights-inception-2015-12-05-6726825d.pth`` / ``pt_inception-2015-12-05-6726825d.pth``)
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+#: AlexNet ``features`` indices of LPIPS's five stages (relu1 .. relu5), as torchmetrics' ``Alexnet`` slices them
+ALEX_SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))
+#: pooled Inception layers torch-fidelity exposes; 2048 is FID's
+FID_DIMS = (64, 192, 768, 2048)
 
 
 class MissingWeightsError(ValueError):
@@ -44,21 +55,59 @@ def _require(path: str | Path | None, what: str, flag: str) -> Path:
     return Path(path)
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _float(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``N x H x W x 3`` uint8 -> ``N x 3 x H x W`` float in [0, 1]."""
-    return torch.from_numpy(np.array(images, dtype=np.float32)).to(device).permute(0, 3, 1, 2) / 255.0
+def _nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``N x H x W x 3`` uint8 -> ``N x 3 x H x W`` uint8 tensor on ``device``."""
+    # a C-order copy: the same pixels in another memory layout (a transposed view) would take another conv
+    # algorithm and change the float32 result in the last bits
+    return torch.from_numpy(np.array(images, dtype=np.uint8, order="C")).to(device).permute(0, 3, 1, 2)
 
 
 class InceptionFeatures(nn.Module):
-    """Inception-v3 pool3 features (2048-d) for FID.
+    """Pool features of the standard FID Inception-v3 (torchmetrics / torch-fidelity class).
 
     Args:
-        weights: torchvision Inception-v3 state dict file (``inception_v3_google-0cc3c7bd.pth``).
+        weights: the ported TF weights (``weights-inception-2015-12-05-6726825d.pth``, torch-fidelity's layout).
+        device: where to run.
+        dims: 2048 (pool3: the standard FID, column ``fid``) or an earlier pooled layer of torch-fidelity's,
+            64 / 192 / 768 (column ``fid_<dims>d``; cheaper, for smoke runs, comparable with nothing published).
+    """
+
+    def __init__(self, weights: str | Path | None, device: str | torch.device = "cpu", dims: int = 2048) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        if dims not in FID_DIMS:
+            raise ValueError(f"FID feature size {dims}: expected one of {FID_DIMS}")
+        path = _require(weights, "FID", "--inception")
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(dims)],
+                                      feature_extractor_weights_path=str(path), antialias=False).to(device)
+        self.device = torch.device(device)
+        self.column = "fid" if dims == 2048 else f"fid_{dims}d"
+        self.sha256 = file_sha256(path)
+        self.standard = self.sha256.startswith(FID_WEIGHTS_SHA256_PREFIX)
+        if not self.standard:
+            log.warning("%s is not the standard FID Inception file (SHA-256 %s..., expected %s...): FIDs are not "
+                        "comparable with published numbers", path, self.sha256[:8], FID_WEIGHTS_SHA256_PREFIX)
+
+    @torch.no_grad()
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        return self.net(_nchw(images, self.device)).double().cpu().numpy()
+
+
+class TorchvisionInceptionFeatures(nn.Module):
+    """Pool features of torchvision's ImageNet Inception-v3 (``inception_v3_google-0cc3c7bd.pth``): a different
+    network from the FID standard, kept only as the labelled ``fid_torchvision`` option.
+
+    Args:
+        weights: torchvision Inception-v3 state dict file.
         device: where to run.
     """
 
@@ -66,67 +115,81 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         from torchvision.models import inception_v3
 
-        path = _require(weights, "FID", "--inception")
+        path = _require(weights, "FID (torchvision variant)", "--fid-torchvision")
         net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        net.load_state_dict(_load(path))
-        net.fc = nn.Identity()  # pool3 features instead of logits
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        net.fc = nn.Identity()  # pool features instead of logits
         self.net = net.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
 
     @torch.no_grad()
     def forward(self, images: np.ndarray) -> np.ndarray:
-        x = F.interpolate(_float(images, self.device), size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(x * 2.0 - 1.0).double().cpu().numpy()  # Google Inception expects [-1, 1]
+        x = _nchw(images, self.device).float() / 255.0
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x * 2.0 - 1.0).double().cpu().numpy()  # this port expects [-1, 1]
+
+
+class _Precomputed(nn.Module):
+    """Feature "extractor" for FrechetInceptionDistance when the features were computed beforehand."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def frechet_distance(fake: np.ndarray, real: np.ndarray) -> float:
+    """FID between two ``N x D`` feature sets (N >= 2 each), computed by torchmetrics in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # sync_on_compute=False: the features are already complete on this process; torchmetrics would otherwise
+    # all-reduce its sums across an initialised process group (and wait for ranks that never call it)
+    fid = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
+    fid.update(torch.from_numpy(np.asarray(real, dtype=np.float64)), real=True)
+    fid.update(torch.from_numpy(np.asarray(fake, dtype=np.float64)), real=False)
+    return float(fid.compute())
 
 
 class LPIPS(nn.Module):
-    """LPIPS distance with an AlexNet backbone (lower = more similar).
+    """LPIPS distance (Zhang et al. 2018, AlexNet, v0.1 heads; lower = more similar), torchmetrics' network.
 
     Args:
-        backbone: torchvision AlexNet state dict file (``alexnet-owt-7be5be79.pth``; only ``features.*`` is used).
-        heads: LPIPS v0.1 linear-head file for AlexNet (``alex.pth``: ``lin0.model.1.weight`` ... ``lin4``).
+        backbone: torchvision AlexNet state dict file (``alexnet-owt-7be5be79.pth``; ``features.*`` is used).
         device: where to run.
     """
 
-    def __init__(self, backbone: str | Path | None, heads: str | Path | None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, backbone: str | Path | None, device: str | torch.device = "cpu") -> None:
         super().__init__()
+        from torchmetrics.functional.image.lpips import _NoTrainLpips
         from torchvision.models import alexnet
 
-        feats = alexnet(weights=None).features
-        sd = _load(_require(backbone, "LPIPS", "--lpips-alexnet"))
-        feats.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
-        head_sd = _load(_require(heads, "LPIPS", "--lpips-heads"))
-        self.stages = nn.ModuleList()
-        start = 0
-        for end in ALEX_RELU_TAPS:
-            self.stages.append(feats[start : end + 1])
-            start = end + 1
-        self.heads = nn.ParameterList([nn.Parameter(head_sd[f"lin{i}.model.1.weight"].reshape(1, c, 1, 1))
-                                       for i, c in enumerate(ALEX_CHANNELS)])
-        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
-        self.eval().requires_grad_(False).to(device)
+        path = _require(backbone, "LPIPS", "--lpips-alexnet")
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        features = alexnet(weights=None).features
+        features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
+        # pnet_rand: build the backbone without torchvision's download; the heads still come from the wheel
+        self.net = _NoTrainLpips(net="alex", pnet_rand=True)
+        features = features.state_dict()  # "3.weight" -> stage 2 (indices 2..4) -> "slice2.3.weight"
+        self.net.net.load_state_dict({f"slice{s + 1}.{k}": v for s, (a, b) in enumerate(ALEX_SLICES)
+                                      for k, v in features.items() if a <= int(k.split(".")[0]) < b})
+        self.to(device)
         self.device = torch.device(device)
 
     @torch.no_grad()
     def forward(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Per-pair distances of two ``N x H x W x 3`` uint8 batches -> ``N`` floats."""
-        xa, xb = ((_float(x, self.device) * 2 - 1 - self.shift) / self.scale for x in (a, b))
-        total = torch.zeros(xa.shape[0], device=self.device)
-        for stage, w in zip(self.stages, self.heads):
-            xa, xb = stage(xa), stage(xb)
-            na = xa / (xa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length along channels
-            nb = xb / (xb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total += ((na - nb) ** 2 * w).sum(1).mean((1, 2))  # 1x1 head, then spatial mean
-        return total.double().cpu().numpy()
+        xa, xb = (_nchw(x, self.device).float() / 255.0 for x in (a, b))
+        return self.net(xa, xb, normalize=True).reshape(-1).double().cpu().numpy()
 
 
 class ClipScore:
-    """CLIP score (Hessel et al. 2021) with an open_clip model loaded from a local file.
+    """CLIP score with an open_clip model loaded from a local file.
 
     Args:
-        arch: open_clip model name (e.g. ``ViT-B-32``, ``ViT-H-14``).
+        arch: open_clip model name (``ViT-H-14`` for SD2's text encoder family, ``ViT-B-32``, ...) or the path of
+            an open_clip model-config ``.json`` (registered under its file stem).
         weights: the matching open_clip weights file (``open_clip_pytorch_model.bin`` / ``.safetensors``).
         device: where to run.
     """
@@ -135,6 +198,11 @@ class ClipScore:
         import open_clip
 
         path = _require(weights, "CLIP score", "--clip-weights")
+        if arch.endswith(".json"):
+            if not Path(arch).is_file():
+                raise ValueError(f"--clip-arch {arch}: file not found")
+            open_clip.add_model_config(arch)
+            arch = Path(arch).stem
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), device=device)
         self.model, self.preprocess = model.eval(), preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)

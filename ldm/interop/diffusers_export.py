@@ -214,10 +214,15 @@ def _diffusers_version() -> str:
         return "0.30.0"
 
 
-def diffusers_configs(model_config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """All JSON configs of the pipeline folder, keyed by their path inside it."""
+def diffusers_configs(model_config: Mapping[str, Any], scale_factor: float | None = None) -> dict[str, dict[str, Any]]:
+    """All JSON configs of the pipeline folder, keyed by their path inside it.
+
+    ``scale_factor``: the latent scale the model uses (a ``scale_by_std`` run learns it); None takes the config's.
+    """
     mc = _plain(model_config)
     params = mc["params"]
+    if scale_factor is None:
+        scale_factor = float(params.get("scale_factor", 1.0))
     unet_params = params["unet_config"]["params"]
     inpaint = int(unet_params["in_channels"]) == 9
     pipeline = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
@@ -236,7 +241,7 @@ def diffusers_configs(model_config: Mapping[str, Any]) -> dict[str, dict[str, An
             "vae": ["diffusers", "AutoencoderKL"],
         },
         "unet/config.json": unet_config(unet_params, int(params.get("image_size", 64))),
-        "vae/config.json": vae_config(params["first_stage_config"]["params"], float(params.get("scale_factor", 1.0))),
+        "vae/config.json": vae_config(params["first_stage_config"]["params"], scale_factor),
         "text_encoder/config.json": text_config(params["cond_stage_config"].get("params", {})),
         "scheduler/scheduler_config.json": scheduler_config(params),
     }
@@ -302,6 +307,8 @@ def export_diffusers(
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
     pad_token: str = "!",
+    scale_factor: float | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the pipeline folder for an official-layout state dict (EMA already swapped in).
 
@@ -309,13 +316,24 @@ def export_diffusers(
         sd: LatentDiffusion state dict in the official layout (see ``ldm_format.select_weights``).
         model_config: the ``model`` section of the ldm config (``target``/``params``).
         out_dir: folder to create (existing files are overwritten).
-        dtype: optional floating-point cast of the weights.
+        dtype: optional floating-point cast of the network weights (the scheduler is JSON, computed by diffusers).
         pad_token: tokenizer pad token (see :func:`write_tokenizer`).
+        scale_factor: the VAE ``scaling_factor``; None takes ``sd["scale_factor"]`` (the learned buffer of a
+            ``scale_by_std`` run) when present, else the config's.
+        provenance: record stored in every weight file's metadata (:mod:`ldm.provenance`).
     """
     from safetensors.torch import save_file
 
+    from ldm import provenance as prov
+
     out = Path(out_dir)
-    configs = diffusers_configs(model_config)
+    if scale_factor is None and "scale_factor" in sd:
+        scale_factor = float(sd["scale_factor"])
+    configs = diffusers_configs(model_config, scale_factor)
+    record = dict(provenance or {})
+    record["parameterization"] = str(_plain(model_config)["params"].get("parameterization", "eps"))
+    record["scale_factor"] = configs["vae/config.json"]["scaling_factor"]
+    meta = {"format": "pt", **prov.to_metadata(record)}
     weights = convert_to_diffusers(sd, configs)
     files = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
              "text_encoder": "text_encoder/model.safetensors"}
@@ -325,7 +343,7 @@ def export_diffusers(
     for name, rel in files.items():
         tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                    for k, v in weights[name].items()}
-        save_file(tensors, str(out / rel), metadata={"format": "pt"})
+        save_file(tensors, str(out / rel), metadata=meta)
     write_tokenizer(out / "tokenizer", pad_token=pad_token,
                     max_length=int(configs["text_encoder/config.json"]["max_position_embeddings"]))
     log.info("wrote diffusers folder %s (prediction_type %s)", out,

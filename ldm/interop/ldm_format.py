@@ -4,9 +4,10 @@
   of the released SD2 files: the chosen UNet weights under ``model.diffusion_model.*`` and no ``model_ema.*``.
   Sampling (:mod:`ldm.inference`) and export (``scripts/export.py``) both go through it, so "which weights"
   means the same thing everywhere.
-* :func:`save_ldm_checkpoint` writes that state dict as ``.safetensors`` (with the parameterization in the
-  metadata) or as a plain ``{"state_dict": ...}`` ``.ckpt`` that ``torch.load(weights_only=True)`` reads,
-  i.e. what the official scripts, ``diffusers``' ``from_single_file`` and :mod:`ldm.checkpoint` all accept.
+* :func:`save_ldm_checkpoint` writes that state dict as ``.safetensors`` (with the parameterization and provenance
+  in the metadata) or as a plain ``{"state_dict": ...}`` ``.ckpt`` that ``torch.load(weights_only=True)`` reads,
+  i.e. what the official scripts, ``diffusers``' ``from_single_file`` and :mod:`ldm.checkpoint` all accept. A
+  reduced-precision export casts the network weights only; the noise schedule and ``scale_factor`` stay float32.
 * :func:`read_parameterization` reads the recorded parameterization back (None when the file has none).
 
 Left out: optimizer / Lightning state (use the training checkpoint for resuming), and fp16 pruning tricks beyond a
@@ -21,19 +22,23 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file
+from ldm import provenance as prov
+from ldm.checkpoint import CheckpointError, atomic_torch_save
 from ldm.compat import ema_buffer_name
+from ldm.provenance import PARAMETERIZATION_KEY, PROVENANCE_KEY
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
-#: safetensors metadata / .ckpt top-level key that records what the UNet predicts (DECISIONS D12).
-PARAMETERIZATION_KEY = "parameterization"
+#: the networks (UNet, VAE, text encoder): the only tensors a reduced-precision export casts
+NETWORK_PREFIXES = ("model.", "first_stage_model.", "cond_stage_model.")
 
 __all__ = [
+    "NETWORK_PREFIXES",
     "PARAMETERIZATION_KEY",
+    "PROVENANCE_KEY",
     "ema_key",
     "has_ema",
     "read_parameterization",
@@ -90,35 +95,48 @@ def save_ldm_checkpoint(
     parameterization: str,
     dtype: torch.dtype | None = None,
     global_step: int | None = None,
+    provenance: Mapping[str, object] | None = None,
 ) -> Path:
     """Write ``sd`` as ``.safetensors`` or a plain ``{"state_dict": ...}`` ``.ckpt`` (chosen by the suffix).
 
     Args:
         sd: state dict in the official layout (see :func:`select_weights`).
         path: output file; ``.safetensors`` or ``.ckpt``/``.pt``.
-        parameterization: "eps", "v" or "x0"; stored as metadata so loaders need not guess.
-        dtype: optional floating-point cast (e.g. ``torch.float16``); integer tensors are kept.
+        parameterization: "eps", "v" or "x0"; stored so loaders need not guess.
+        dtype: optional floating-point cast (e.g. ``torch.float16``) of the network weights (keys under
+            :data:`NETWORK_PREFIXES`); the noise schedule and ``scale_factor`` stay float32, integers are kept.
         global_step: optional training step, stored as ldm's ``global_step``.
+        provenance: the source checkpoint's record (:mod:`ldm.provenance`); its parameterization is replaced by
+            ``parameterization``. None: a record with this parameterization and ``sd``'s scale factor.
     """
     path = Path(path)
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-               for k, v in sd.items()}
+
+    def cast(key: str, v: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and v.is_floating_point() and key.startswith(NETWORK_PREFIXES):
+            v = v.to(dtype)
+        return v.contiguous()
+
+    tensors = {k: cast(k, v) for k, v in sd.items()}
+    scale = float(sd["scale_factor"]) if "scale_factor" in sd else None
+    record = dict(provenance or prov.record(parameterization, scale, None))
+    record["parameterization"] = parameterization
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        meta = {"format": "pt", PARAMETERIZATION_KEY: parameterization}
+        meta = {"format": "pt", **prov.to_metadata(record)}
         if global_step is not None:
             meta["global_step"] = str(global_step)
         save_file(tensors, str(path), metadata=meta)
     elif path.suffix in (".ckpt", ".pt"):
-        obj: dict[str, object] = {"state_dict": tensors, PARAMETERIZATION_KEY: parameterization}
+        obj: dict[str, object] = {"state_dict": tensors, PARAMETERIZATION_KEY: parameterization,
+                                  PROVENANCE_KEY: record}
         if global_step is not None:
             obj["global_step"] = int(global_step)
         atomic_torch_save(obj, path)
     else:
         raise ValueError(f"output file {path}: use a .safetensors or .ckpt suffix")
-    log.info("wrote %d tensors (%s weights, parameterization %s) to %s", len(tensors),
+    log.info("wrote %d tensors (%s network weights, parameterization %s) to %s", len(tensors),
              str(dtype or "original"), parameterization, path)
     return path
 
@@ -128,15 +146,4 @@ def read_parameterization(path: str | Path, checkpoint: Mapping[str, object] | N
 
     ``checkpoint`` is the already loaded ``.ckpt`` dict, to avoid reading a multi-GB file twice.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() or {}).get(PARAMETERIZATION_KEY)
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{path} is not a readable .safetensors file ({e})") from e
-    obj = checkpoint if checkpoint is not None else load_checkpoint_file(path)
-    value = obj.get(PARAMETERIZATION_KEY)
-    return value if isinstance(value, str) else None
+    return prov.read(path, checkpoint)["parameterization"]

@@ -24,6 +24,7 @@ from ldm import compat
 from ldm.checkpoint import drop_prefixes, load_into, load_state_dict_file
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.random_weights import mark_loaded, note_random, reports_random_weights
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,11 @@ class AutoencoderKL(pl.LightningModule):
         lossconfig: ``target``/``params`` of the training loss. ``torch.nn.Identity`` is ldm's inference
             placeholder (builds, cannot train); use ``ldm.modules.losses.ReconstructionKLLoss`` to train.
         embed_dim: latent channels after ``quant_conv`` (4 for SD2).
-        ckpt_path: optional ``.ckpt``/``.safetensors`` to load; a full LDM checkpoint works too (only its
+        ckpt_path: optional ``.ckpt``/``.safetensors`` to load strictly; a full LDM checkpoint works too (only its
             ``first_stage_model.*`` tensors are used).
         ignore_keys: key prefixes dropped from ``ckpt_path`` before loading.
+        allow_missing_prefixes: model key prefixes that ``ckpt_path`` may lack (a deliberate partial load; those
+            tensors keep their initial values, logged with a count).
         image_key: batch key holding ``B x H x W x C`` images in [-1, 1].
         colorize_nlabels: segmentation-only ldm option; must be None.
         monitor: accepted for compatibility and ignored (see :data:`ldm.compat.IGNORED_PARAMS`).
@@ -56,6 +59,7 @@ class AutoencoderKL(pl.LightningModule):
     ``base_learning_rate`` (default 4.5e-6) is used.
     """
 
+    @reports_random_weights
     def __init__(
         self,
         ddconfig: Mapping[str, Any],
@@ -63,6 +67,7 @@ class AutoencoderKL(pl.LightningModule):
         embed_dim: int,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
+        allow_missing_prefixes: Sequence[str] = (),
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
@@ -94,17 +99,28 @@ class AutoencoderKL(pl.LightningModule):
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
         if learn_logvar and not isinstance(getattr(self.loss, "logvar", None), nn.Parameter):
             raise ValueError("learn_logvar=True needs a loss with a `logvar` parameter (ReconstructionKLLoss).")
+        note_random(self, "no ckpt_path")
         if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, allow_missing_prefixes=allow_missing_prefixes)
 
     # ---------------------------------------------------------------- checkpoint
 
-    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = ()) -> None:
-        """Load weights from ``path`` (non-strict) and log one summary of missing/unexpected keys."""
+    def init_from_ckpt(self, path: str | Path, ignore_keys: Sequence[str] = (),
+                       allow_missing_prefixes: Sequence[str] = ()) -> None:
+        """Load weights from ``path`` strictly (a missing or unexpected tensor is a CheckpointError naming the
+        first keys). A training loss's own tensors (``loss.*``) that this model's loss does not have are dropped:
+        they are not part of the autoencoder."""
         sd = load_state_dict_file(path)
         if any(k.startswith(FIRST_STAGE_PREFIX) for k in sd):  # a full LDM checkpoint: keep the VAE part
             sd = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
-        load_into(self, drop_prefixes(sd, ignore_keys), source=f"AutoencoderKL ckpt_path={path}")
+        own = self.state_dict()
+        extra_loss = [k for k in sd if k.startswith("loss.") and k not in own]
+        if extra_loss:
+            log.info("AutoencoderKL: %d loss.* tensors of %s are not used by this model's loss", len(extra_loss), path)
+        sd = {k: v for k, v in drop_prefixes(sd, ignore_keys).items() if k not in extra_loss}
+        load_into(self, sd, source=f"AutoencoderKL ckpt_path={path}", allow_missing=allow_missing_prefixes,
+                  hint="Allow missing model keys with allow_missing_prefixes, drop extra ones with ignore_keys.")
+        mark_loaded(self, sd)
 
     # ---------------------------------------------------------------- model
 

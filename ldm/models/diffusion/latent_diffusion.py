@@ -7,12 +7,14 @@ ldm configs name.
 This file owns the *training wiring* only. The math lives in pure modules called from here:
 ``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets, the
 per-mode loss weights), ``losses`` (the loss object) and ``conditioning`` (caption dropout); samplers are reached
-through ``sampling``. Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`; legacy
+through ``sampling``. Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`, the
+module's checkpoint hooks (init, EMA timing, save/resume) in :mod:`ldm.models.diffusion.checkpointing`; legacy
 quirks and ldm's helper methods in :mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
 
 Deliberate differences from the reference (docs/DECISIONS.md):
 * the training step never decodes latents back to pixels (D8);
-* the EMA is updated once per optimizer step, also with gradient accumulation (D3);
+* the EMA is updated once per optimizer step, also with gradient accumulation, right after the step, so every
+  checkpoint of step N holds N updates (D3; :mod:`ldm.models.diffusion.checkpointing`);
 * when a checkpoint has no ``model_ema.*`` keys the EMA starts from the loaded weights, not random init (D3);
 * text dropout (``ucg_training``) draws from a generator seeded by (seed, step, rank), not an unseeded RNG.
 """
@@ -20,8 +22,7 @@ Deliberate differences from the reference (docs/DECISIONS.md):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -30,13 +31,14 @@ import torch
 from einops import rearrange
 
 from ldm import compat
-from ldm.checkpoint import drop_prefixes, load_into, load_state_dict_file, widen_input_channels
 from ldm.models.diffusion import losses, parameterization
+from ldm.models.diffusion.checkpointing import CheckpointMixin
 from ldm.models.diffusion.conditioning import drop_captions
 from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.random_weights import note_random, reports_random_weights
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ def disabled_train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
     return self
 
 
-class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
+class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningModule):
     """Text-conditioned latent diffusion (SD2 layout) as a LightningModule.
 
     Args:
@@ -70,9 +72,17 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         min_snr_gamma: optional Min-SNR-gamma loss weighting (Hang et al. 2023); None keeps SD's plain loss.
         use_ema: keep an EMA copy (LitEma, decay ``ema_decay``) of the UNet, updated once per optimizer step.
         ema_decay: EMA decay (LitEma default 0.9999 with (1+n)/(10+n) warm-up).
-        ckpt_path: checkpoint to initialise from (``.ckpt`` or ``.safetensors``).
+        ckpt_path: checkpoint to initialise from (``.ckpt`` or ``.safetensors``). Loading is strict: every model
+            tensor must be in the file and every file tensor in the model, except (a) ``model_ema.*`` when the file
+            has no EMA at all (the EMA then starts from the loaded weights), (b) the widened ``finetune_keys``,
+            (c) the noise-schedule buffers and ``scale_factor`` (recomputed from this config), (d) prefixes listed
+            in ``allow_missing_prefixes``. Anything else stops with one line giving the count and first keys.
         ignore_keys: checkpoint key prefixes to drop before loading.
-        load_only_unet: load only ``model.diffusion_model.*`` (and EMA) tensors from ``ckpt_path``.
+        allow_missing_prefixes: model key prefixes that ``ckpt_path`` may lack (a deliberate partial load, e.g.
+            ``[first_stage_model.]`` when the VAE comes from ``first_stage_config.params.ckpt_path``); those
+            tensors keep their values from construction. Logged with a count.
+        load_only_unet: load only ``model.diffusion_model.*`` (and EMA) tensors from ``ckpt_path``; the VAE and
+            text encoder then come from their own configs (their prefixes are allowed to be missing).
         reset_ema: after loading, copy the model weights into the EMA even if the checkpoint had EMA weights.
         reset_num_ema_updates: after loading, restart the EMA warm-up counter.
         first_stage_key: batch key of the image (B,H,W,3 in [-1,1]); "jpg" for LAION shards.
@@ -106,6 +116,7 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
             posterior is still *sampled*, as online. The masked image is always encoded online.
     """
 
+    @reports_random_weights
     def __init__(
         self,
         unet_config: dict[str, Any],
@@ -129,6 +140,7 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         ema_decay: float = 0.9999,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
+        allow_missing_prefixes: Sequence[str] = (),
         load_only_unet: bool = False,
         reset_ema: bool = False,
         reset_num_ema_updates: bool = False,
@@ -190,6 +202,7 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        note_random(self.model, "no model.params.ckpt_path")
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -208,12 +221,15 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         else:
             self.scale_factor = float(scale_factor)
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior)
-        self._last_ema_step = -1
         self._std_done = False  # scale_by_std: estimated once, unless a checkpoint brought a scale_factor
+        self._resumed = False  # set when Lightning restores a training checkpoint (on_load_checkpoint)
+        #: the resolved run config, recorded in every checkpoint's provenance (set by main.py)
+        self.run_config: dict[str, Any] | None = None
 
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys, only_model=load_only_unet,
-                                reset_ema=reset_ema, reset_num_ema_updates=reset_num_ema_updates)
+                                reset_ema=reset_ema, reset_num_ema_updates=reset_num_ema_updates,
+                                allow_missing_prefixes=allow_missing_prefixes)
 
     # ----------------------------------------------------------------------------------------- construction
     @staticmethod
@@ -247,63 +263,6 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         self.linear_start, self.linear_end, self.v_posterior = linear_start, linear_end, v_posterior
         for name, value in buffers.items():
             self.register_buffer(name, value)
-
-    # ------------------------------------------------------------------------------------------- checkpoints
-    finetune_keys: tuple[str, ...] = ()
-    keep_finetune_dims: int = 4
-
-    def init_from_ckpt(
-        self,
-        path: str,
-        ignore_keys: Sequence[str] = (),
-        only_model: bool = False,
-        reset_ema: bool = False,
-        reset_num_ema_updates: bool = False,
-    ) -> tuple[list[str], list[str]]:
-        """Initialise from a checkpoint: drop ``ignore_keys``, widen ``finetune_keys``, load, fix up the EMA.
-
-        When the checkpoint carries no ``model_ema.*`` tensors (or ``reset_ema``), the EMA is re-initialised from
-        the freshly loaded weights, so it never averages towards a random initialisation (DECISIONS D3).
-        """
-        sd = drop_prefixes(load_state_dict_file(path), ignore_keys)
-        if only_model:
-            sd = {k: v for k, v in sd.items() if k.startswith(("model.", "model_ema."))}
-        shapes = {k: v.shape for k, v in self.state_dict().items()}
-        sd = widen_input_channels(sd, shapes, self.finetune_keys, self.keep_finetune_dims)
-        missing, unexpected = load_into(self, sd, source=str(path))
-        self._std_done = self.scale_by_std and "scale_factor" in sd
-        if self.use_ema:
-            has_ema = any(k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
-                          for k in sd)
-            if reset_ema or not has_ema:
-                log.info("EMA initialised from the loaded model weights (%s)",
-                         "reset_ema" if reset_ema else "checkpoint has no EMA")
-                self.copy_weights_to_ema()
-            if reset_num_ema_updates:
-                self.model_ema.reset_num_updates()
-        return missing, unexpected
-
-    @torch.no_grad()
-    def copy_weights_to_ema(self) -> None:
-        """Set every EMA shadow tensor to the current UNet weight (used after loading a checkpoint)."""
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                getattr(self.model_ema, compat.ema_buffer_name(name)).copy_(p)
-
-    @contextmanager
-    def ema_scope(self, context: str | None = None) -> Iterator[None]:
-        """Temporarily swap the EMA weights into the UNet (no-op without EMA)."""
-        if not self.use_ema:
-            yield
-            return
-        self.model_ema.store(self.model.parameters())
-        self.model_ema.copy_to(self.model)
-        if context:
-            log.debug("%s: switched to EMA weights", context)
-        try:
-            yield
-        finally:
-            self.model_ema.restore(self.model.parameters())
 
     # ------------------------------------------------------------------------------------- encoders (frozen)
     @torch.no_grad()
@@ -413,31 +372,20 @@ class LatentDiffusion(compat.LdmScheduleHelpers, pl.LightningModule):
         loss, logs = self(z, cond)  # 3. sample t and noise, predict, loss
         self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=False, batch_size=z.shape[0])
         self.log("global_step", float(self.global_step), prog_bar=False, on_step=True, on_epoch=False)
-        if self.scheduler_config is not None:
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer is not None else self.learning_rate
-            self.log("lr_abs", lr, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.scheduler_config is not None:  # ldm's lr_abs: the learning rate this step uses
+            self.log("lr_abs", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True,
+                     on_epoch=False)
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and not self._std_done:
             with torch.no_grad():
                 z, _ = self.get_input(batch, self.first_stage_key)
-                std = z.flatten().std()
-                if self._trainer is not None:  # every rank must use the same factor: average over ranks
-                    std = self.trainer.strategy.reduce(std, reduce_op="mean")
+                # every rank must use the same factor: average over ranks
+                std = self.trainer.strategy.reduce(z.flatten().std(), reduce_op="mean")
                 self.scale_factor.copy_(self.scale_factor / std)  # z already carries scale_factor
             log.info("scale_by_std: scale_factor set to %.5f", float(self.scale_factor))
             self._std_done = True
-
-    def on_train_start(self) -> None:
-        self._last_ema_step = self.global_step  # also right after a resume
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ARG002
-        # Lightning calls this per micro-batch; global_step only moves on an optimizer step, so the EMA is
-        # updated exactly once per optimizer step even with gradient accumulation (DECISIONS D3).
-        if self.use_ema and self.global_step != self._last_ema_step:
-            self._last_ema_step = self.global_step
-            self.model_ema(self.model)
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: ARG002

@@ -22,6 +22,8 @@ from torch import nn
 
 from ldm import compat
 from ldm.checkpoint import load_state_dict_file
+from ldm.modules.random_weights import note_random, reports_random_weights
+from ldm.util import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,9 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         version: weights. A local file (``.bin``/``.pt``/``.pth``/``.ckpt``/``.safetensors``; a full open_clip
             state dict with ``visual.*`` keys or an SD checkpoint with ``cond_stage_model.model.*`` keys is fine),
             or an open_clip pretrained tag (``"laion2b_s32b_b79k"``) that is loaded only if already in the local
-            Hugging Face / open_clip cache. None, or a tag that is not cached, means random init with a warning.
+            Hugging Face / open_clip cache. None, or a tag that is not cached, means random init; a warning
+            follows if no later loading (a ``LatentDiffusion`` ``ckpt_path``) brings the weights
+            (``ldm.modules.random_weights``).
         device: accepted for ldm config compatibility and ignored: tokens are sent to the device of the model's
             parameters, so the module follows ``.to(...)`` like any other.
         max_length: token context length (77 for SD2); must not exceed the tower's ``context_length``.
@@ -123,6 +127,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
 
     LAYERS = ("last", "penultimate")
 
+    @reports_random_weights
     def __init__(
         self,
         arch: str = "ViT-H-14",
@@ -156,10 +161,8 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             log.info("FrozenOpenCLIPEmbedder: built on the meta device; weights not loaded (version=%r).", version)
             return
         if path is None:
-            log.warning(
-                "FrozenOpenCLIPEmbedder: no weights found for arch=%r version=%r; the text encoder is RANDOMLY "
-                "initialised and its conditioning is meaningless. %s", arch, version, _download_hint(arch, version)
-            )
+            note_random(self, f"no text-encoder weights for arch={arch!r} version={version!r}. "
+                        f"{_download_hint(arch, version)}")
             return
         self.load_weights(path)
 
@@ -167,16 +170,18 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def _resolve_version(arch: str, version: str | None) -> str | None:
         if version is None:
             return None
+        if not version.strip():
+            raise ConfigError("empty; give a weights file, an open_clip pretrained tag, or null for random weights",
+                              key="version")
         if version.endswith(WEIGHT_SUFFIXES) or Path(version).is_file():
             if not Path(version).is_file():
-                raise ValueError(f"version: weights file not found: {version}")
+                raise ConfigError(f"weights file not found: {version}", key="version")
             return version
         if not open_clip.pretrained.is_pretrained_cfg(arch, version):
             valid = open_clip.list_pretrained_tags_by_model(arch) if arch in open_clip.list_models() else []
-            raise ValueError(
-                f"version={version!r} is neither an existing weights file nor an open_clip pretrained tag of "
-                f"{arch!r} (known tags: {valid}). Point version at a local .bin/.safetensors file."
-            )
+            raise ConfigError(
+                f"{version!r} is neither an existing weights file nor an open_clip pretrained tag of {arch!r} "
+                f"(known tags: {valid}). Point version at a local .bin/.safetensors file.", key="version")
         return _cached_pretrained_file(arch, version)
 
     def load_weights(self, path: str | Path) -> None:
