@@ -28,8 +28,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
+# A second `make demo` reuses every finished stage; `make demo DEMO_ARGS="--threads 2"` (or "--restart",
+# "--images my_photos/") passes options to scripts/demo.py.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VPY) scripts/demo.py --out demo_out
+	$(VPY) scripts/demo.py --out demo_out $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out logs .pytest_cache .ruff_cache

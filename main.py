@@ -82,6 +82,7 @@ from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
 )
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
+from ldm.quiet import explain_eval_modules, silence_known_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
     DEFAULT_SEED,
     build_trainer,
@@ -128,6 +129,7 @@ def run(argv: list[str]) -> int:
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
     model = instantiate_from_config(cfg.model, where="model")
+    explain_eval_modules(model)
     # every checkpoint records the resolved config it was trained with (ldm.provenance)
     model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)
     data = instantiate_from_config(cfg.data, where="data") if cfg.get("data") is not None else None
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = any(a in ("-d", "--debug") for a in argv)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    silence_known_noise()
     try:
         return run(argv)
     except (ConfigError, CheckpointError) as e:  # user mistakes: one clear line, no traceback

@@ -43,6 +43,7 @@ CLASSES = [
     ("data.params.*.postprocess", "ldm.data.laion.AddMask"),
     ("data", "ldm.data.synthetic.SyntheticInpaintData"),
     ("lightning.callbacks.image_logger", "main.ImageLogger"),
+    ("lightning.callbacks.fixed_batch_loss", "ldm.fixed_batch.FixedBatchLoss"),
 ]
 
 HEADER = """# Config reference

@@ -4,11 +4,18 @@ The repository stores only the manifest (package, loader, caption, hand-assigned
 from the installed packages (scikit-image, matplotlib), so nothing is downloaded and nothing large is
 committed. :func:`demo_records` turns the manifest into :class:`~ldm.data.shard_writer.Record` objects, with
 optional seeded random crops so that a ten-photo set can yield as many distinct samples as a smoke run needs.
+
+The demo's split: :func:`split_manifest` writes one manifest of training photos and one of the photos held out
+(:data:`HELDOUT`, never trained on); :func:`write_folder` turns shards into the NAME.png / NAME_mask.png /
+NAME.txt folders that evaluate.py, inpaint.py and the fixed-batch losses read.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import shutil
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +26,12 @@ import yaml
 from PIL import Image
 
 from ldm.data.shard_writer import Record
+from ldm.eval.data import fixed_masks, load_shards
+from ldm.image_io import save_png
 
 DEMO_MANIFEST = Path(__file__).resolve().parents[1] / "data" / "demo" / "manifest.yaml"
+#: photos never trained on, in every demo profile: a portrait and a still life
+HELDOUT = ("coffee", "grace_hopper")
 Augment = Literal["none", "crop"]
 
 
@@ -112,4 +123,56 @@ def demo_records(photos: Sequence[DemoPhoto], repeat: int = 1, augment: Augment 
             yield Record(image=img, caption=photo.caption, url=photo.url, meta={**meta, "repeat": r})
 
 
-__all__ = ["DEMO_MANIFEST", "DemoPhoto", "demo_records", "load_manifest", "load_photo"]
+def split_manifest(manifest: str | Path, heldout: Sequence[str], train_photos: int | None,
+                   out_dir: str | Path) -> dict[str, Path]:
+    """Write ``OUT/train.yaml`` (the first ``train_photos`` photos not held out; None = all) and
+    ``OUT/heldout.yaml`` (the ``heldout`` photos); returns ``{"train": path, "heldout": path}``."""
+    content = yaml.safe_load(Path(manifest).read_text(encoding="utf-8"))
+    entries = content["photos"]
+    unknown = set(heldout) - {e["name"] for e in entries}
+    if unknown:
+        raise ValueError(f"{manifest}: held-out photo(s) {sorted(unknown)} are not in the manifest")
+    chosen = {"train": [e for e in entries if e["name"] not in heldout][:train_photos],
+              "heldout": [e for e in entries if e["name"] in heldout]}
+    out: dict[str, Path] = {}
+    for split, photos in chosen.items():
+        out[split] = Path(out_dir) / f"{split}.yaml"
+        out[split].parent.mkdir(parents=True, exist_ok=True)
+        out[split].write_text(yaml.safe_dump({**content, "photos": photos}, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def shard_names(shard: str | Path) -> dict[str, str]:
+    """``{sample key: photo name}`` from a shard's ``.json`` members (the demo name, else the source file's)."""
+    names = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                meta = json.load(tar.extractfile(member))
+                key = member.name[: -len(".json")]
+                names[key] = str(meta.get("demo_name") or Path(str(meta.get("url") or key)).stem)
+    return names
+
+
+def write_folder(shard_dir: str | Path, folder: str | Path, size: int, mask_mode: str, limit: int,
+                 seed: int = 0) -> Path:
+    """The first ``limit`` images (by name) of the shards in ``shard_dir`` as ``NAME.png``, ``NAME.txt``
+    (caption) and ``NAME_mask.png`` (a fixed ``mask_mode`` mask, seeded by ``seed`` and the image's index)."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    shards = sorted(Path(shard_dir).glob("*.tar"))
+    names = {key: name for shard in shards for key, name in shard_names(shard).items()}
+    images = sorted(load_shards([str(s) for s in shards], size), key=lambda im: names.get(im.key, im.key))[:limit]
+    used: set[str] = set()
+    for im, mask in zip(images, fixed_masks(mask_mode, len(images), size, seed)):
+        name = names.get(im.key, im.key)
+        name = name if name not in used else f"{name}_{im.key}"  # two photos of the same name in subfolders
+        used.add(name)
+        save_png(im.image, folder / f"{name}.png")
+        save_png(mask, folder / f"{name}_mask.png")
+        (folder / f"{name}.txt").write_text(im.caption + "\n", encoding="utf-8")
+    return folder
+
+
+__all__ = ["DEMO_MANIFEST", "HELDOUT", "DemoPhoto", "demo_records", "load_manifest", "load_photo", "shard_names",
+           "split_manifest", "write_folder"]

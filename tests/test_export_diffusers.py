@@ -82,7 +82,10 @@ def pipeline_and_model(exported):
 
     from ldm.inference import load_model
 
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(exported["dir"] / "pipe"), local_files_only=True)
+    # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate` (not a dependency here), said
+    # explicitly so that it does not print its advice to install it
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(exported["dir"] / "pipe"), local_files_only=True,
+                                                          low_cpu_mem_usage=False)
     ours = load_model(CONFIG, exported["dir"] / "ema.safetensors", device="cpu").model
     return pipe, ours
 

@@ -10,8 +10,8 @@ exactly the batch mean of ``loss_simple``. ``w`` is 1 unless Min-SNR-gamma weigh
 default for parity with SD). The per-timestep tables ``w`` and ``lvlb_weights`` depend on the parameterization
 and come from :mod:`ldm.models.diffusion.parameterization`; :class:`DiffusionLoss` computes them once per
 schedule (as sgm's ``StandardDiffusionLoss`` holds its weighting), so a training step passes only
-``(pred, target, t)``. Logged scalars are ``{prefix}/loss_simple`` (unweighted), ``{prefix}/loss_vlb`` and
-``{prefix}/loss``, detached.
+``(pred, target, t)``. Logged scalars are ``{prefix}/loss_simple`` (unweighted), ``{prefix}/loss`` and, only
+when ``original_elbo_weight`` is not 0, ``{prefix}/loss_vlb``, detached.
 Left out: learned ``logvar`` (ldm's ``learn_logvar``; its ``loss_gamma``/``logvar`` logs) and other weightings.
 """
 
@@ -93,9 +93,8 @@ class DiffusionLoss(nn.Module):
             per_sample = per_sample * self.timestep_weights[t].to(per_sample.dtype)
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
         loss = self.l_simple_weight * per_sample.mean() + self.original_elbo_weight * loss_vlb
-        logs = {
-            f"{prefix}/loss_simple": loss_simple.mean().detach(),
-            f"{prefix}/loss_vlb": loss_vlb.detach(),
-            f"{prefix}/loss": loss.detach(),
-        }
+        logs = {f"{prefix}/loss_simple": loss_simple.mean().detach()}
+        if self.original_elbo_weight:  # with weight 0 it is not in the loss (and equals loss_simple for v)
+            logs[f"{prefix}/loss_vlb"] = loss_vlb.detach()
+        logs[f"{prefix}/loss"] = loss.detach()
         return loss, logs
