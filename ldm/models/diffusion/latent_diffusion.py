@@ -428,11 +428,8 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
-        on_cuda = all(p.is_cuda for p in params)
-        # fused kernels need CUDA tensors; foreach is the fast multi-tensor path elsewhere
-        kernel = {"fused": True} if on_cuda else {"foreach": True}
         hyper = dict(lr=self.learning_rate, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay,
-                     **kernel)
+                     **adamw_kernel(params))
         dist = torch.distributed
         if self.shard_optimizer_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -460,3 +457,12 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         """What the model regresses on at ``t`` for the configured parameterization (eps, x0 or v)."""
         return parameterization.training_target(self.parameterization, x_start, noise, *self._ab(t, x_start.ndim))
 
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """``{"fused": True}`` where torch has a fused AdamW for these parameters (CUDA; CPU since torch 2.4, there
+    1.9x the per-tensor loop: docs/BENCHMARKS.md), else ``{}``, torch's default (foreach is slowest on CPUs)."""
+    try:
+        torch.optim.AdamW(params, fused=True)  # the constructor checks the devices and dtypes
+    except (RuntimeError, ValueError):
+        return {}
+    return {"fused": True}
