@@ -160,3 +160,39 @@ class KillBeforeStep:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         return _Killer()
+
+
+class SignalAtBatch:
+    """Callback (config target ``tests.helpers.SignalAtBatch``) that sends a real signal to its own process at the
+    end of this process's ``batch``-th training micro-batch (1-based): with gradient accumulation, a signal that
+    lands inside an optimizer step, as most preemptions do."""
+
+    def __new__(cls, batch: int, signal_name: str = "SIGTERM"):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Sender(pl.Callback):
+            seen = 0
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
+                self.seen += 1
+                if self.seen == batch:
+                    os.kill(os.getpid(), getattr(signal, signal_name))
+
+        return _Sender()
+
+
+def damage(path, at: float = 0.5) -> None:
+    """Flip one byte inside the tensor data of a torch zip file: the zip directory and the pickle stay intact."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.compress_size)
+        with zf.open(info) as f:
+            head = f.read(16)
+    data = bytearray(path.read_bytes())
+    start = data.index(head, info.header_offset)
+    data[start + int(info.compress_size * at)] ^= 0x40
+    path.write_bytes(bytes(data))

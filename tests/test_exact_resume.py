@@ -17,6 +17,7 @@ same CSV and TensorBoard version directory, with each step logged once, and its 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ import pytest
 import torch
 
 import main
+from tests.helpers import damage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
@@ -119,18 +121,36 @@ def test_every_checkpoint_of_the_straight_run_holds_step_ema_updates(runs):
 
 
 def test_resume_from_run_dir_is_exact_and_skips_broken_files(runs, caplog, capsys):
+    """Also: the killed run's stale run.lock is taken over; a newer file with damaged tensor bytes is skipped (and
+    moved aside, not overwritten); the step-N file the run resumed from is never written again, and no snapshot
+    is written twice (accumulation 2: the first micro-batch after the resume is still at step N)."""
     run = runs["dir"]
     ckpts = run / "checkpoints"
     broken = run / "hpc_ckpt_9.ckpt"
     broken.write_bytes(b"")  # newer than last.ckpt, and unreadable
+    damaged = run / "hpc_ckpt_3.ckpt"  # step 2N, complete, but one tensor byte flipped
+    shutil.copy(runs["a"] / "checkpoints" / f"step={2 * N:09d}.ckpt", damaged)
+    damage(damaged)
     orphan = ckpts / ".last.ckpt.a1b2c3d4.tmp"
     orphan.write_bytes(b"\0" * 1024)  # what a kill during a save leaves behind
+    resumed_from = ckpts / f"step={N:09d}.ckpt"
+    before = resumed_from.read_bytes()
+    assert json.loads((run / "run.lock").read_text())["pid"] != os.getpid()  # left by the SIGKILLed process
     assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null"]) == 0
     assert not orphan.exists() and f"removed {orphan}" in caplog.text
     assert f"skipping {broken}" in caplog.text and "empty (0 bytes)" in caplog.text
+    assert f"skipping {damaged} (step {2 * N})" in caplog.text and "CRC-32" in caplog.text
+    assert not damaged.exists() and len(list((ckpts / "superseded").rglob(damaged.name))) == 1
+    assert "taking over the lock" in caplog.text and "is no longer running" in caplog.text
+    assert not (run / "run.lock").exists()  # released at the end
+    assert resumed_from.read_bytes() == before
     assert_same_training_state(runs["a"] / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
+    snaps = sorted(p.name for p in (ckpts / "trainstep_checkpoints").glob("*.ckpt"))
+    assert snaps == [f"epoch=000000-step={s:09d}.ckpt" for s in (2, 4, 6, 8)], snaps
     for path in [*ckpts.glob("*.ckpt"), *(ckpts / "trainstep_checkpoints").glob("*.ckpt")]:
         assert_ema_count_matches_step(path)
+        progress = load(path)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+        assert progress == 2 * load(path)["global_step"], (path.name, progress)  # a step boundary
     out = capsys.readouterr().out
     assert "train step: 100%" in out and f"{2 * N}/{2 * N}" in out and "/-2" not in out  # steps, not epochs
     # one CSV and one TensorBoard version directory; every step logged exactly once, in order

@@ -96,6 +96,12 @@ class CheckpointMixin:
                 self.copy_weights_to_ema()
             if reset_num_ema_updates:
                 self.model_ema.reset_num_updates()
+            elif has_ema and not reset_ema and int(self.model_ema.num_updates) > 0:
+                # ldm semantics (DECISIONS D3): the loaded average continues, with its update count and warm-up
+                carried = int(self.model_ema.num_updates)
+                log.info("EMA: %s carries an average of %d updates; this run continues it, so its checkpoint of step "
+                         "N holds %d + N EMA updates (model.params.reset_num_ema_updates=true restarts the count and "
+                         "the warm-up)", path, carried, carried)
         return missing, unexpected
 
     @torch.no_grad()
