@@ -191,7 +191,7 @@ def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
     specs = checkpoint_specs(args)
     for spec in specs:
         if not Path(spec.ckpt).is_file():
-            raise ValueError(f"--ckpt {spec.name}: file not found: {spec.ckpt}")
+            raise ValueError(f"--ckpt {spec.ckpt}: file not found")
         check_steps(args.sampler, args.steps, spec.config)
     for flag, value, what in (("--inception", args.inception, "FID"),
                               ("--fid-torchvision", args.fid_torchvision, "FID (torchvision variant)"),
