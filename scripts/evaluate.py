@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().setLevel(logging.WARNING)
         out = Path(args.out)
         feats = feature_metrics(args, shard)  # a wrong weight file stops here, before any checkpoint is hashed
-        skips = SkipLog()
+        skips = SkipLog()  # reported in every NAME.json and under the tables
         images = (load_folder(args.images, args.size, args.num_images, skips) if args.images
                   else load_shards(args.shards, args.size, args.num_images, skips))
         require_count(images, args.num_images, skips, f"--images {args.images}" if args.images
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--inception: FID needs at least 2 images, the held-out set has {len(images)}")
         masks = {mode: fixed_masks(mode, len(images), args.size, args.seed)
                  for mode in args.masks or DEFAULT_MASK_MODES}
-        results = Evaluation(images, masks, make_protocol(args), out, feats, shard, args.num_images).run(specs)
+        results = Evaluation(images, masks, make_protocol(args), out, feats, shard, skips, args.num_images).run(specs)
         if shard.is_main:
             for result in results:
                 write_json(result, out / f"{result['name']}.json")

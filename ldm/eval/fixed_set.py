@@ -2,7 +2,8 @@
 
 Layout of a set folder::
 
-    set.json          format version, size, and per item: key, caption, mask preset, seed, file SHA-256s
+    set.json          format version, size, per item: key, caption, mask preset, seed, file SHA-256s; and what
+                      reading the shards skipped to fill it (``skipped``: counts by reason, named records)
     images/KEY.png    size x size RGB (the validation transform: short side resized, centre crop)
     masks/KEY.png     white = hole
 
@@ -103,7 +104,7 @@ def build_fixed_set(shards: str | Sequence[str], root: str | Path, num_images: i
                       "image_sha256": file_sha256(root / "images" / f"{im.key}.png"),
                       "mask_sha256": file_sha256(root / "masks" / f"{im.key}.png")})
     meta = {"format": FORMAT, "size": size, "num_images": num_images, "seed": seed, "source": str(shards),
-            "items": items}
+            "items": items, "skipped": skips.report()}
     tmp = root / f".{SET_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(root / SET_FILE)  # the set exists only once complete

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ldm.data.masks import binarize_mask
 from ldm.data.rng import stable_hash
-from ldm.eval.data import EvalImage
+from ldm.eval.data import EvalImage, SkipLog
 from ldm.eval.feature_metrics import (
     LPIPS,
     ClipScore,
@@ -331,6 +331,8 @@ class Evaluation:
         feats: optional feature metrics.
         shard: this process's share.
         requested: the number of images asked for (None: all); recorded next to the number evaluated.
+        skips: what reading the held-out set skipped; its :meth:`SkipLog.report` goes into every result as
+            ``input_skips`` (and under the tables), so the numbers say how many images were dropped and why.
     """
 
     images: Sequence[EvalImage]
@@ -339,6 +341,7 @@ class Evaluation:
     out_dir: Path
     feats: FeatureMetrics = field(default_factory=FeatureMetrics)
     shard: Shard = field(default_factory=Shard)
+    skips: SkipLog | None = None
     requested: int | None = None
 
     def run(self, specs: Sequence[CheckpointSpec]) -> list[dict[str, Any]]:
@@ -347,4 +350,5 @@ class Evaluation:
         real = real_features(self.images, self.feats, self.shard)
         results = [evaluate_checkpoint(spec, self.images, self.masks, self.protocol, self.out_dir, self.shard,
                                        self.feats, real, self.requested) for spec in specs]
-        return [r for r in results if r is not None]
+        skips = (self.skips or SkipLog()).report()
+        return [{**r, "input_skips": skips} for r in results if r is not None]
