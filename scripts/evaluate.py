@@ -86,7 +86,14 @@ if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
 
 from ldm.data.masks import get_mask_generator  # noqa: E402
-from ldm.eval.data import DEFAULT_MASK_MODES, SkipLog, fixed_masks, load_folder, load_shards, require_count  # noqa: E402
+from ldm.eval.data import (  # noqa: E402
+    DEFAULT_MASK_MODES,
+    SkipLog,
+    fixed_masks,
+    load_folder,
+    load_shards,
+    require_count,
+)
 from ldm.eval.feature_metrics import (  # noqa: E402
     LPIPS,
     ClipScore,

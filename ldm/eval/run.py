@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ldm.data.masks import binarize_mask
 from ldm.data.rng import stable_hash
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.eval.data import EvalImage, SkipLog
 from ldm.eval.feature_metrics import (
     LPIPS,
@@ -81,7 +82,7 @@ class Protocol:
         seed: seeds masks and sampling.
     """
 
-    scales: tuple[float, ...] = (7.5,)
+    scales: tuple[float, ...] = (GUIDANCE_SCALE,)
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
