@@ -102,10 +102,12 @@ log = logging.getLogger("demo")
 CONFIGS = {name: f"configs/demo/{name}.yaml" for name in ("autoencoder", "base", "inpaint")}
 SIZE = 64
 SPLITS = ("heldin", "heldout")
-#: evaluation masks: LaMa's thick and medium evaluation presets, drawn at their native 256 px and resized to 64
-#: (docs/DECISIONS.md D6): ~26% and ~24% of the image after LaMa's "at most half" rule. Grids and the fixed
+#: evaluation masks: LaMa's thick and medium evaluation presets drawn at 64 px in their 256 px pixel numbers
+#: ("@64", docs/DECISIONS.md D6): holes ~4x as thick relative to the image as the presets', ~30-35% of it after
+#: LaMa's "at most half" rule. At 64 px a latent cell is 8 px; the presets' own geometry (~25%, strokes down to
+#: 1.5 px) would mostly measure the tiny autoencoder's reconstruction, not inpainting. Grids and the fixed
 #: batches use the first one.
-EVAL_MASKS = ("lama-thick-256", "lama-medium-256")
+EVAL_MASKS = ("lama-thick-256@64", "lama-medium-256@64")
 #: bump when a stage's outputs change meaning, so that older cached stages are redone
 CACHE_VERSION = 3
 #: known-noisy third-party warnings that tell a demo user nothing (CPU, no workers, streaming dataset)

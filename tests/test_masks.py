@@ -165,6 +165,21 @@ def test_preset_coverage_is_the_same_at_every_size():
         assert unscaled - means[512] > 0.1, (mode, unscaled, means)  # what the rule prevents
 
 
+def test_a_preset_at_another_size_is_asked_for_by_name():
+    """``NAME@N`` draws preset NAME at N px (the explicit opt-in to other hole sizes, e.g. the demo's thick holes):
+    at N equal to the image size the preset's pixel numbers are taken as they are."""
+    gen = get_mask_generator("lama-thick-256@64")
+    base = MASK_MODES["lama-thick-256"].base
+    for seed in range(3):
+        assert np.array_equal(gen(np.random.default_rng(seed), 64, 64), base(np.random.default_rng(seed), 64, 64))
+    assert get_mask_generator("512train-large@128") == NativeSize(MASK_MODES["512train-large"].base, 128)
+    for bad in ("outpainting@64", "lama-thick-256@", "lama-thick-256@x", "lama-thick-256@0"):
+        with pytest.raises(ValueError, match="NAME@N needs a positive pixel size"):
+            get_mask_generator(bad)
+    with pytest.raises(ValueError, match="unknown mask mode 'thick'"):
+        get_mask_generator("thick@64")
+
+
 def test_native_canvas_keeps_the_aspect_ratio():
     assert native_canvas(64, 64, 512) == (512, 512)
     assert native_canvas(96, 160, 256) == (256, 427)

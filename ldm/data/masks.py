@@ -391,12 +391,31 @@ MASK_MODES: dict[str, MaskGenerator] = {
 MaskMode = Literal[tuple(MASK_MODES)]  # built from the table above: one list of names
 
 
+def preset_name(mode: str) -> str:
+    """The preset of a mode name: ``lama-thick-256@64`` -> ``lama-thick-256``."""
+    return mode.partition("@")[0]
+
+
 def get_mask_generator(mode: str) -> MaskGenerator:
-    """Look up a named mode; unknown names raise ConfigError listing the valid ones."""
-    try:
-        return MASK_MODES[mode]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown mask mode {mode!r}; valid modes: {', '.join(MASK_MODES)}") from None
+    """Look up a named mode; unknown names raise ConfigError listing the valid ones.
+
+    ``NAME@N`` is preset ``NAME`` drawn at ``N`` px instead of its native size, the explicit way to ask for
+    other hole sizes (``lama-thick-256@64`` on 64 px images: the 256 px pixel numbers taken as they are, strokes
+    four times as thick relative to the image as the preset's). Its coverage statistics are not the preset's.
+    """
+    if not isinstance(mode, str):
+        raise ConfigError(f"mask mode must be a name, got {mode!r}; valid modes: {', '.join(MASK_MODES)}")
+    name, at, size = mode.partition("@")
+    if name not in MASK_MODES:
+        raise ConfigError(f"unknown mask mode {name!r}; valid modes: {', '.join(MASK_MODES)}")
+    gen = MASK_MODES[name]
+    if not at:
+        return gen
+    if not isinstance(gen, NativeSize) or not size.isdigit() or int(size) < 1:
+        sized = [m for m, g in MASK_MODES.items() if isinstance(g, NativeSize)]
+        raise ConfigError(f"mask mode {mode!r}: NAME@N needs a positive pixel size N and a preset with a native "
+                          f"size ({', '.join(sized)})")
+    return NativeSize(gen.base, int(size))
 
 
 # ------------------------------------------------------------------------ mask polarity and the masked image
@@ -458,5 +477,6 @@ __all__ = [
     "is_hole",
     "masked_image",
     "native_canvas",
+    "preset_name",
     "resize_nearest",
 ]

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ldm.data.decode import SampleProcessor
 from ldm.data.filters import MetadataFilter
-from ldm.data.masks import MaskCoverageError, MaxCoverage, get_mask_generator
+from ldm.data.masks import MaskCoverageError, MaxCoverage, get_mask_generator, preset_name
 from ldm.data.rgb import ImageLimits, open_rgb
 from ldm.data.rng import stable_hash
 from ldm.data.transforms import Crop, Resize
@@ -214,7 +214,7 @@ def fixed_masks(mode: str, count: int, size: int, seed: int = 0) -> list[np.ndar
     Presets draw at their native size and are resized to ``size`` (``ldm.data.masks.NativeSize``), so the
     coverage of a preset is the same at every evaluation size."""
     gen = get_mask_generator(mode)
-    if mode.startswith("lama-") and mode != "lama-train":
+    if preset_name(mode).startswith("lama-") and preset_name(mode) != "lama-train":
         gen = MaxCoverage(gen, 0.5)
     try:
         return [gen(np.random.default_rng([seed, stable_hash(mode), i]), size, size).astype(np.float32)
