@@ -150,7 +150,7 @@ def feature_metrics(args: argparse.Namespace, shard: Shard) -> FeatureMetrics:
     return feats
 
 
-def check_steps(sampler: str, steps: int, config: str) -> None:
+def check_schedule(sampler: str, steps: int, config: str) -> None:
     """DDIM's step grid must fit the model's schedule (``--steps 3`` of 1000 indexes past it): checked on the
     config, before any checkpoint is hashed or loaded."""
     model = load_config([config]).get("model")  # also: the config exists and parses
@@ -199,7 +199,7 @@ def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
     for spec in specs:
         if not Path(spec.ckpt).is_file():
             raise ValueError(f"--ckpt {spec.ckpt}: file not found")
-        check_steps(args.sampler, args.steps, spec.config)
+        check_schedule(args.sampler, args.steps, spec.config)
     for flag, value, what in (("--inception", args.inception, "FID"),
                               ("--fid-torchvision", args.fid_torchvision, "FID (torchvision variant)"),
                               ("--lpips-alexnet", args.lpips_alexnet, "LPIPS"),
