@@ -102,11 +102,8 @@ log = logging.getLogger("demo")
 CONFIGS = {name: f"configs/demo/{name}.yaml" for name in ("autoencoder", "base", "inpaint")}
 SIZE = 64
 SPLITS = ("heldin", "heldout")
-#: evaluation masks: LaMa's thick and medium evaluation presets drawn at 64 px in their 256 px pixel numbers
-#: ("@64", docs/DECISIONS.md D6): holes ~4x as thick relative to the image as the presets', ~30-35% of it after
-#: LaMa's "at most half" rule. At 64 px a latent cell is 8 px; the presets' own geometry (~25%, strokes down to
-#: 1.5 px) would mostly measure the tiny autoencoder's reconstruction, not inpainting. Grids and the fixed
-#: batches use the first one.
+#: evaluation masks: LaMa's thick/medium presets in 256 px pixel numbers on 64 px ("@64", DECISIONS D6): ~30-35%
+#: holes, several 8 px latent cells wide (thinner ones measure the autoencoder). Grids and fixed batches: the first.
 EVAL_MASKS = ("lama-thick-256@64", "lama-medium-256@64")
 #: bump when a stage's outputs change meaning, so that older cached stages are redone
 CACHE_VERSION = 3
