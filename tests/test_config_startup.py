@@ -143,8 +143,13 @@ def test_log_images_kwargs_are_checked_against_log_images():
      "model.params.unet_config.params.context_dim: 64, but the text encoder (cond_stage_config) returns 32-wide"),
     ("model.params.concat_keys=[mask,masked_image,extra]",
      "model.params.concat_keys: ['mask', 'masked_image', 'extra'] must be one mask key plus masked_image_key"),
+    # built for real only in configure_optimizers / the training step: checked at construction too
+    ("~model.params.scheduler_config.params.f_min",
+     "model.params.scheduler_config.params: 'LambdaLinearScheduler' needs the key(s) f_min"),
+    ("model.params.ucg_training.txt=null",
+     "model.params.ucg_training.txt: expected a mapping {p: probability, val: replacement}, got None"),
 ])
-def test_parts_that_do_not_fit_are_named_at_construction(override, expected):
+def test_model_mistakes_are_named_at_construction(override, expected):
     with pytest.raises(ConfigError) as e:
         _build(override)
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)

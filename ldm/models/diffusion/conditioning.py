@@ -44,6 +44,9 @@ def check_caption_dropout(ucg_training: Mapping[str, CaptionDropout | Mapping[st
     """
     out = {}
     for key, spec in (ucg_training or {}).items():
+        if not isinstance(spec, (CaptionDropout, Mapping)):
+            raise ConfigError(f"expected a mapping {{p: probability, val: replacement}}, got {spec!r}",
+                              key=f"ucg_training.{key}")
         spec = dataclasses.asdict(spec) if isinstance(spec, CaptionDropout) else dict(spec)
         check_params(CaptionDropout, spec, f"ucg_training.{key}", complete=True)
         if key != cond_stage_key:

@@ -205,6 +205,8 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
         self.channels = channels
         self.scheduler_config = scheduler_config
+        if scheduler_config is not None:  # built for real in configure_optimizers: fail here, not after start-up
+            instantiate_from_config(scheduler_config)
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
         self.shard_optimizer_state = shard_optimizer_state
         self.ucg_training = check_caption_dropout(ucg_training, cond_stage_key)
