@@ -33,11 +33,8 @@ def synthetic_sample(rng: np.random.Generator, size: int, mask_mode: str, p_drop
     img = np.clip(base[None, None, :] + wave, -1, 1).astype(np.float32)  # H x W x 3 in [-1, 1]
     if rng.random() < p_drop:
         mask = full_mask(size, size)
-    else:  # masks are drawn at the resolution their mode's pixel sizes are meant for, then resized (nearest)
-        native = 256 if "256" in mask_mode else 512
-        mask = get_mask_generator(mask_mode)(rng, native, native)
-        idx = (np.arange(size) * native) // size
-        mask = mask[idx][:, idx]
+    else:  # a named mode draws at its native size and is resized (nearest) to this one (DECISIONS D6)
+        mask = get_mask_generator(mask_mode)(rng, size, size)
     mask = binarize_mask(mask)[..., None]  # H x W x 1, 1 = hole
     return {"jpg": img, "txt": f"a {name} wavy pattern", "mask": mask, "masked_image": masked_image(img, mask)}
 

@@ -29,8 +29,8 @@ from ldm.image_io import load_mask, load_rgb, save_png
 log = logging.getLogger(__name__)
 
 #: preferred column order; other metrics follow alphabetically
-COLUMNS = ("n", "fid", "lpips", "clip_score", "psnr_hole", "ssim_hole", "l1_hole", "psnr_known", "ssim_known",
-           "l1_known", "known_changed", "psnr", "ssim", "hole_fraction", "fid_torchvision")
+COLUMNS = ("n", "n_requested", "fid", "lpips", "clip_score", "psnr_hole", "ssim_hole", "l1_hole", "psnr_known",
+           "ssim_known", "l1_known", "known_changed", "psnr", "ssim", "hole_fraction", "fid_torchvision")
 KEYS = ("mask", "checkpoint", "scale")
 
 

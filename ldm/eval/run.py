@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ldm.data.masks import binarize_mask
 from ldm.data.rng import stable_hash
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.eval.data import EvalImage, SkipLog
 from ldm.eval.feature_metrics import (
     LPIPS,
@@ -81,7 +82,7 @@ class Protocol:
         seed: seeds masks and sampling.
     """
 
-    scales: tuple[float, ...] = (7.5,)
+    scales: tuple[float, ...] = (GUIDANCE_SCALE,)
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
@@ -147,6 +148,7 @@ def atomic_png(image: np.ndarray, path: Path) -> None:
 
 
 def _atomic_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -241,12 +243,16 @@ def evaluate_checkpoint(
     shard: Shard | None = None,
     feats: FeatureMetrics | None = None,
     real: dict[str, np.ndarray] | None = None,
+    requested: int | None = None,
 ) -> dict[str, Any] | None:
     """Sample (or reuse) and score every (scale, preset, image) of one checkpoint on this rank's images.
 
     Returns the JSON-ready result on rank 0 (None on the others): settings, one summary per (scale, preset)
-    under ``groups`` and every sample's metrics under ``samples``.
+    under ``groups`` and every sample's metrics under ``samples``. ``requested`` is the number of images the
+    user asked for (recorded next to the number evaluated: ``n_requested`` per group, ``num_images_requested``).
     """
+    if not images:
+        raise ValueError("no held-out images to evaluate")
     shard, feats, real = shard or Shard(), feats or FeatureMetrics(), real or {}
     sha = on_main(shard, lambda: checkpoint_sha256(spec.ckpt, out_dir / "checkpoint_sha256.json"))
     run, identity = run_identity(spec, protocol, sha)
@@ -277,7 +283,10 @@ def evaluate_checkpoint(
             if shard.is_main and gathered:
                 rows = [row for row, _ in gathered]
                 samples += rows
-                groups.append({"scale": scale, "mask": mode, **summarise(rows, [f for _, f in gathered], real)})
+                summary = summarise(rows, [f for _, f in gathered], real)
+                if requested is not None:
+                    summary["n_requested"] = requested
+                groups.append({"scale": scale, "mask": mode, **summary})
     bar.close()
     model_info = shard.gather([(shard.rank, None if loaded is None else
                                 {"used_ema": loaded.used_ema, "parameterization": loaded.parameterization,
@@ -302,6 +311,7 @@ def evaluate_checkpoint(
         "scales": list(protocol.scales),
         "seed": protocol.seed,
         "num_images": len(images),
+        "num_images_requested": requested,
         "fid_weights_sha256": feats.inception.sha256 if feats.inception is not None else None,
         "samples_drawn": sampled,
         "samples_reused": reused,
@@ -321,6 +331,7 @@ class Evaluation:
         out_dir: output folder.
         feats: optional feature metrics.
         shard: this process's share.
+        requested: the number of images asked for (None: all); recorded next to the number evaluated.
         skips: what reading the held-out set skipped; its :meth:`SkipLog.report` goes into every result as
             ``input_skips`` (and under the tables), so the numbers say how many images were dropped and why.
     """
@@ -332,12 +343,13 @@ class Evaluation:
     feats: FeatureMetrics = field(default_factory=FeatureMetrics)
     shard: Shard = field(default_factory=Shard)
     skips: SkipLog | None = None
+    requested: int | None = None
 
     def run(self, specs: Sequence[CheckpointSpec]) -> list[dict[str, Any]]:
         """Write (or check) the inputs, then evaluate every checkpoint; results on rank 0, [] elsewhere."""
         on_main(self.shard, lambda: write_inputs(self.images, self.masks, self.out_dir))
         real = real_features(self.images, self.feats, self.shard)
         results = [evaluate_checkpoint(spec, self.images, self.masks, self.protocol, self.out_dir, self.shard,
-                                       self.feats, real) for spec in specs]
+                                       self.feats, real, self.requested) for spec in specs]
         skips = (self.skips or SkipLog()).report()
         return [{**r, "input_skips": skips} for r in results if r is not None]

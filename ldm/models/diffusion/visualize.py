@@ -25,6 +25,7 @@ from ldm.config_schema import (
     check_value,
     suggest,
 )
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.models.diffusion.sampling import get_sampler, sample_latents
 from ldm.models.diffusion.schedule import ddim_timesteps
 
@@ -78,7 +79,7 @@ def log_images(
     sample: bool = True,
     ddim_steps: PositiveInt = 50,
     ddim_eta: Probability = 0.0,
-    unconditional_guidance_scale: NonNegativeFloat = 1.0,
+    unconditional_guidance_scale: NonNegativeFloat = GUIDANCE_SCALE,
     unconditional_guidance_label: Sequence[str] | None = None,
     use_ema_scope: bool = True,
     sampler: str = "ddim",
@@ -89,7 +90,9 @@ def log_images(
 
     Keys: ``inputs``, ``reconstruction``, and for inpainting models ``mask`` and ``masked_image``; with
     ``sample``: ``samples`` (no guidance) and, when ``unconditional_guidance_scale > 1``,
-    ``samples_cfg_scale_{s:.2f}``. The unconditional branch is ``model.null_conditioning``: the concat
+    ``samples_cfg_scale_{s:.2f}``. Without ``unconditional_guidance_scale`` the guided run uses
+    ``ldm.defaults.GUIDANCE_SCALE``, the project's one default (docs/DECISIONS.md D11; ldm's was 1, no guided
+    run: pass 1.0 for that). The unconditional branch is ``model.null_conditioning``: the concat
     conditioning (mask and masked image) is kept and only the text becomes ``unconditional_guidance_label``
     (default ``[""]``), as SD2 does. Samples start from a fixed seed so successive logs are comparable.
     ``sampler`` is a name in ``ldm.models.diffusion.sampling.SAMPLERS``; ``ddim_eta`` follows its eta rule.
