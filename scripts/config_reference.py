@@ -42,7 +42,7 @@ CLASSES = [
     ("data", "ldm.data.laion.WebDataModuleFromConfig"),
     ("data.params.*.postprocess", "ldm.data.laion.AddMask"),
     ("data", "ldm.data.synthetic.SyntheticInpaintData"),
-    ("lightning.callbacks.image_logger", "main.ImageLogger"),
+    ("lightning.callbacks.image_logger", "ldm.callbacks.ImageLogger"),
     ("lightning.callbacks.fixed_batch_loss", "ldm.fixed_batch.FixedBatchLoss"),
 ]
 
