@@ -80,11 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
 
+from ldm.checkpoint import check_checkpoint_path  # noqa: E402
 from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards  # noqa: E402
 from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures, TorchvisionInceptionFeatures  # noqa: E402
 from ldm.eval.report import write_curves, write_grids, write_json, write_tables  # noqa: E402
 from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol  # noqa: E402
 from ldm.eval.shard import Shard, close_shard, init_shard  # noqa: E402
+from ldm.inference import resolve_device, schedule_length  # noqa: E402
+from ldm.models.diffusion.sampling import check_steps  # noqa: E402
+from ldm.paths import output_folder  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -129,6 +133,8 @@ def feature_metrics(args: argparse.Namespace, shard: Shard) -> FeatureMetrics:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    output_folder(args.out, "--out")
+    resolve_device(args.device)  # a device this machine lacks fails here, not after loading a model
     if args.size % 64:
         raise ValueError(f"--size {args.size} must be a multiple of 64")
     if args.steps < 1 or args.grid_images < 0:
@@ -148,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger().setLevel(logging.WARNING)
         out = Path(args.out)
         specs = checkpoint_specs(args)
+        for spec in specs:
+            check_checkpoint_path(spec.ckpt)
+        for length in sorted({schedule_length(spec.config) for spec in specs}):
+            check_steps(args.sampler, args.steps, length)  # a step count the sampler refuses fails before loading
         protocol = Protocol(tuple(args.scales), args.sampler, args.steps, args.eta, args.precision, args.paste_back,
                             args.seed)
         protocol.options(args.scales[0])  # validates sampler / eta / precision before any work
