@@ -232,6 +232,7 @@ def test_model_card_protocol_two_checkpoints_resumes(checkpoints, image_dir, wei
     assert evaluate_script.main(argv) == 0
     results = {name: json.loads((out / f"{name}.json").read_text()) for name in ("a", "b")}
     for res in results.values():
+        assert res["sampling"]["steps"] == res["sampling"]["steps_run"] == 2  # asked for, and really run
         assert res["samples_drawn"] == 8 and [(g["scale"], g["mask"]) for g in res["groups"]] == [
             (s, m) for s in (2.0, 5.0) for m in MODES]
         for s in res["samples"]:  # masked PSNR recomputed independently from the PNGs on disk
