@@ -436,3 +436,35 @@ def test_outputs_are_named_by_their_settings_and_never_overwritten(ckpts, pair, 
     text = Image.open(out / "astro_ddim46_s4_seed0_0.png").text
     assert (text["steps"], text["steps_requested"], text["scale"], text["seed"]) == ("46", "45", "4", "0")
     assert text["prompt"] == "an astronaut" and text["weights"] == "as stored"
+
+
+@pytest.mark.parametrize("script", ["inpaint", "evaluate"])
+def test_sampling_scripts_share_the_checks_made_before_loading(script, ckpts, pair, tmp_path, caplog, monkeypatch):
+    """scripts/evaluate.py refuses what scripts/inpaint.py refuses, with the same line, before any model is built."""
+    img, mask = pair
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    evaluate_script = load_script("evaluate")
+    monkeypatch.setattr(inpaint_script, "load_model", no_loading)
+    monkeypatch.setattr(evaluate_script, "Evaluation", no_loading)
+    (tmp_path / "a_file").write_text("")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    base = {"inpaint": ["--image", str(img), "--mask", str(mask), "--prompt", "x"],
+            "evaluate": ["--images", str(img.parent), "--size", "64"]}[script]
+    main = {"inpaint": inpaint_script.main, "evaluate": evaluate_script.main}[script]
+    cases = [(["--steps", "9"], "--steps 9 does not work with the DDIM sampler"),
+             (["--ckpt", str(run_dir)], "is a directory (a training run's?)"),
+             (["--device", "gpu"], "not a device name"),
+             (["--out", str(tmp_path / "a_file")], "is not a folder")]
+    for extra, expected in cases:
+        argv = {"--ckpt": str(ckpts["raw"]), "--out": str(tmp_path / "o"), "--steps": "2"}
+        for flag in extra[::2]:
+            argv.pop(flag, None)
+        caplog.clear()
+        assert main(["--config", CONFIG, *base, *(x for kv in argv.items() for x in kv), *extra]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and expected in errors[0], (extra, errors)
