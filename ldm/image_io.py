@@ -81,18 +81,21 @@ def mask_from_image(img: Image.Image) -> np.ndarray:
     return grey * (alpha.astype(np.float32) / 255.0)  # composited on black: transparent = keep
 
 
-def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+def load_mask(path: str | Path, size: tuple[int, int] | None = None, check: bool = True) -> np.ndarray:
     """A mask file as ``H x W`` float32 in [0, 1] (white = inpaint) by the module's mask rule.
 
     ``size`` is the ``(width, height)`` of the image the mask belongs to; a mask of another size is resized to
-    it with nearest-neighbour interpolation (so the hole stays a hole) and a warning.
+    it with nearest-neighbour interpolation (so the hole stays a hole) and a warning. ``check``: report what
+    binarisation makes of it (:func:`check_mask`); False for a file read a second time.
     """
     mask = mask_from_image(_open(path, "mask"))
     if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
-        log.warning("mask %s is %dx%d but its image is %dx%d; resizing the mask (nearest neighbour)", path,
-                    mask.shape[1], mask.shape[0], size[0], size[1])
+        if check:
+            log.warning("mask %s is %dx%d but its image is %dx%d; resizing the mask (nearest neighbour)", path,
+                        mask.shape[1], mask.shape[0], size[0], size[1])
         mask = np.asarray(Image.fromarray(mask).resize(tuple(size), Image.Resampling.NEAREST))
-    check_mask(mask, path)
+    if check:
+        check_mask(mask, path)
     return mask
 
 
@@ -155,8 +158,8 @@ def find_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
         log.warning("%s: %d mask(s) without an image are skipped: %s", folder, len(orphans), _names(orphans))
     others = [p for p in files if p.suffix.lower() not in IMAGE_EXTS]
     if others:
-        log.info("%s: %d file(s) that are not images (%s) ignored: %s", folder, len(others), " ".join(IMAGE_EXTS),
-                 _names(others))
+        log.info("%s: ignored %d file(s) without an image extension (%s): %s", folder, len(others),
+                 " ".join(IMAGE_EXTS), _names(others))
     if not paired:
         raise ValueError(f"{folder}: no image/mask pairs found; name them NAME.png and NAME{MASK_SUFFIX}.png")
     return [(images[k][0], masks[k][0]) for k in paired]

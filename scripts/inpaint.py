@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         refuse_existing([p for img, _, _ in jobs
                          for p in output_names(out, img.stem, tag, args.seed, args.num_samples, not args.no_grid)],
                         args.overwrite)
+        for img_path, mask_path, _ in jobs:  # unreadable files and surprising masks are reported now, not midway
+            load_mask(mask_path, size=load_rgb(img_path).shape[1::-1])
         loaded = load_model(cfg, args.ckpt, use_ema=args.ema, device=device)
         record = {"sampler": args.sampler, "steps": steps_run, "steps_requested": args.steps,
                   "scale": f"{args.scale:g}", "eta": f"{args.eta:g}", "precision": args.precision, "fit": args.fit,
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=len(jobs) * len(args.seed), desc="inpainting", unit="seed")
         for img_path, mask_path, prompt in jobs:
             image = load_rgb(img_path)
-            mask = load_mask(mask_path, size=(image.shape[1], image.shape[0]))
+            mask = load_mask(mask_path, size=(image.shape[1], image.shape[0]), check=False)
             rows = []
             for seed in args.seed:
                 samples = inpaint(loaded.model, image, mask, prompt, seed, args.num_samples, options, fit=args.fit)

@@ -398,6 +398,7 @@ def test_script_checks_every_input_before_loading_the_model(ckpts, pair, tmp_pat
         (["--prompts-file", str(latin1)], "save it as UTF-8"),
         (["--out", str(existing), "--steps", "2"], "--overwrite"),
         (["--seed", "1", "1"], "repeated"),
+        (["--image", str(latin1)], "not a readable image"),  # every input is decoded before the model loads
     ]
     for extra, expected in cases:
         argv = {"--ckpt": str(ckpts["raw"]), "--out": str(tmp_path / "o"), "--steps": "4", "--prompt": "x"}
