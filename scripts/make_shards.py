@@ -61,6 +61,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ldm.data.rgb import open_rgb  # noqa: E402
 from ldm.data.shard_writer import Record, brace_pattern, write_shards  # noqa: E402
+from ldm.image_io import read_text  # noqa: E402
 
 log = logging.getLogger("make_shards")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -97,9 +98,19 @@ def read_caption_table(path: Path) -> list[dict[str, Any]]:
                 return [{"file_name": k, **(v if isinstance(v, dict) else {"caption": v})} for k, v in data.items()]
             if isinstance(data, list):
                 return data
+    except UnicodeDecodeError as e:
+        raise InputError(f"caption table {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}); save it as UTF-8") from None
     except (ValueError, csv.Error) as e:
         raise InputError(f"cannot parse caption table {path}: {e}") from e
     raise InputError(f"caption table {path}: use a .json, .jsonl or .csv file")
+
+
+def _caption_file(path: Path) -> str:
+    try:
+        return read_text(path, "caption file").strip()
+    except ValueError as e:  # not UTF-8: names the file and says to save it as UTF-8
+        raise InputError(str(e)) from None
 
 
 def folder_items(images: Path, captions: Path | None, image_col: str | None,
@@ -115,7 +126,7 @@ def folder_items(images: Path, captions: Path | None, image_col: str | None,
         if missing:
             raise InputError(f"{len(missing)} image(s) have no caption .txt next to them, e.g. "
                              f"{', '.join(str(p) for p in missing[:5])}; add them or pass --captions")
-        return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip(), {}) for p in files]
+        return [(p, _caption_file(p.with_suffix(".txt")), {}) for p in files]
     rows = read_caption_table(captions)
     if not rows:
         raise InputError(f"caption table {captions} has no rows")

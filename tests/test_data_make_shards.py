@@ -120,6 +120,15 @@ def test_bad_input_gives_clear_errors(tmp_path, caplog):
     table.write_text(json.dumps({"img0.png": "x", "missing.png": "y"}))
     assert make_shards.main(["--images", str(d), "--captions", str(table), "--out", str(tmp_path / "o")]) == 2
     assert "missing.png" in caplog.text
+    # text files that are not UTF-8: one line naming the file and what to do
+    (d / "img1.txt").write_bytes(b"caf\xe9")
+    for other in sorted(d.glob("*.png"))[2:]:
+        (d / f"{other.stem}.txt").write_text("fine")
+    table.write_bytes(b'{"img0.png": "caf\xe9"}')
+    for extra, name in (([], "img1.txt"), (["--captions", str(table)], "t.json")):
+        caplog.clear()
+        assert make_shards.main(["--images", str(d), *extra, "--out", str(tmp_path / "o")]) == 2
+        assert name in caplog.text and "save it as UTF-8" in caplog.text
 
 
 @pytest.mark.slow
