@@ -19,6 +19,7 @@ CPU has no single published peak).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gc
 import logging
 import os
@@ -26,7 +27,6 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -35,9 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
+from tensor_memory import TensorMemoryTracker  # noqa: F401 - re-exported for the scripts and tests
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -148,42 +146,6 @@ def paired_ratio(slow: Sequence[float], fast: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- memory
-class TensorMemoryTracker(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the context and still alive (any device, incl. CPU).
-
-    An op output counts as new memory when its storage is not one of the op's inputs' (views and in-place
-    results are not allocations) and was not seen before; it stops counting when the storage is freed. Memory
-    allocated inside a kernel without a tensor (library workspaces) is not seen.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    def _release(self, nbytes: int) -> None:
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ARG002 - torch's signature
-        kwargs = kwargs or {}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        inputs = {id(t.untyped_storage()) for t in tensors}
-        out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            if id(storage) in inputs or storage in self._seen:
-                continue
-            nbytes = storage.nbytes()
-            self._seen[storage] = nbytes
-            weakref.finalize(storage, self._release, nbytes)
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        return out
-
-
 def resident_bytes(*objects: torch.nn.Module | torch.optim.Optimizer | torch.Tensor) -> int:
     """Bytes of the distinct storages of modules (parameters, buffers, grads), optimizer state, tensors."""
     tensors: list[torch.Tensor] = []
@@ -230,11 +192,12 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return 2 * n**3 / best / 1e12
 
 
+@functools.cache
 def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak TFLOP/s for MFU, where it comes from).
 
     GPUs: the dense bf16 spec-sheet peak (``ldm.callbacks.PEAK_TFLOPS``; docs/DECISIONS.md R10 MFU convention, also
-    for fp32 runs). CPUs: a square GEMM measured now in ``dtype``.
+    for fp32 runs). CPUs: a square GEMM measured in ``dtype``, once per process.
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -281,6 +244,14 @@ def run_header(device: torch.device) -> str:
     command = " ".join(["python", *(a if " " not in a else repr(a) for a in sys.argv)])
     return (f"#### Run of {dt.date.today().isoformat()}\n\nCommand: `{command}`\n"
             f"Machine: {machine(device)}.\n")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("-" where the OS has none): how busy a shared machine was."""
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "-"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -34,6 +34,7 @@ from ldm.util import instantiate_from_config
 
 __all__ = [
     "ModelFlops",
+    "unet_context_dim",
     "count_flops",
     "flops_from_config",
     "model_flops",
@@ -73,7 +74,7 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _context_dim(unet: nn.Module) -> int:
+def unet_context_dim(unet: nn.Module) -> int:
     """Width of the cross-attention context: the input width of the first ``attn2.to_k``."""
     for name, module in unet.named_modules():
         if name.endswith("attn2.to_k") and isinstance(module, nn.Linear):
@@ -98,7 +99,7 @@ def unet_forward_flops(
         batch: batch size of the counted forward.
     """
     device = _device(unet)
-    context_dim = _context_dim(unet) if context_dim is None else context_dim
+    context_dim = unet_context_dim(unet) if context_dim is None else context_dim
     x = torch.zeros(batch, unet.in_channels, *latent_hw, device=device)  # B x C_in x h x w
     t = torch.zeros(batch, dtype=torch.long, device=device)
     context = torch.zeros(batch, context_tokens, context_dim, device=device)  # B x 77 x D

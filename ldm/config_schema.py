@@ -7,6 +7,10 @@ A config node ``{target: pkg.mod.Class, params: {...}}`` is checked against ``Cl
   ``LatentDiffusion``) is followed up the class hierarchy; a ``**kwargs`` used any other way (a function, a
   logger that hands its kwargs to a client library) accepts any key. An unknown key is an error with a
   "did you mean" suggestion.
+* **nested keys**: a parameter annotated with a dataclass (alone, in a union such as ``SplitConfig | None``, or
+  as the element type of a mapping or list: ``dict[str, CaptionDropout]``) whose value is a mapping has that
+  mapping checked as the dataclass's keyword arguments, recursively, so a typo in ``data.params.train`` or in
+  ``model.params.ucg_training.txt`` is named and suggested like one in ``data.params``.
 * **types**: each value must fit the parameter's annotation: ``int``, ``float`` (ints are accepted), ``bool``,
   ``str``, ``None``, ``Literal[...]`` choices, unions, ``list``/``tuple``/``Sequence`` and ``dict``/``Mapping``
   (element types included), ``Path`` (a string) and enums (a member's value or name). Annotations that a yaml
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import collections.abc as cabc
+import dataclasses
 import difflib
 import enum
 import importlib
@@ -36,7 +41,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "accepted_params", "check_params", "check_tree", "check_value", "get_obj_from_str",
-           "suggest"]
+           "nested_schema", "suggest"]
 
 
 class ConfigError(ValueError):
@@ -269,11 +274,39 @@ def _at(message: str) -> ConfigError:
     return err
 
 
+def _arms(annotation: Any) -> tuple[Any, ...]:
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return typing.get_args(annotation) if union else (annotation,)
+
+
+def nested_schema(annotation: Any) -> type | None:
+    """The dataclass among ``annotation``'s arms (``SplitConfig | Mapping | None`` -> ``SplitConfig``), or None."""
+    return next((a for a in _arms(annotation) if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
+
+
+def _check_nested(value: Any, annotation: Any, where: str, complete: bool) -> None:
+    """Check the keys of ``value`` wherever ``annotation`` puts a dataclass (module docstring, "nested keys")."""
+    schema = nested_schema(annotation)
+    if schema is not None and isinstance(value, Mapping):
+        check_params(schema, value, where, complete=complete)
+        return
+    for arm in _arms(annotation):
+        origin, args = typing.get_origin(arm), typing.get_args(arm)
+        if origin in _MAPPINGS and len(args) == 2 and isinstance(value, Mapping):
+            for k, v in value.items():
+                _check_nested(v, args[1], f"{where}.{k}", complete)
+        elif origin in _SEQUENCES and len(args) == 1 and isinstance(value, cabc.Sequence) and not isinstance(
+                value, (str, bytes)):
+            for i, v in enumerate(value):
+                _check_nested(v, args[0], f"{where}[{i}]", complete)
+
+
 def check_params(obj: Any, params: Mapping[str, Any], where: str, complete: bool = False) -> None:
     """Raise :class:`ConfigError` for a key ``obj`` does not accept or a value of the wrong type.
 
     ``where`` names the ``params`` mapping in messages (``model.params``). With ``complete`` (the real call is
-    next) a missing required parameter is an error too.
+    next) a missing required parameter is an error too. A mapping given for a dataclass-annotated parameter is
+    checked as that dataclass's parameters (module docstring, "nested keys").
     """
     accepted = accepted_params(obj)
     if accepted is None:
@@ -286,6 +319,7 @@ def check_params(obj: Any, params: Mapping[str, Any], where: str, complete: bool
         expected = check_value(value, accepted[key].annotation)
         if expected is not None:
             raise _at(f"{where}.{key}: expected {expected}, got {_fmt(value)}")
+        _check_nested(value, accepted[key].annotation, f"{where}.{key}", complete)
     if complete:
         missing = [k for k, p in accepted.items() if p.required and k not in params]
         if missing:

@@ -40,6 +40,7 @@ CLASSES = [
     ("model.params.cond_stage_config", "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"),
     ("model.params.scheduler_config", "ldm.lr_scheduler.LambdaLinearScheduler"),
     ("data", "ldm.data.laion.WebDataModuleFromConfig"),
+    ("data.params.train / validation / test", "ldm.data.split_config.SplitConfig"),
     ("data.params.*.postprocess", "ldm.data.laion.AddMask"),
     ("data", "ldm.data.synthetic.SyntheticInpaintData"),
     ("lightning.callbacks.image_logger", "ldm.callbacks.ImageLogger"),

@@ -81,7 +81,7 @@ if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
 
 from ldm.checkpoint import check_checkpoint_path  # noqa: E402
-from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_folder, load_shards  # noqa: E402
+from ldm.eval.data import DEFAULT_MASK_MODES, SkipLog, fixed_masks, load_folder, load_shards  # noqa: E402
 from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures, TorchvisionInceptionFeatures  # noqa: E402
 from ldm.eval.report import write_curves, write_grids, write_json, write_tables  # noqa: E402
 from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol  # noqa: E402
@@ -162,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                             args.seed)
         protocol.options(args.scales[0])  # validates sampler / eta / precision before any work
         feats = feature_metrics(args, shard)
-        images = (load_folder(args.images, args.size, args.num_images) if args.images
-                  else load_shards(args.shards, args.size, args.num_images))
+        skips = SkipLog()  # reported in every NAME.json and under the tables
+        images = (load_folder(args.images, args.size, args.num_images, skips) if args.images
+                  else load_shards(args.shards, args.size, args.num_images, skips))
         masks = {mode: fixed_masks(mode, len(images), args.size, args.seed)
                  for mode in args.masks or DEFAULT_MASK_MODES}
-        results = Evaluation(images, masks, protocol, out, feats, shard).run(specs)
+        results = Evaluation(images, masks, protocol, out, feats, shard, skips).run(specs)
         if shard.is_main:
             for result in results:
                 write_json(result, out / f"{result['name']}.json")

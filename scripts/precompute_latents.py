@@ -18,10 +18,12 @@ latent belongs to that crop. A data config that uses precomputed latents must th
 same way (``CenterCrop``), or the masked image would come from a different crop than the latent. Random-crop
 augmentation is lost; a different crop per epoch would need one set of moments per crop.
 
-Samples whose image cannot be decoded are copied without moments (the loader then encodes them online; a
-batch mixing both falls back to online encoding). A ``latent_moments.json`` next to the shards records the
-VAE config, checkpoint, transforms and dtype. ``--rank``/``--world-size`` split the shard list for parallel
-runs (shard ``i`` goes to rank ``i % world_size``).
+A ``latent_moments.json`` next to the shards records the resize and crop (``ops``), image key, VAE config,
+checkpoint and dtype. The training loader finds it beside the shards, refuses at start-up a split whose
+transforms differ from the recorded ones, and then delivers the moments with every sample (``ldm.data.latents``;
+the split key ``latent_moments`` overrides the lookup). Samples whose image cannot be decoded are copied without
+moments; the loader skips them (``missing_latents``). ``--rank``/``--world-size`` split the shard list for
+parallel runs (shard ``i`` goes to rank ``i % world_size``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.checkpoint import load_state_dict_file  # noqa: E402
 from ldm.data.decode import decode_image  # noqa: E402
+from ldm.data.latents import MEMBER, SIDECAR, op_spec  # noqa: E402
 from ldm.data.transforms import Crop, ImageOp, Resize, build_image_transforms, to_float_hwc  # noqa: E402
 from ldm.data.webdata import expand_shards  # noqa: E402
 from ldm.inference import resolve_device  # noqa: E402
@@ -81,7 +84,6 @@ from ldm.paths import output_folder  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
 
 log = logging.getLogger("precompute_latents")
-MEMBER = "latent_moments.npy"
 PRECISIONS = dict(zip(PRECISION_NAMES, (None, torch.bfloat16)))
 
 
@@ -207,15 +209,39 @@ def shard_name(url: str) -> str:
     return name
 
 
-def write_metadata(out: Path, args: argparse.Namespace, cfg: Any, ops: list[ImageOp]) -> None:
+def metadata(args: argparse.Namespace, cfg: Any, ops: list[ImageOp]) -> dict[str, Any]:
     meta = {
         "member": MEMBER, "dtype": "float16",
         "layout": "8 x h x w: posterior mean (channels 0-3) and log-variance (4-7), before scale_factor",
+        "ops": [op_spec(op) for op in ops],  # what the training loader checks its split against
         "transforms": [repr(op) for op in ops], "image_key": args.image_key, "precision": args.precision,
         "ckpt": args.ckpt, "first_stage_config": OmegaConf.to_container(cfg.model.params.first_stage_config),
         "source_shards": args.shards, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (out / "latent_moments.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return json.loads(json.dumps(meta))  # as it reads back
+
+
+#: what decides the stored moments; an --out computed with other values is not extended
+DECIDING = ("ops", "image_key", "ckpt", "first_stage_config", "precision")
+
+
+def check_existing(out: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to add shards to an ``--out`` whose existing shards were computed otherwise (without --overwrite
+    they would be kept, and the new ``latent_moments.json`` would describe them wrongly)."""
+    path = out / SIDECAR
+    if overwrite or not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    changed = [k for k in DECIDING if old.get(k) != meta[k]]
+    if changed:
+        raise ConfigError(f"{path}: the shards in {out} were computed with other {', '.join(changed)}; pass "
+                          "--overwrite to recompute them all, or choose a new --out")
+
+
+def write_metadata(out: Path, meta: dict[str, Any]) -> None:
+    tmp = out / f".{SIDECAR}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, out / SIDECAR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         vae = load_vae(cfg, args.ckpt, args.random_vae, device)
         urls = expand_shards(args.shards)[args.rank::args.world_size]
         names = [shard_name(u) for u in urls]
+        meta = metadata(args, cfg, ops)
+        check_existing(args.out, meta, args.overwrite)
     except (ConfigError, ValueError) as e:
         log.error("error: %s", e)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.rank == 0:
-        write_metadata(args.out, args, cfg, ops)
+        write_metadata(args.out, meta)
     total = Counts()
     for url, name in zip(urls, names):
         target = args.out / name

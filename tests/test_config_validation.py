@@ -46,6 +46,9 @@ def _check(*overrides: str, base: Path = TINY) -> None:
     ("lightning.ddp_bucket_cap=25", "lightning.ddp_bucket_cap: unknown key (did you mean 'ddp_bucket_cap_mb'?)"),
     ("lightning.find_unused_parameters=maybe", "lightning.find_unused_parameters: expected bool"),
     ("modle.params.x=1", "(did you mean 'model'?)"),
+    ("model.params.ucg_training.txt.vall=x",
+     "model.params.ucg_training.txt.vall: unknown key for 'CaptionDropout' (did you mean 'val'?)"),
+    ("model.params.ucg_training.txt.p=often", "model.params.ucg_training.txt.p: expected float, got 'often'"),
 ])
 def test_each_mistake_is_one_line_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -102,6 +105,28 @@ def test_main_stops_with_one_line_and_rc_2(tmp_path, caplog, override, expected)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and expected in errors[0]
     assert not list(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.params.train.shufle=10",
+     "data.params.train.shufle: unknown key for 'SplitConfig' (did you mean 'shuffle'?)"),
+    ("data.params.validation={shards: /x/0.tar, image_kye: png}",
+     "data.params.validation.image_kye: unknown key for 'SplitConfig' (did you mean 'image_key'?)"),
+    ("data.params.train.shuffle=many", "data.params.train.shuffle: expected int, got 'many'"),
+    ("data.params.train.latent_moments=[a]",
+     "data.params.train.latent_moments: expected bool (true/false) or str or null"),
+])
+def test_split_keys_are_checked_like_every_other_key(tmp_path, caplog, override, expected):
+    argv = ["--base", str(SHARDS_CFG), "--train", "-l", str(tmp_path), "data.params.train.shards=/x/{0..1}.tar"]
+    assert main.main([*argv, override]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and expected in errors[0] and "\n" not in errors[0]
+    assert not list(tmp_path.iterdir())
+    # built directly (not from a config), the data module names the split key the same way
+    from ldm.data.laion import WebDataModuleFromConfig
+
+    with pytest.raises(ConfigError, match=r"^train\.shufle: unknown key .*did you mean 'shuffle'"):
+        WebDataModuleFromConfig(train={"shards": "/x/0.tar", "shufle": 1})
 
 
 # --------------------------------------------------------------------------------------- paths and overrides

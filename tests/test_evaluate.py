@@ -5,6 +5,7 @@ two gloo processes against one, and the in-training evaluation on a fixed held-o
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -257,7 +258,9 @@ def test_model_card_protocol_two_checkpoints_resumes(checkpoints, image_dir, wei
     assert [(r["mask"], r["checkpoint"], float(r["scale"])) for r in table] == [
         (m, c, s) for m in MODES for c in ("a", "b") for s in (2.0, 5.0)]
     assert float(table[1]["lpips"]) == pytest.approx(results["a"]["groups"][2]["lpips"])  # (mask 0, a, scale 5)
-    assert len((out / "comparison.md").read_text().splitlines()) == 2 + 8
+    md = (out / "comparison.md").read_text().splitlines()
+    assert len(md) == 2 + 8 + 2 and md[-1] == "Held-out set: 2 images evaluated; none skipped while reading."
+    assert results["a"]["input_skips"] == {"read": 2, "skipped": 0, "by_reason": {}, "listed": [], "unlisted": 0}
     grid = _rgb(out / "grids" / f"astronaut_{MODES[0]}.png")  # rows a, b; input | mask | masked | scale 2 | 5
     seed = results["b"]["samples"][0]["seed"]
     b_scale5 = out / "samples" / results["b"]["run"] / "scale_5" / MODES[0] / f"astronaut_seed{seed}.png"
@@ -329,6 +332,46 @@ def test_evaluate_script_rejects_bad_arguments(checkpoints, image_dir, tmp_path,
     assert "another held-out set" in caplog.text and "Traceback" not in caplog.text
 
 
+def test_skipped_held_out_samples_are_in_the_results(checkpoints, tmp_path):
+    """A shard set with a corrupt JPEG and a non-UTF-8 caption: both are counted by reason and named (shard and key)
+    in every checkpoint's JSON and under the Markdown table, next to the number of images actually evaluated."""
+    import webdataset as wds
+    from skimage import data
+
+    def jpeg(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).resize((80, 64)).save(buf, format="JPEG", quality=90)
+        return buf.getvalue()
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.TarWriter(str(shards / "00000.tar")) as sink:
+        sink.write({"__key__": "cat", "jpg": jpeg(data.chelsea()), "txt": b"a ginger cat"})
+        sink.write({"__key__": "broken", "jpg": jpeg(data.coffee())[:300], "txt": b"a cut-off file"})
+    with wds.TarWriter(str(shards / "00001.tar")) as sink:
+        sink.write({"__key__": "latin1", "jpg": jpeg(data.astronaut()), "txt": "caf\xe9 na\xefve".encode("latin-1")})
+        sink.write({"__key__": "coffee", "jpg": jpeg(data.coffee()), "txt": b"a cup of coffee"})
+    out = tmp_path / "eval"
+    argv = ["--config", CONFIG, "--ckpt", f"a={checkpoints['a']}", "--ckpt", f"b={checkpoints['b']}", "--shards",
+            str(shards / "{00000..00001}.tar"), "--size", "64", "--masks", "lama-thin-256", "--steps", "1",
+            "--scales", "2", "--out", str(out), "--grid-images", "0"]
+    assert evaluate_script.main(argv) == 0
+    for name in ("a", "b"):
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res["num_images"] == 2 and sorted(s["key"] for s in res["samples"]) == ["cat", "coffee"]
+        skips = res["input_skips"]
+        assert (skips["read"], skips["skipped"], skips["unlisted"]) == (2, 2, 0)
+        assert skips["by_reason"] == {"bad_caption": 1, "corrupt_image": 1}
+        named = [(Path(i["source"]).name, i["reason"], i["detail"].split(":")[0]) for i in skips["listed"]]
+        assert named == [("00000.tar", "corrupt_image", "broken"), ("00001.tar", "bad_caption", "latin1")]
+    footer = (out / "comparison.md").read_text().split("\n\n", 1)[1]
+    assert footer.startswith("Held-out set: 2 images evaluated; **2 skipped** while reading (bad_caption 1, "
+                             "corrupt_image 1):")
+    assert "`00000.tar` corrupt_image: broken:" in footer and "`00001.tar` bad_caption: latin1:" in footer
+    with (out / "comparison.csv").open() as f:  # the CSV stays one clean table
+        assert len(list(csv.DictReader(f))) == 2
+
+
 # --------------------------------------------------------------------------------- in-training evaluation
 class _Batches(torch.utils.data.Dataset):
     def __len__(self):
@@ -367,6 +410,7 @@ def test_heldout_evaluation_during_training(image_dir, tmp_path, caplog):
     assert [it.key for it in fixed.items] == ["astronaut", "cat"] and fixed.size == 64
     lines = [json.loads(x) for x in (tmp_path / "run" / "heldout" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and {x["fingerprint"] for x in lines} == {fixed.fingerprint}
+    assert json.loads((set_dir / "set.json").read_text())["skipped"]["read"] == 2  # what filling it skipped
     # the logged numbers are the metrics of what the weights at step 2 draw from the fixed seeds
     model.eval()
     with model.ema_scope():

@@ -2,8 +2,10 @@
 
 Checks: the stored moments equal an independent encode (PIL decode, torchvision resize + centre crop) of each
 image; every other member is copied byte for byte and in order; an undecodable image is copied without
-moments; the moments give ``LatentInpaintDiffusion.get_input`` the same latent as online encoding; and the
-script refuses random VAE weights and random transforms.
+moments; the moments give ``LatentInpaintDiffusion.get_input`` the same latent as online encoding; the
+script refuses random VAE weights and random transforms. Then the training side on the same shards: the data
+module delivers each sample's own moments (through a worker, uint8 transport), refuses transforms that would
+not match them, and a Lightning training step on them encodes only the masked image and gives the online loss.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import torchvision.transforms as T
 from demo_data import load_manifest, load_photo
+from omegaconf import OmegaConf
 from PIL import Image
 from webdataset import TarWriter
 
 from ldm.data.shard_writer import Record, write_shards
 from ldm.data.transforms import Crop, Resize
-from ldm.util import ConfigError
+from ldm.util import ConfigError, instantiate_from_config
 from tests.helpers import REPO, build_tiny, synthetic_batch
 
 SIZE = 64  # tiny VAE: f = 8 -> 8 x 8 latents
@@ -153,3 +157,130 @@ def test_output_file_and_missing_device_are_one_line(tmp_path, caplog):
         assert precompute.main([*base, *extra]) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and expected in errors[0], errors
+
+
+# --------------------------------------------------------------------------- the training data path uses them
+def _data_config(shards: str, transforms: list[dict] | None = None, **params):
+    """configs/tiny/inpaint_shards.yaml's data section on ``shards``, with the fixed crop the latents were made
+    with (its RandomCrop would not match them), one worker and the uint8 transport."""
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "inpaint_shards.yaml").data
+    cfg.params.train.shards = shards
+    cfg.params.train.shuffle = 0
+    cfg.params.train.image_transforms = transforms if transforms is not None else [
+        {"target": "torchvision.transforms.Resize", "params": {"size": SIZE, "interpolation": 3}},
+        {"target": "torchvision.transforms.CenterCrop", "params": {"size": SIZE}}]
+    cfg.params.update({"batch_size": 2, "num_workers": 1, "uint8_transport": True, **params})
+    return cfg
+
+
+def _first_batch(dm) -> dict:
+    batch = next(iter(dm.train_dataloader()))
+    return dm.finalize_batch(batch)
+
+
+def test_training_batches_carry_the_stored_moments(workdir):
+    root, _ = workdir
+    dm = instantiate_from_config(_data_config(str(root / "out" / "{00000..00002}.tar")), where="data")
+    assert dm.latent_sidecars == {"train": [root / "out" / "latent_moments.json"]}
+    seen = {}
+    loader = dm.train_dataloader()
+    for batch, _ in zip(loader, range(3)):  # through a worker and shared memory (uint8 transport)
+        moments = batch["latent_moments"]
+        assert moments.dtype == torch.float16 and moments.shape == (2, 8, SIZE // 8, SIZE // 8)
+        for url, key, m in zip(batch["__url__"], batch["__key__"], moments):
+            stored = dict(_members(Path(url)))[f"{key}.latent_moments.npy"]
+            assert np.array_equal(m.numpy(), np.load(io.BytesIO(stored)))  # this sample's own moments
+            seen[key] = True
+    assert len(seen) == 3  # every good sample; the one copied without moments is skipped, not encoded online
+    assert dm.data_stats("train")["missing_latents"] >= 1
+    # shards without a latent_moments.json beside them: online encoding, no key in the batch
+    online = instantiate_from_config(_data_config(str(root / "in" / "{00000..00001}.tar")), where="data")
+    assert online.latent_sidecars == {} and "latent_moments" not in _first_batch(online)
+
+
+@pytest.mark.parametrize("change, key", [
+    ("random_crop", "data.params.train.image_transforms[1]"),
+    ("flip", "data.params.train.image_transforms[2]"),
+    ("size", "data.params.train.image_transforms"),
+    ("interpolation", "data.params.train.image_transforms"),
+    ("jpeg_draft", "data.params.jpeg_draft"),
+    ("image_key", "data.params.train.image_key"),
+])
+def test_transforms_that_disagree_with_the_stored_latents_are_refused(workdir, change, key):
+    root, _ = workdir
+    resize = {"target": "torchvision.transforms.Resize", "params": {"size": SIZE, "interpolation": 3}}
+    crop = {"target": "torchvision.transforms.CenterCrop", "params": {"size": SIZE}}
+    variants = {
+        "random_crop": ([resize, {**crop, "target": "torchvision.transforms.RandomCrop"}], {}),
+        "flip": ([resize, crop, {"target": "torchvision.transforms.RandomHorizontalFlip"}], {}),
+        "size": ([{**resize, "params": {"size": 72, "interpolation": 3}}, crop], {}),
+        "interpolation": ([{**resize, "params": {"size": SIZE}}, crop], {}),
+        "jpeg_draft": (None, {"jpeg_draft": True}),
+        "image_key": (None, {}),
+    }
+    transforms, params = variants[change]
+    cfg = _data_config(str(root / "out" / "{00000..00001}.tar"), transforms, **params)
+    if change == "image_key":
+        cfg.params.train.image_key = "png"
+    with pytest.raises(ConfigError) as err:
+        instantiate_from_config(cfg, where="data")
+    message = str(err.value)
+    assert message.startswith(f"{key}: ") and "\n" not in message
+    assert "latent_moments: false" in message  # names the way out
+    # the opt-out: the same split encodes online
+    cfg.params.train.latent_moments = False
+    if change != "image_key":
+        dm = instantiate_from_config(cfg, where="data")
+        assert dm.latent_sidecars == {} and not dm.splits["train"].processor.use_latents
+
+
+def test_a_training_step_on_precomputed_moments_skips_the_image_encode(workdir, tmp_path, caplog):
+    """Lightning fit on the real data module: one VAE encode per step (the masked image), logged once; and the
+    loss equals the online path's on the same batch with the same draws, up to the float16 storage."""
+    root, model = workdir
+    calls = []
+    encode = model.first_stage_model.encode
+    model.first_stage_model.encode = lambda x: calls.append(x.shape) or encode(x)
+    try:
+        dm = instantiate_from_config(_data_config(str(root / "out" / "{00000..00002}.tar"), num_workers=0),
+                                     where="data")
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        with caplog.at_level(logging.INFO):
+            trainer.fit(model, datamodule=dm)
+        assert calls == [(2, 3, SIZE, SIZE)] * 2  # the masked image only, once per step
+        assert caplog.text.count("training on precomputed image latents") == 1
+
+        pre = _first_batch(instantiate_from_config(
+            _data_config(str(root / "out" / "{00000..00002}.tar"), num_workers=0), where="data"))
+        off = _data_config(str(root / "out" / "{00000..00002}.tar"), num_workers=0)
+        off.params.train.latent_moments = False
+        online = _first_batch(instantiate_from_config(off, where="data"))
+        assert "latent_moments" not in online and online["__key__"] == pre["__key__"]
+        for k in ("jpg", "mask", "masked_image"):  # the member changes no pixel and no random draw
+            assert torch.equal(online[k], pre[k])
+        model.eval()
+        losses = {}
+        with torch.no_grad():
+            for name, batch, seed in (("pre", pre, 7), ("online", online, 7), ("other seed", online, 8)):
+                torch.manual_seed(seed)  # posterior sample, then t and noise: the same draws in the same order
+                calls.clear()
+                losses[name] = float(model.shared_step(batch)[0])
+                assert len(calls) == (1 if name == "pre" else 2)
+        # Not bit-equal: the stored moments are float16 (the online ones float32), up to ~5e-4 relative in each
+        # posterior mean and log-variance; averaged into the loss that is ~1e-6. Another seed moves it ~10 %.
+        assert losses["pre"] == pytest.approx(losses["online"], rel=1e-4)
+        assert abs(losses["other seed"] - losses["online"]) > 50 * abs(losses["pre"] - losses["online"])
+    finally:
+        model.first_stage_model.encode = encode
+
+
+def test_an_out_folder_computed_otherwise_is_not_extended(workdir, caplog):
+    """Without --overwrite, existing shards are kept: a run with another crop must not relabel them."""
+    root, _ = workdir
+    before = (root / "out" / "latent_moments.json").read_text()
+    argv = ["--config", str(REPO / "configs/tiny/inpaint.yaml"), "--ckpt", str(root / "vae.ckpt"), "--shards",
+            str(root / "in" / "00000.tar"), "--out", str(root / "out"), "--size", "48", "--device", "cpu"]
+    assert precompute.main(argv) == 2
+    assert "computed with other ops" in caplog.text and "--overwrite" in caplog.text
+    assert (root / "out" / "latent_moments.json").read_text() == before

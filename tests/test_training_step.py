@@ -166,7 +166,7 @@ def test_log_images_keys_and_ranges():
     for key, x in images.items():
         assert x.shape == (2, 3, 64, 64), key
     assert set(images["mask"].unique().tolist()) <= {-1.0, 1.0}
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"log_images_kwargs\.ddim_stepz: unknown option \(did you mean 'ddim_steps'"):
         model.log_images(synthetic_batch(2), N=2, ddim_stepz=2)
 
 

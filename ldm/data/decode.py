@@ -9,7 +9,8 @@ Every failure becomes one counted skip (``ldm.data.stats``), never an exception 
 Output sample keys: ``<image_key>`` (H x W x 3 float32 numpy array in [-1, 1]; uint8 in [0, 255] with the uint8
 transport, see :func:`finalize_batch`), ``txt`` (str, stripped, never empty),
 ``json`` (dict; ``{}`` if the shard has none and no filter needs it), ``__key__``, ``__url__``, ``__seed__``
-(seed words, dropped before collation), plus whatever the postprocess adds.
+(seed words, dropped before collation), ``latent_moments`` (``2C x h x w`` float16, only for a split that uses
+precomputed latents, ``ldm.data.latents``), plus whatever the postprocess adds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.data import latents
 from ldm.data.filters import MetadataFilter
 from ldm.data.masks import masked_image
 from ldm.data.rgb import ImageLimits, ImageRejected, open_rgb
@@ -76,6 +78,9 @@ class SampleProcessor:
             (``ldm.data.rgb.ImageLimits``); the json sizes are only a cheaper pre-filter.
         require_caption: Count a sample without a caption as ``missing_caption`` (training); False delivers it
             with ``txt`` "" (evaluation).
+        use_latents: Deliver the sample's precomputed VAE moments (``ldm.data.latents``) as ``latent_moments``;
+            a sample without them is skipped as ``missing_latents``, one whose moments do not fit as ``bad_latents``.
+        warn_unused_latents: Warn once per process when a sample carries moments that are not used.
     """
 
     image_key: str
@@ -87,6 +92,8 @@ class SampleProcessor:
     uint8_images: bool = False
     limits: ImageLimits = field(default_factory=ImageLimits)
     require_caption: bool = True
+    use_latents: bool = False
+    warn_unused_latents: bool = False
 
     def _plan(self, width: int, height: int) -> list[tuple[int, int]]:
         return resize_plan(self.image_ops, width, height)
@@ -133,6 +140,11 @@ class SampleProcessor:
         if reason is not None:
             mon.skip(reason, url, key)
             return None
+        if self.use_latents and latents.MEMBER not in raw:  # checked before the costly decode
+            mon.skip("missing_latents", url, f"{key}: no '.{latents.MEMBER}' member")
+            return None
+        if self.warn_unused_latents and latents.MEMBER in raw:
+            latents.warn_unused(url)
         try:
             draft = self.jpeg_draft and bool(self.image_ops) and isinstance(self.image_ops[0], Resize)
             img = open_rgb(image_bytes, self.limits, self._plan, draft=draft)
@@ -153,6 +165,12 @@ class SampleProcessor:
             self.image_key: np.asarray(img) if self.uint8_images else to_float_hwc(img), "txt": caption, "json": meta,
             "__key__": key, "__url__": url, SEED_KEY: seed_words,
         }
+        if self.use_latents:
+            try:
+                sample[latents.BATCH_KEY] = latents.read_moments(raw[latents.MEMBER], img.height, img.width)
+            except Exception as e:  # np.load raises ValueError, OSError, EOFError ... on a damaged member
+                mon.skip("bad_latents", url, f"{key}: {type(e).__name__}: {e}")
+                return None
         for k, fn in self.key_transforms.items():
             if k in sample:
                 sample[k] = fn(sample[k])

@@ -16,15 +16,18 @@ min_size               minimum width and height: of the json ``original_width``/
 max_pwatermark         maximum ``pwatermark`` (1.0 disables, as in ldm)
 p_unsafe_threshold     maximum ``punsafe``
 filter_word_list       yaml word list; captions containing a listed word are dropped
-train / validation /   per split: ``shards`` (pattern or list), ``shuffle`` (sample buffer size),
-test                   ``image_key``, ``image_transforms``, ``postprocess``, ldm's per-key ``transforms``
-                       and, new here, ``resampled`` (default true for train, false otherwise)
+train / validation /   per split (``ldm.data.split_config.SplitConfig``): ``shards`` (pattern or list),
+test                   ``shuffle`` (sample buffer size), ``image_key``, ``image_transforms``, ``postprocess``,
+                       ldm's per-key ``transforms`` and, new here, ``resampled`` (default true for train, false
+                       otherwise) and ``latent_moments`` (precomputed image latents, ``ldm.data.latents``)
 =====================  ==================================================================================
 
 Batch layout (what ``LatentInpaintDiffusion.get_input`` reads): ``jpg`` B x H x W x 3 float32 in [-1, 1];
 ``txt`` list of B non-empty captions (``ucg_training`` replaces them in the model); ``mask`` B x H x W x 1
 float32 {0, 1}, 1 = hole; ``masked_image`` = jpg * (mask < 0.5); ``json`` list of dicts; ``__key__`` and
-``__url__`` lists of str. ``mask``/``masked_image`` come from the ``AddMask`` postprocess.
+``__url__`` lists of str. ``mask``/``masked_image`` come from the ``AddMask`` postprocess. A split that uses
+precomputed latents adds ``latent_moments`` B x 2C x h x w float16; start-up refuses transforms under which the
+stored latents would not belong to the delivered pixels (``ldm.data.latents``).
 
 Rank and world size come from the attached trainer, else ``torch.distributed``, else ``RANK``/``WORLD_SIZE``;
 they are resolved in the training process and handed to the workers (DECISIONS R11, spawn trap).
@@ -49,11 +52,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ldm.config_schema import check_params
+from ldm.data import latents
 from ldm.data.decode import SampleProcessor, finalize_batch
 from ldm.data.filters import MetadataFilter, MissingFieldPolicy, load_word_list
 from ldm.data.inpainting import AddMask
 from ldm.data.resumable import ResumableLoader, describe_change, gather_to_rank0, stream_fingerprint
 from ldm.data.rgb import ImageLimits
+from ldm.data.split_config import SplitConfig
 from ldm.data.stats import SharedCounts
 from ldm.data.transforms import build_image_transforms
 from ldm.data.webdata import ShardStream, expand_shards
@@ -62,7 +68,6 @@ from ldm.util import ConfigError, instantiate_from_config
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 STATE_VERSION = 1
-_SPLIT_KEYS = {"shards", "shuffle", "image_key", "image_transforms", "postprocess", "transforms", "resampled"}
 
 
 @dataclass
@@ -71,6 +76,7 @@ class _Split:
     processor: SampleProcessor
     shuffle: int
     resampled: bool
+    latents: list[Path] | None = None  # the checked latent_moments.json files when precomputed latents are used
 
 
 def _split_index(split: str) -> int:
@@ -94,7 +100,7 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
     Args:
         tar_base: Prefix joined to every split's shard pattern; None when patterns are full URLs.
         batch_size: Samples per batch and process (the SD2 inpainting run used 8 per GPU).
-        train: Training split config (see module docstring); None for no training loader.
+        train: Training split config (keys: ``ldm.data.split_config.SplitConfig``); None for no training loader.
         validation: Validation split config; None for no validation.
         test: Test split config; None for no test loader.
         num_workers: DataLoader workers per process for training (and evaluation unless ``val_num_workers``).
@@ -137,9 +143,9 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         self,
         tar_base: str | None = None,
         batch_size: int = 8,
-        train: Mapping[str, Any] | None = None,
-        validation: Mapping[str, Any] | None = None,
-        test: Mapping[str, Any] | None = None,
+        train: SplitConfig | Mapping[str, Any] | None = None,
+        validation: SplitConfig | Mapping[str, Any] | None = None,
+        test: SplitConfig | Mapping[str, Any] | None = None,
         num_workers: int = 4,
         multinode: bool = True,
         min_size: int | None = None,
@@ -200,36 +206,44 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         self._loaders: dict[str, tuple[ResumableLoader, dict[str, Any], int]] = {}  # loader, fingerprint, seed step
         self._restored: dict[str, Any] | None = None  # this rank's saved positions, by split
 
-    def _parse_split(self, name: str, cfg: Mapping[str, Any]) -> _Split:
-        if not isinstance(cfg, Mapping):
+    def _parse_split(self, name: str, cfg: SplitConfig | Mapping[str, Any]) -> _Split:
+        if isinstance(cfg, Mapping):
+            check_params(SplitConfig, cfg, name, complete=True)  # a config has been checked with its full path
+            cfg = SplitConfig(**cfg)
+        elif not isinstance(cfg, SplitConfig):
             raise ConfigError(f"'{name}' must be a mapping of split options, got {type(cfg).__name__}")
-        unknown = set(cfg) - _SPLIT_KEYS
-        if unknown:
-            raise ConfigError(f"'{name}': unknown key(s) {sorted(unknown)}; valid keys: {sorted(_SPLIT_KEYS)}")
-        if "shards" not in cfg:
-            raise ConfigError(f"'{name}.shards' is required (a brace pattern or a list of them)")
-        image_key = str(cfg.get("image_key", "jpg"))
-        key_transforms = dict(cfg.get("transforms") or {})
-        if image_key in key_transforms:
-            raise ConfigError(f"'{name}.transforms' must not name the image key '{image_key}'; "
-                              "use 'image_transforms' for the image")
-        shuffle = int(cfg.get("shuffle", 0))
-        if shuffle < 0:
-            raise ConfigError(f"'{name}.shuffle' must be >= 0, got {shuffle}")
-        postprocess = cfg.get("postprocess")
+        key_transforms = dict(cfg.transforms or {})
+        if cfg.image_key in key_transforms:
+            raise ConfigError(f"must not name the image key '{cfg.image_key}'; use 'image_transforms' for the image",
+                              key=f"{name}.transforms")
+        if cfg.shuffle < 0:
+            raise ConfigError(f"must be >= 0, got {cfg.shuffle}", key=f"{name}.shuffle")
+        image_ops = build_image_transforms(cfg.image_transforms, where=name)
+        urls = expand_shards(cfg.shards, self.tar_base, where=f"{name}.shards")
+        sidecars = latents.resolve(cfg.latent_moments, urls, image_ops, cfg.image_key, self.jpeg_draft, name)
         processor = SampleProcessor(
-            image_key=image_key,
+            image_key=cfg.image_key,
             metadata_filter=self.metadata_filter,
-            image_ops=build_image_transforms(cfg.get("image_transforms"), where=name),
-            postprocess=instantiate_from_config(postprocess) if postprocess is not None else None,
+            image_ops=image_ops,
+            postprocess=instantiate_from_config(cfg.postprocess) if cfg.postprocess is not None else None,
             key_transforms={k: instantiate_from_config(v) for k, v in key_transforms.items()},
             jpeg_draft=self.jpeg_draft,
             uint8_images=self.uint8_transport,
             limits=self.limits,
+            use_latents=sidecars is not None,
+            warn_unused_latents=sidecars is None and cfg.latent_moments is not False,
         )
-        urls = expand_shards(cfg["shards"], self.tar_base, where=f"{name}.shards")
-        self._patterns[name] = cfg["shards"]
-        return _Split(urls, processor, shuffle, bool(cfg.get("resampled", name == "train")))
+        if sidecars is not None:
+            log.info("data %s: precomputed image latents (checked against %s); images are not VAE-encoded, masked "
+                     "images still are", name, ", ".join(str(p) for p in sidecars[:2]))
+        self._patterns[name] = cfg.shards
+        resampled = name == "train" if cfg.resampled is None else cfg.resampled
+        return _Split(urls, processor, cfg.shuffle, resampled, sidecars)
+
+    @property
+    def latent_sidecars(self) -> dict[str, list[Path]]:
+        """Split -> the ``latent_moments.json`` files its precomputed latents were checked against (used splits)."""
+        return {name: s.latents for name, s in self.splits.items() if s.latents is not None}
 
     def check_local_shards(self, split: str) -> None:
         """Fail fast when a split's *local* shard files do not exist (remote and ``pipe:`` URLs are not checked).

@@ -38,6 +38,8 @@ BAD_REASONS: tuple[str, ...] = (
     "missing_punsafe",
     "missing_watermark",
     "missing_aesthetic",
+    "missing_latents",  # a split that uses precomputed latents (ldm.data.latents): the sample has none
+    "bad_latents",  # its latent_moments.npy does not load, or does not fit the image
 )
 FILTER_REASONS: tuple[str, ...] = (
     "too_small",  # json size or stored image below min_size

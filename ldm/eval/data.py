@@ -88,9 +88,21 @@ class SkipLog:
     def total_skipped(self) -> int:
         return len(self.skipped)
 
+    @property
+    def by_reason(self) -> dict[str, int]:
+        """Skipped records per reason, sorted by reason."""
+        return {k: v for k, v in sorted(self.counts.items()) if k not in ("ok", "shards") and v}
+
     def summary(self) -> str:
-        reasons = {k: v for k, v in sorted(self.counts.items()) if k not in ("ok", "shards")}
-        return f"{self.counts['ok']} images read, {self.total_skipped} skipped {reasons or ''}".rstrip()
+        return f"{self.counts['ok']} images read, {self.total_skipped} skipped {self.by_reason or ''}".rstrip()
+
+    def report(self, max_listed: int = 100) -> dict:
+        """JSON-ready: images read, records skipped, counts by reason and the first ``max_listed`` skipped records
+        (``source``, ``reason``, ``detail``); ``unlisted`` says how many more there were."""
+        listed = [{"source": src, "reason": reason, "detail": detail}
+                  for src, reason, detail in self.skipped[:max_listed]]
+        return {"read": self.counts["ok"], "skipped": self.total_skipped, "by_reason": self.by_reason,
+                "listed": listed, "unlisted": max(0, self.total_skipped - max_listed)}
 
 
 def square(img: Image.Image, size: int) -> np.ndarray:

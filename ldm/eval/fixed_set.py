@@ -2,7 +2,8 @@
 
 Layout of a set folder::
 
-    set.json          format version, size, and per item: key, caption, mask preset, seed, file SHA-256s
+    set.json          format version, size, per item: key, caption, mask preset, seed, file SHA-256s; and what
+                      reading the shards skipped to fill it (``skipped``: counts by reason, named records)
     images/KEY.png    size x size RGB (the validation transform: short side resized, centre crop)
     masks/KEY.png     white = hole
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks, load_shards
+from ldm.eval.data import DEFAULT_MASK_MODES, SkipLog, fixed_masks, load_shards
 from ldm.eval.feature_metrics import file_sha256
 from ldm.eval.run import atomic_png, sample_seed
 from ldm.image_io import load_mask, load_rgb
@@ -87,7 +88,8 @@ def build_fixed_set(shards: str | Sequence[str], root: str | Path, num_images: i
     if (root / SET_FILE).exists():
         raise ConfigError(f"{root / SET_FILE} exists; a held-out set is never overwritten (remove it or pick a "
                          "new folder)")
-    images = load_shards(shards, size, num_images)
+    skips = SkipLog()
+    images = load_shards(shards, size, num_images, skips)
     masks = {mode: fixed_masks(mode, len(images), size, seed) for mode in modes}
     items = []
     for i, im in enumerate(images):
@@ -98,7 +100,7 @@ def build_fixed_set(shards: str | Sequence[str], root: str | Path, num_images: i
                       "image_sha256": file_sha256(root / "images" / f"{im.key}.png"),
                       "mask_sha256": file_sha256(root / "masks" / f"{im.key}.png")})
     meta = {"format": FORMAT, "size": size, "num_images": num_images, "seed": seed, "source": str(shards),
-            "items": items}
+            "items": items, "skipped": skips.report()}
     tmp = root / f".{SET_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     tmp.replace(root / SET_FILE)  # the set exists only once complete

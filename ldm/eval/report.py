@@ -1,7 +1,8 @@
 """Evaluation outputs: one JSON per checkpoint, one table (Markdown + CSV), FID-vs-CLIP curves and labelled grids.
 
 * ``comparison.md`` / ``comparison.csv``: one row per (mask preset, checkpoint, guidance scale), one column per
-  metric present in any result.
+  metric present in any result. Under the Markdown table, a footer says how many held-out images were evaluated
+  and how many were skipped while reading, by reason, naming the first of them (the results' ``input_skips``).
 * ``curves/fid_vs_clip_PRESET.png``: FID against CLIP score, one line per checkpoint, each point labelled with its
   guidance scale -- the model card's plot, per mask preset.
 * ``grids/KEY_PRESET.png``: one row per checkpoint, columns ``input | mask | masked input | s=S seed N ...``,
@@ -74,6 +75,7 @@ def write_tables(results: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path
     lines += ["| " + " | ".join([row["mask"], row["checkpoint"], f"{row['scale']:g}", *(_fmt(row.get(c))
                                                                                        for c in cols)]) + " |"
               for row in rows]
+    lines += ["", *skip_footer(results)]
     md.write_text("\n".join(lines) + "\n")
     csv_path = out_dir / "comparison.csv"
     with csv_path.open("w", newline="") as f:
@@ -82,6 +84,26 @@ def write_tables(results: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path
         writer.writerows([[row[k] for k in KEYS] + ["" if row.get(c) is None else row[c] for c in cols]
                           for row in rows])
     return md, csv_path
+
+
+def skip_footer(results: Sequence[dict[str, Any]], max_named: int = 10) -> list[str]:
+    """Markdown lines on what reading the held-out set skipped (every result holds the same ``input_skips``)."""
+    skips = next((r["input_skips"] for r in results if r.get("input_skips") is not None), None)
+    if skips is None:
+        return []
+    n = results[0].get("num_images", skips["read"])
+    if not skips["skipped"]:
+        return [f"Held-out set: {n} images evaluated; none skipped while reading."]
+    reasons = ", ".join(f"{k} {v}" for k, v in skips["by_reason"].items())
+    lines = [f"Held-out set: {n} images evaluated; **{skips['skipped']} skipped** while reading ({reasons}):", ""]
+    for item in skips["listed"][:max_named]:
+        detail = item["detail"].replace("|", "/").replace("`", "'")
+        lines.append(f"- `{Path(item['source']).name}` {item['reason']}: {detail}")
+    more = skips["skipped"] - min(max_named, len(skips["listed"]))
+    if more:
+        lines.append(f"- ... and {more} more (the first {len(skips['listed'])} are listed under input_skips in "
+                     "each checkpoint's JSON)")
+    return lines
 
 
 def write_curves(results: Sequence[dict[str, Any]], out_dir: Path, fid: str = "fid") -> list[Path]:

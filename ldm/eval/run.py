@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ldm.data.masks import binarize_mask
 from ldm.data.rng import stable_hash
-from ldm.eval.data import EvalImage
+from ldm.eval.data import EvalImage, SkipLog
 from ldm.eval.feature_metrics import (
     LPIPS,
     ClipScore,
@@ -324,6 +324,8 @@ class Evaluation:
         out_dir: output folder.
         feats: optional feature metrics.
         shard: this process's share.
+        skips: what reading the held-out set skipped; its :meth:`SkipLog.report` goes into every result as
+            ``input_skips`` (and under the tables), so the numbers say how many images were dropped and why.
     """
 
     images: Sequence[EvalImage]
@@ -332,6 +334,7 @@ class Evaluation:
     out_dir: Path
     feats: FeatureMetrics = field(default_factory=FeatureMetrics)
     shard: Shard = field(default_factory=Shard)
+    skips: SkipLog | None = None
 
     def run(self, specs: Sequence[CheckpointSpec]) -> list[dict[str, Any]]:
         """Write (or check) the inputs, then evaluate every checkpoint; results on rank 0, [] elsewhere."""
@@ -339,4 +342,5 @@ class Evaluation:
         real = real_features(self.images, self.feats, self.shard)
         results = [evaluate_checkpoint(spec, self.images, self.masks, self.protocol, self.out_dir, self.shard,
                                        self.feats, real) for spec in specs]
-        return [r for r in results if r is not None]
+        skips = (self.skips or SkipLog()).report()
+        return [{**r, "input_skips": skips} for r in results if r is not None]

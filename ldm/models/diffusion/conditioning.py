@@ -8,9 +8,24 @@ Its sampling-side twin, the null conditioning that guidance pairs with the real 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class CaptionDropout:
+    """One entry of ``ucg_training`` (``{batch_key: {p, val}}``); a dataclass so that a mistyped key is an error
+    at start-up (``ldm.config_schema``) instead of a dropout probability that silently stays 0.
+
+    Args:
+        p: probability of replacing each sample's entry.
+        val: the replacement (None means "").
+    """
+
+    p: float = 0.0
+    val: str | None = ""
 
 
 def drop_captions(batch: Mapping[str, Any], ucg_training: Mapping[str, Mapping[str, Any]],
@@ -23,8 +38,8 @@ def drop_captions(batch: Mapping[str, Any], ucg_training: Mapping[str, Mapping[s
     """
     batch = dict(batch)
     for key, spec in ucg_training.items():
-        p, val = float(spec.get("p", 0.0)), spec.get("val", "")
-        val = "" if val is None else val
+        spec = CaptionDropout(**spec)  # an unknown key raises here too, not only in a checked config
+        p, val = float(spec.p), "" if spec.val is None else spec.val
         values = list(batch[key])
         drop = rng.random(len(values)) < p  # [B]
         batch[key] = [val if d else v for v, d in zip(values, drop)]

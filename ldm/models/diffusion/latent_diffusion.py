@@ -33,13 +33,13 @@ from einops import rearrange
 from ldm import compat
 from ldm.models.diffusion import losses, parameterization
 from ldm.models.diffusion.checkpointing import CheckpointMixin
-from ldm.models.diffusion.conditioning import drop_captions
+from ldm.models.diffusion.conditioning import CaptionDropout, drop_captions
 from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.random_weights import note_random, reports_random_weights
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, check_params, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         scale_by_std: bool = False,
         image_size: int = 256,
         channels: int = 3,
-        ucg_training: Mapping[str, Mapping[str, Any]] | None = None,
+        ucg_training: Mapping[str, CaptionDropout | Mapping[str, Any]] | None = None,
         ucg_seed: int = 0,
         scheduler_config: dict[str, Any] | None = None,
         weight_decay: float = 0.01,
@@ -197,7 +197,10 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         self.scheduler_config = scheduler_config
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
         self.shard_optimizer_state = shard_optimizer_state
-        self.ucg_training = {k: dict(v) for k, v in (ucg_training or {}).items()}
+        self.ucg_training = {k: vars(v).copy() if isinstance(v, CaptionDropout) else dict(v)
+                             for k, v in (ucg_training or {}).items()}
+        for k, v in self.ucg_training.items():
+            check_params(CaptionDropout, v, f"ucg_training.{k}")  # built without a config: the same check
         self.ucg_seed = ucg_seed
         self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
 
@@ -222,6 +225,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
             self.scale_factor = float(scale_factor)
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s, v_posterior)
         self._std_done = False  # scale_by_std: estimated once, unless a checkpoint brought a scale_factor
+        self._latents_checked = False  # the first training batch says whether image latents are precomputed
         self._resumed = False  # set when Lightning restores a training checkpoint (on_load_checkpoint)
         #: the resolved run config, recorded in every checkpoint's provenance (set by main.py)
         self.run_config: dict[str, Any] | None = None
@@ -374,7 +378,24 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         self.log("global_step", float(self.global_step), prog_bar=False, on_step=True, on_epoch=False)
         return loss
 
+    def _check_latent_source(self, batch: Mapping[str, Any]) -> None:
+        """Once: log that image latents come precomputed, or fail if the data module sends them under another key."""
+        self._latents_checked = True
+        if self.latent_moments_key in batch:
+            log.info("training on precomputed image latents (batch key '%s'): the image is not VAE-encoded, the "
+                     "masked image still is", self.latent_moments_key)
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sidecars = getattr(datamodule, "latent_sidecars", {}).get("train")
+        if sidecars:
+            present = sorted(k for k in batch if "latent" in str(k))
+            raise ConfigError(f"model.params.latent_moments_key: '{self.latent_moments_key}' is not in the training "
+                              f"batch (latent keys there: {present}); the data module delivers the precomputed "
+                              f"latents of {sidecars[0]} as 'latent_moments'")
+
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self._latents_checked and isinstance(batch, Mapping):
+            self._check_latent_source(batch)
         if self.scheduler_config is not None:  # ldm's lr_abs: the learning rate this step uses
             self.log("lr_abs", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True,
                      on_epoch=False)
@@ -407,11 +428,8 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
-        on_cuda = all(p.is_cuda for p in params)
-        # fused kernels need CUDA tensors; foreach is the fast multi-tensor path elsewhere
-        kernel = {"fused": True} if on_cuda else {"foreach": True}
         hyper = dict(lr=self.learning_rate, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay,
-                     **kernel)
+                     **adamw_kernel(params))
         dist = torch.distributed
         if self.shard_optimizer_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -439,3 +457,12 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         """What the model regresses on at ``t`` for the configured parameterization (eps, x0 or v)."""
         return parameterization.training_target(self.parameterization, x_start, noise, *self._ab(t, x_start.ndim))
 
+
+def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """``{"fused": True}`` where torch has a fused AdamW for these parameters (CUDA; CPU since torch 2.4, there
+    1.9x the per-tensor loop: docs/BENCHMARKS.md), else ``{}``, torch's default (foreach is slowest on CPUs)."""
+    try:
+        torch.optim.AdamW(params, fused=True)  # the constructor checks the devices and dtypes
+    except (RuntimeError, ValueError):
+        return {}
+    return {"fused": True}

@@ -6,6 +6,7 @@ B x 3 x H x W tensor in [-1, 1] (masks are mapped to {-1, 1}) so the logger can 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from ldm import compat
+from ldm.config_schema import ConfigError, suggest
 from ldm.models.diffusion.sampling import get_sampler, sample_latents
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,11 @@ def log_images(
     ``sampler`` is a name in ``ldm.models.diffusion.sampling.SAMPLERS``; ``ddim_eta`` follows its eta rule.
     Keywords in :data:`ldm.compat.IGNORED_LOG_IMAGES_KWARGS` are accepted and ignored; others raise.
     """
-    unknown = set(ignored) - set(compat.IGNORED_LOG_IMAGES_KWARGS)
+    unknown = sorted(set(ignored) - set(compat.IGNORED_LOG_IMAGES_KWARGS))
     if unknown:
-        raise ValueError(f"log_images_kwargs: unknown option(s) {sorted(unknown)}")
+        known = [n for n in inspect.signature(log_images).parameters if n not in ("model", "batch", "ignored")]
+        raise ConfigError(f"lightning.callbacks.image_logger.params.log_images_kwargs.{unknown[0]}: unknown option"
+                          f"{suggest(unknown[0], known)}; valid options: {', '.join(known)}")
     compat.note_ignored("ImageLogger.log_images_kwargs", ignored)
     get_sampler(sampler).check(ddim_eta)  # fail before encoding anything
     batch = _slice_batch(batch, N)
