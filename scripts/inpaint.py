@@ -116,9 +116,18 @@ def settings_tag(options: SamplingOptions, steps_run: int, fit: str) -> str:
     return tag
 
 
+def sample_name(stem: str, tag: str, seed: int, k: int) -> str:
+    return f"{stem}_{tag}_seed{seed}_{k}.png"
+
+
+def grid_name(stem: str, tag: str) -> str:
+    return f"{stem}_{tag}_grid.png"
+
+
 def output_names(out: Path, stem: str, tag: str, seeds: list[int], num_samples: int, grid: bool) -> list[Path]:
-    names = [out / f"{stem}_{tag}_seed{seed}_{k}.png" for seed in seeds for k in range(num_samples)]
-    return names + ([out / f"{stem}_{tag}_grid.png"] if grid else [])
+    """Every file one image's run writes (checked for existing files before the model loads)."""
+    names = [out / sample_name(stem, tag, seed, k) for seed in seeds for k in range(num_samples)]
+    return names + ([out / grid_name(stem, tag)] if grid else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seed:
                 samples = inpaint(loaded.model, image, mask, prompt, seed, args.num_samples, options, fit=args.fit)
                 for k, sample in enumerate(samples):
-                    save_png(sample, out / f"{img_path.stem}_{tag}_seed{seed}_{k}.png",
+                    save_png(sample, out / sample_name(img_path.stem, tag, seed, k),
                              text={"prompt": prompt, "seed": str(seed), "sample": str(k), "image": str(img_path),
                                    "mask": str(mask_path), **record})
                 masked = np.where(is_hole(mask)[..., None], 127, image).astype(np.uint8)
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                          for k in range(args.num_samples))
                 grid = make_grid(rows, headers=["input", "mask", "masked input", *names],
                                  row_labels=[f"seed {s}" for s in args.seed])
-                save_png(grid, out / f"{img_path.stem}_{tag}_grid.png", text={"prompt": prompt, **record})
+                save_png(grid, out / grid_name(img_path.stem, tag), text={"prompt": prompt, **record})
         bar.close()
     except (ValueError, ConfigError, CheckpointError) as e:
         log.error("%s", e)

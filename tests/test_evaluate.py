@@ -323,7 +323,7 @@ def test_evaluate_script_rejects_bad_arguments(checkpoints, image_dir, tmp_path,
     assert evaluate_script.main([*base[:-1], "100", "--ckpt", a]) == 2
     assert evaluate_script.main([*base, "--ckpt", a, "--masks", "no-such-preset"]) == 2
     assert evaluate_script.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
-    assert "missing.ckpt: file not found" in caplog.text
+    assert "checkpoint not found" in caplog.text and "missing.ckpt" in caplog.text  # checked before loading
     assert evaluate_script.main([*base, "--ckpt", a, "--inception", str(tmp_path / "nope.pth")]) == 2
     # the same --out with other masks: refused instead of mixing two held-out sets
     assert evaluate_script.main([*base, "--ckpt", a, "--scales", "3"]) == 0
