@@ -15,13 +15,15 @@ Loading into a model (:func:`load_into`) is strict: a missing or unexpected tens
 count and the first keys, except for prefixes the caller names as allowed. :func:`widen_input_channels` is the
 inpainting 4 -> 9 input-conv surgery (DECISIONS D4).
 
-Writing. :func:`atomic_torch_save` writes a temp file beside the target, fsyncs and renames it, so a crash leaves the
-old file or the new one; a full disk becomes one :class:`DiskFullError` line naming the directory. Temp files
-orphaned by a kill during a save match :data:`TEMP_GLOB` and are removed when a run is resumed.
+Writing. :func:`atomic_torch_save` (:func:`atomic_write` for other formats) writes a temp file beside the target,
+fsyncs and renames it, so a crash leaves the old file or the new one; a full disk becomes one :class:`DiskFullError`
+line naming the directory. Temp files orphaned by a kill during a save match :data:`TEMP_GLOB` and are removed when
+a run is resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,7 +31,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,29 @@ def _unsafe_global(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def check_checkpoint_path(path: str | Path) -> Path:
+    """``path`` if it is a file; else a :class:`CheckpointError` that says what the path is and what to pass.
+
+    Cheap (no reading), so scripts call it before building a model. A training run's folder names its
+    ``checkpoints/last.ckpt``; a diffusers pipeline folder is recognised by its ``model_index.json``.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        if candidate.is_file():
+            raise CheckpointError(f"checkpoint {path} is a directory (a training run's?): pass a checkpoint file, "
+                                  f"e.g. {candidate}")
+    if (path / "model_index.json").is_file():
+        raise CheckpointError(f"checkpoint {path} is a diffusers pipeline folder; this loader reads ldm-layout "
+                              ".ckpt/.safetensors files: pass the .ckpt or .safetensors it was exported from")
+    raise CheckpointError(f"checkpoint {path} is a directory; pass a .ckpt or .safetensors file")
+
+
 def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint file into a dict without unpickling arbitrary objects.
 
@@ -80,9 +105,7 @@ def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict[str, Any]
     Raises:
         CheckpointError: missing, empty, truncated or foreign file, or one holding pickled Python objects.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = check_checkpoint_path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or download? Replace it.")
     if path.suffix == ".safetensors":
@@ -278,14 +301,36 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     Raises:
         DiskFullError: the file system ran out of space (the old file is untouched, the temp file removed).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with _replacing(Path(path), "Free space there (README: checkpoint retention and sizes) and resume with -r.") \
+            as (fd, _):
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Atomic write for any format: ``write(temp path)`` writes the whole file (e.g. safetensors' ``save_file``),
+    which is then fsynced and renamed over ``path`` (see :func:`atomic_torch_save`).
+
+    Raises:
+        DiskFullError: the file system ran out of space (the old file is untouched, the temp file removed).
+    """
+    with _replacing(Path(path), "Free space there and retry.") as (fd, tmp):
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, then: str) -> Iterator[tuple[int, str]]:
+    """A temp file ``(fd, name)`` beside ``path`` that replaces ``path`` when the block succeeds and is removed
+    when it fails; a full disk becomes :class:`DiskFullError` (``then``: what to do about it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        yield fd, tmp
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -293,8 +338,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
             raise DiskFullError(
                 f"no space left on device while writing {path.name} in {path.parent} ({free / 2**30:.2f} GiB "
-                f"free); the previous {path.name}, if any, is intact. Free space there (README: checkpoint "
-                "retention and sizes) and resume with -r."
+                f"free); the previous {path.name}, if any, is intact. {then}"
             ) from None
         raise
 

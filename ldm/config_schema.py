@@ -33,6 +33,7 @@ import difflib
 import enum
 import importlib
 import inspect
+import logging
 import pathlib
 import textwrap
 import types
@@ -41,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt", "Probability",
            "Range", "accepted_params", "annotations_of", "check_params", "check_tree", "check_value", "describe_range",
@@ -112,13 +115,40 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+#: ldm configs name the training callbacks ``main.<Name>`` (they lived in ldm's ``main.py``); here they live in
+#: this package, and ``main.py`` only re-exports them
+LDM_MAIN_MODULE = "main"
+CALLBACKS_MODULE = "ldm.callbacks"
+
+
+def _ldm_main_target(module: str, name: str) -> Any | None:
+    """``ldm.callbacks.<name>`` for an ldm ``main.<name>`` target, else None.
+
+    COMPAT (docs/DECISIONS.md D10): official configs say ``main.ImageLogger``. ``import main`` works only from the
+    repository root (or with it on PYTHONPATH) and, elsewhere, may import an unrelated ``main.py`` of the working
+    directory; the names ``main.py`` re-exports resolve to the same objects in ``ldm.callbacks`` from anywhere.
+    A ``main.X`` that ``ldm.callbacks`` lacks is imported from ``main`` as written.
+    """
+    if module != LDM_MAIN_MODULE:
+        return None
+    callbacks = importlib.import_module(CALLBACKS_MODULE)
+    obj = getattr(callbacks, name, None)
+    if obj is not None:
+        log.debug("target '%s.%s' resolved to '%s.%s' (ldm config compatibility)", module, name,
+                  CALLBACKS_MODULE, name)
+    return obj
+
+
 def get_obj_from_str(string: str) -> Any:
-    """Import ``"pkg.module.Name"`` and return ``Name``."""
+    """Import ``"pkg.module.Name"`` and return ``Name`` (ldm's ``main.<callback>`` targets: see below)."""
     if not isinstance(string, str):
         raise ConfigError(f"target must be a dotted path string like 'pkg.module.Class', got {string!r}")
     module, _, name = string.rpartition(".")
     if not module:
         raise ConfigError(f"target '{string}' is not a dotted path like 'pkg.module.Class'")
+    compat = _ldm_main_target(module, name)
+    if compat is not None:
+        return compat
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -45,7 +45,7 @@ CLASSES = [
     ("data.params.train / validation / test", "ldm.data.split_config.SplitConfig"),
     ("data.params.*.postprocess", "ldm.data.laion.AddMask"),
     ("data", "ldm.data.synthetic.SyntheticInpaintData"),
-    ("lightning.callbacks.image_logger", "main.ImageLogger"),
+    ("lightning.callbacks.image_logger", "ldm.callbacks.ImageLogger"),
     ("lightning.callbacks.image_logger.params.log_images_kwargs", "ldm.models.diffusion.visualize.log_images"),
     ("lightning.callbacks.fixed_batch_loss", "ldm.fixed_batch.FixedBatchLoss"),
 ]

@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
 
+from ldm.checkpoint import check_checkpoint_path  # noqa: E402
 from ldm.data.masks import get_mask_generator  # noqa: E402
 from ldm.eval.data import (  # noqa: E402
     DEFAULT_MASK_MODES,
@@ -105,8 +106,9 @@ from ldm.eval.feature_metrics import (  # noqa: E402
 from ldm.eval.report import write_curves, write_grids, write_json, write_tables  # noqa: E402
 from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol  # noqa: E402
 from ldm.eval.shard import Shard, close_shard, init_shard  # noqa: E402
-from ldm.models.diffusion.schedule import ddim_timesteps  # noqa: E402
-from ldm.util import load_config  # noqa: E402
+from ldm.inference import resolve_device, schedule_length  # noqa: E402
+from ldm.models.diffusion.sampling import check_steps  # noqa: E402
+from ldm.paths import output_folder  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -150,21 +152,6 @@ def feature_metrics(args: argparse.Namespace, shard: Shard) -> FeatureMetrics:
     return feats
 
 
-def check_schedule(sampler: str, steps: int, config: str) -> None:
-    """DDIM's step grid must fit the model's schedule (``--steps 3`` of 1000 indexes past it): checked on the
-    config, before any checkpoint is hashed or loaded."""
-    model = load_config([config]).get("model")  # also: the config exists and parses
-    if model is None:
-        raise ValueError(f"{config}: no 'model' section")
-    if sampler != "ddim":
-        return
-    timesteps = int((model.get("params") or {}).get("timesteps", 1000))
-    try:
-        ddim_timesteps(steps, timesteps)
-    except ValueError as e:
-        raise ValueError(f"--steps {steps} --sampler ddim with {config} ({timesteps} timesteps): {e}") from None
-
-
 def make_protocol(args: argparse.Namespace) -> Protocol:
     return Protocol(tuple(args.scales), args.sampler, args.steps, args.eta, args.precision, args.paste_back,
                     args.seed)
@@ -174,6 +161,8 @@ def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
     """Validate the whole protocol before any image is read, any checkpoint hashed or any network loaded:
     sizes, counts, scales, sampler settings at every scale, DDIM steps against every model config, mask
     presets, and that every file named exists. Returns the checkpoint specs."""
+    output_folder(args.out, "--out")
+    resolve_device(args.device)  # a device this machine lacks fails here, not after loading a model
     if args.size < 64 or args.size % 64:
         raise ValueError(f"--size {args.size}: must be a positive multiple of 64")
     if args.steps < 1 or args.grid_images < 0:
@@ -197,9 +186,9 @@ def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
         get_mask_generator(mode)  # an unknown name lists the valid ones
     specs = checkpoint_specs(args)
     for spec in specs:
-        if not Path(spec.ckpt).is_file():
-            raise ValueError(f"--ckpt {spec.ckpt}: file not found")
-        check_schedule(args.sampler, args.steps, spec.config)
+        check_checkpoint_path(spec.ckpt)
+    for length in sorted({schedule_length(spec.config) for spec in specs}):
+        check_steps(args.sampler, args.steps, length)  # a step count the sampler refuses fails before loading
     for flag, value, what in (("--inception", args.inception, "FID"),
                               ("--fid-torchvision", args.fid_torchvision, "FID (torchvision variant)"),
                               ("--lpips-alexnet", args.lpips_alexnet, "LPIPS"),
@@ -210,8 +199,6 @@ def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
         clip_arch(args.clip_arch)
     if args.images and not Path(args.images).is_dir():
         raise ValueError(f"--images {args.images}: folder not found")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
     return specs
 
 

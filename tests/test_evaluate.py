@@ -179,6 +179,7 @@ def test_model_card_protocol_two_checkpoints_resumes(checkpoints, image_dir, wei
     assert evaluate_script.main(argv) == 0
     results = {name: json.loads((out / f"{name}.json").read_text()) for name in ("a", "b")}
     for res in results.values():
+        assert res["sampling"]["steps"] == res["sampling"]["steps_run"] == 2  # asked for, and really run
         assert res["samples_drawn"] == 8 and [(g["scale"], g["mask"]) for g in res["groups"]] == [
             (s, m) for s in (2.0, 5.0) for m in MODES]
         for s in res["samples"]:  # masked PSNR recomputed independently from the PNGs on disk
@@ -268,7 +269,7 @@ def test_evaluate_script_rejects_bad_arguments(checkpoints, image_dir, tmp_path,
     assert evaluate_script.main([*base[:-1], "100", "--ckpt", a]) == 2
     assert evaluate_script.main([*base, "--ckpt", a, "--masks", "no-such-preset"]) == 2
     assert evaluate_script.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
-    assert "missing.ckpt: file not found" in caplog.text
+    assert "checkpoint not found" in caplog.text and "missing.ckpt" in caplog.text  # checked before loading
     assert evaluate_script.main([*base, "--ckpt", a, "--inception", str(tmp_path / "nope.pth")]) == 2
     # the same --out with other masks: refused instead of mixing two held-out sets
     assert evaluate_script.main([*base, "--ckpt", a, "--scales", "3"]) == 0

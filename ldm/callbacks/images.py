@@ -97,8 +97,8 @@ class ImageLogger(pl.Callback):
         from ldm.grids import labelled_grid
 
         seed = self.log_images_kwargs.get("seed", 0)
-        names = {"inputs": "input", "masked_image": "masked input", "samples": f"scale 1, seed {seed}"}
-        headers = [names.get(k, f"scale {float(k.rsplit('_', 1)[1]):g}, seed {seed}"
+        names = {"inputs": "input", "masked_image": "masked input", "samples": f"s=1 seed {seed}"}
+        headers = [names.get(k, f"s={float(k.rsplit('_', 1)[1]):g} seed {seed}"
                              if k.startswith("samples_cfg_scale_") else k) for k in images]
         n = min(self.max_images, *(len(b) for b in images.values()))
         return labelled_grid([[self.to_grid(b[i : i + 1]) for b in images.values()] for i in range(n)], headers)

@@ -158,7 +158,7 @@ class HeldOutEvaluation(pl.Callback):
                  *(outs[i] for outs in outputs.values())] for i, it in enumerate(self.fixed.items)]
         opts = self.options
         headers = ["input", "mask", "masked input",
-                   *(f"{w.upper() if w == 'ema' else w} ({opts.sampler} {opts.steps}, scale {opts.scale:g})"
+                   *(f"{w.upper() if w == 'ema' else w} {opts.sampler} {opts.steps} s={opts.scale:g}"
                      for w in outputs)]
         row_labels = [f"{it.key} (seed {it.seed})" for it in self.fixed.items]
         return labelled_grid(rows, headers=headers, row_labels=row_labels)

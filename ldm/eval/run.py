@@ -46,7 +46,8 @@ from ldm.eval.feature_metrics import (
 from ldm.eval.metrics import region_metrics
 from ldm.eval.shard import Shard
 from ldm.image_io import load_mask, load_rgb
-from ldm.inference import SamplingOptions, inpaint, load_model
+from ldm.inference import SamplingOptions, inpaint, load_model, schedule_length
+from ldm.models.diffusion.sampling import get_sampler
 from ldm.util import load_config
 
 log = logging.getLogger(__name__)
@@ -307,7 +308,9 @@ def evaluate_checkpoint(
         "config": spec.config,
         "run": run,
         **(model or {"used_ema": None, "parameterization": None, "global_step": None}),
-        "sampling": protocol.sampling(),
+        # besides the count asked for, the steps the sampler really runs (DDIM's grid: 45 asked -> 46)
+        "sampling": {**protocol.sampling(), "steps_run": get_sampler(protocol.sampler).steps_run(
+            protocol.steps, schedule_length(spec.config))},
         "scales": list(protocol.scales),
         "seed": protocol.seed,
         "num_images": len(images),

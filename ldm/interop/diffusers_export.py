@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -315,18 +318,48 @@ def export_diffusers(
     Args:
         sd: LatentDiffusion state dict in the official layout (see ``ldm_format.select_weights``).
         model_config: the ``model`` section of the ldm config (``target``/``params``).
-        out_dir: folder to create (existing files are overwritten).
+        out_dir: folder to create. It is written as a temp folder beside it and renamed into place, so a crash
+            never leaves a half-written pipeline; an existing folder is replaced as a whole (the caller decides
+            whether that is allowed: ``ldm.paths.export_folder``).
         dtype: optional floating-point cast of the network weights (the scheduler is JSON, computed by diffusers).
         pad_token: tokenizer pad token (see :func:`write_tokenizer`).
         scale_factor: the VAE ``scaling_factor``; None takes ``sd["scale_factor"]`` (the learned buffer of a
             ``scale_by_std`` run) when present, else the config's.
         provenance: record stored in every weight file's metadata (:mod:`ldm.provenance`).
     """
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        prediction_type = _write_pipeline(sd, model_config, out, dtype, pad_token, scale_factor, provenance)
+        _replace_folder(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    log.info("wrote diffusers folder %s (prediction_type %s)", final, prediction_type)
+    return final
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Rename ``new`` to ``final``; an existing ``final`` is moved aside first and deleted once ``new`` is in place."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.replace(final, old)  # a directory replaces an empty directory
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_pipeline(
+    sd: Mapping[str, torch.Tensor], model_config: Mapping[str, Any], out: Path, dtype: torch.dtype | None,
+    pad_token: str, scale_factor: float | None, provenance: Mapping[str, Any] | None,
+) -> str:
+    """Write the pipeline's files into ``out``; returns the scheduler's prediction type."""
     from safetensors.torch import save_file
 
     from ldm import provenance as prov
 
-    out = Path(out_dir)
     if scale_factor is None and "scale_factor" in sd:
         scale_factor = float(sd["scale_factor"])
     configs = diffusers_configs(model_config, scale_factor)
@@ -346,6 +379,4 @@ def export_diffusers(
         save_file(tensors, str(out / rel), metadata=meta)
     write_tokenizer(out / "tokenizer", pad_token=pad_token,
                     max_length=int(configs["text_encoder/config.json"]["max_position_embeddings"]))
-    log.info("wrote diffusers folder %s (prediction_type %s)", out,
-             configs["scheduler/scheduler_config.json"]["prediction_type"])
-    return out
+    return configs["scheduler/scheduler_config.json"]["prediction_type"]

@@ -137,6 +137,8 @@ class CheckpointMixin:
         checkpoint[provenance.PARAMETERIZATION_KEY] = self.parameterization
         checkpoint[provenance.PROVENANCE_KEY] = provenance.record(self.parameterization, float(self.scale_factor),
                                                                   self.run_config)
+        # model.diffusion_model.* of a training checkpoint are the trained weights; an EMA copy is model_ema.*
+        checkpoint[provenance.PROVENANCE_KEY]["unet_weights"] = "raw"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume: check that the checkpoint was trained like this config says, and let the config's EMA decay win."""

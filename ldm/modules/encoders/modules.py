@@ -93,6 +93,11 @@ def _cached_pretrained_file(arch: str, tag: str) -> str | None:
 
 
 def _download_hint(arch: str, tag: str | None) -> str:
+    """What to do about missing text-encoder weights: where to get them, or why there are none to get."""
+    if arch.endswith(".json"):  # a local architecture file (load_text_config): nobody released weights for it
+        return (f"arch={arch!r} is a local architecture file (a test/demo architecture): it has no released "
+                "weights, so random weights are expected in tiny and demo runs. "
+                "For a real model use an open_clip model name such as 'ViT-H-14' with its weights.")
     cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if cfg.get("hf_hub"):
         parts = cfg["hf_hub"].split("/")
@@ -100,7 +105,9 @@ def _download_hint(arch: str, tag: str | None) -> str:
     elif cfg.get("url"):
         what = cfg["url"]
     else:
-        what = f"an open_clip state dict (.bin/.pt/.safetensors) matching arch={arch!r}"
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        released = f" (open_clip's released tags for it: {', '.join(tags)})" if tags else ""
+        what = f"an open_clip state dict (.bin/.pt/.safetensors) matching arch={arch!r}{released}"
     return f"Download {what} and set cond_stage_config.params.version to the local file path."
 
 
