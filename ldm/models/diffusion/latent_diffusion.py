@@ -115,6 +115,8 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         channels_last: keep the UNet weights and inputs in channels-last memory format (faster convs on GPUs).
         compile_unet: ``torch.compile`` the UNet in place (``nn.Module.compile``: state-dict keys unchanged);
             True for defaults or a dict of ``torch.compile`` keyword arguments.
+        compile_first_stage_encoder: the same for the frozen VAE encoder, which runs twice per training sample;
+            on an H200 it made the encode 2.6x faster (docs/BENCHMARKS.md, "GPU check").
         shard_optimizer_state: under multi-process DDP, shard the AdamW state across ranks (ZeRO-1 via
             ``torch.distributed.optim.ZeroRedundancyOptimizer``); plain AdamW on a single process.
         latent_moments_key: batch key of precomputed VAE posterior moments of the image (B x 8 x h x w, written
@@ -175,6 +177,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         make_it_fit: bool = False,
         channels_last: bool = False,
         compile_unet: bool | Mapping[str, Any] = False,
+        compile_first_stage_encoder: bool | Mapping[str, Any] = False,
         latent_moments_key: str = "latent_moments",
         shard_optimizer_state: bool = False,
     ) -> None:
@@ -220,13 +223,14 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if compile_unet:
-            self.model.diffusion_model.compile(**(dict(compile_unet) if isinstance(compile_unet, Mapping) else {}))
+        wiring.compile_in_place(self.model.diffusion_model, compile_unet)
         self.latent_moments_key = latent_moments_key
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
         self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        wiring.compile_in_place(getattr(self.first_stage_model, "encoder", None), compile_first_stage_encoder,
+                                "model.params.compile_first_stage_encoder")
         self.cond_stage_model = self._build_cond_stage(cond_stage_config)
         wiring.check_context_dim(unet_config, self.cond_stage_model, conditioning_key)
 

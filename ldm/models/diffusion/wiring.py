@@ -1,4 +1,5 @@
-"""Start-up checks that the parts of a ``LatentDiffusion`` config fit together (channels, widths).
+"""Start-up checks that the parts of a ``LatentDiffusion`` config fit together (channels, widths), and the
+in-place ``torch.compile`` of its parts.
 
 Each part's own config can be valid while the parts disagree: a UNet whose ``in_channels`` is not the latent plus
 the concatenated conditioning, a VAE with another latent width than ``channels``, a cross-attention width that is
@@ -88,3 +89,14 @@ def check_context_dim(unet_config: Any, cond_stage_model: torch.nn.Module | None
 
 
 __all__ = ["CONCAT_KEYS", "CROSSATTN_KEYS", "check_channels", "check_context_dim"]
+
+
+def compile_in_place(module: torch.nn.Module | None, option: bool | Mapping[str, Any],
+                     key: str = "model.params.compile_unet") -> None:
+    """``torch.compile`` ``module`` in place when ``option`` is True (defaults) or a dict of compile keyword
+    arguments. ``nn.Module.compile`` keeps the state-dict keys, so checkpoints do not change."""
+    if not option:
+        return
+    if module is None:
+        raise ConfigError(f"{key} is set but the model has no such part to compile; remove {key}")
+    module.compile(**(dict(option) if isinstance(option, Mapping) else {}))
