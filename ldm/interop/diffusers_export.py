@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -315,7 +316,9 @@ def export_diffusers(
     Args:
         sd: LatentDiffusion state dict in the official layout (see ``ldm_format.select_weights``).
         model_config: the ``model`` section of the ldm config (``target``/``params``).
-        out_dir: folder to create (existing files are overwritten).
+        out_dir: folder to create. It is written as a sibling temp folder and renamed into place when complete; an
+            existing export there is replaced whole (any other non-empty folder is refused). A full disk or an
+            unwritable location is one line naming the folder (:mod:`ldm.atomic`).
         dtype: optional floating-point cast of the network weights (the scheduler is JSON, computed by diffusers).
         pad_token: tokenizer pad token (see :func:`write_tokenizer`).
         scale_factor: the VAE ``scaling_factor``; None takes ``sd["scale_factor"]`` (the learned buffer of a
@@ -325,8 +328,13 @@ def export_diffusers(
     from safetensors.torch import save_file
 
     from ldm import provenance as prov
+    from ldm.atomic import atomic_directory
+    from ldm.interop.ldm_format import EXPORT_HINT
 
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." has no name to put a sibling temp folder beside
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise ValueError(f"--diffusers {out_dir}: that folder exists and is not a diffusers pipeline (no "
+                         "model_index.json); an export replaces its folder whole, so choose a new or empty folder")
     if scale_factor is None and "scale_factor" in sd:
         scale_factor = float(sd["scale_factor"])
     configs = diffusers_configs(model_config, scale_factor)
@@ -337,15 +345,16 @@ def export_diffusers(
     weights = convert_to_diffusers(sd, configs)
     files = {"unet": "unet/diffusion_pytorch_model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors",
              "text_encoder": "text_encoder/model.safetensors"}
-    for rel, cfg in configs.items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_text(json.dumps(cfg, indent=2) + "\n")
-    for name, rel in files.items():
-        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-                   for k, v in weights[name].items()}
-        save_file(tensors, str(out / rel), metadata=meta)
-    write_tokenizer(out / "tokenizer", pad_token=pad_token,
-                    max_length=int(configs["text_encoder/config.json"]["max_position_embeddings"]))
+    with atomic_directory(out, hint=EXPORT_HINT) as tmp:  # a failure never leaves a half-written pipeline folder
+        for rel, cfg in configs.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(json.dumps(cfg, indent=2) + "\n")
+        for name, rel in files.items():
+            tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                       for k, v in weights[name].items()}
+            save_file(tensors, str(tmp / rel), metadata=meta)
+        write_tokenizer(tmp / "tokenizer", pad_token=pad_token,
+                        max_length=int(configs["text_encoder/config.json"]["max_position_embeddings"]))
     log.info("wrote diffusers folder %s (prediction_type %s)", out,
              configs["scheduler/scheduler_config.json"]["prediction_type"])
     return out
