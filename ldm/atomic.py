@@ -1,8 +1,8 @@
 """Writing files so that a crash, a kill or a full disk never leaves a partial one where a reader looks.
 
 * :func:`atomic_file` writes a temp file beside the target (``.<name>.<random>.tmp``, created with the permissions
-  a plain ``open()`` gives: 0666 minus the umask, or those of the file it replaces), fsyncs it and renames it over
-  the target. :func:`atomic_torch_save` (training checkpoints through :func:`ldm.checkpoint.atomic_checkpoint_io`,
+  a plain ``open()`` gives a new file: 0666 minus the umask), fsyncs it and renames it over the target.
+  :func:`atomic_torch_save` (training checkpoints through :func:`ldm.checkpoint.atomic_checkpoint_io`,
   ``.ckpt`` exports) and :func:`atomic_safetensors_save` (``.safetensors`` exports) go through it.
 * :func:`atomic_directory` does the same for a folder (the diffusers export): a sibling temp folder, renamed into
   place when complete.
@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,19 +81,16 @@ def _temp_name(path: Path, suffix: str = ".tmp") -> Path:
 
 
 def _new_file(path: Path) -> tuple[int, Path]:
-    """Create a temp file beside ``path`` the way ``open(path, "w")`` would: permissions 0666 minus the umask (the
-    kernel applies it), or those of the file being replaced. ``tempfile.mkstemp`` would create it 0600, making
-    checkpoints and exports of a shared run unreadable to teammates whatever their umask."""
+    """Create a temp file beside ``path`` with the permissions ``open(path, "w")`` gives a new file: 0666 minus the
+    umask, applied by the kernel. (``tempfile.mkstemp`` creates 0600, which made the checkpoints and exports of a
+    shared run unreadable to teammates whatever their umask.) The file replaced gets these permissions too, not
+    its own: a ``chmod`` of ``last.ckpt`` lasts until the next save."""
     while True:
         tmp = _temp_name(path)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:  # 32 random bits collided; draw again
             continue
-    if path.exists():
-        os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
-    return fd, tmp
 
 
 def _fsync_dir(directory: Path) -> None:
