@@ -121,9 +121,9 @@ def run(argv: list[str]) -> int:
     if dirs.resume_ckpt is not None:
         if dirs.inherited:
             more = f" (and {len(dirs.inherited) - 8} more)" if len(dirs.inherited) > 8 else ""
-            log.warning("resume: inheriting %d change(s) made to the run's config by earlier resumes: %s%s. Override "
-                        "them on the command line to change them (README: What -r does)", len(dirs.inherited),
-                        "; ".join(dirs.inherited[:8]), more)
+            log.warning("resume: starting from %s, which carries %d change(s) that earlier resumes made to the run's "
+                        "config: %s%s. Override them on the command line to change them (README: What -r does)",
+                        dirs.resume_configs[0], len(dirs.inherited), "; ".join(dirs.inherited[:8]), more)
         changes = config_changes(load_config(dirs.resume_configs), cfg)
         record = {"command_line": {"base": list(opt.base), "overrides": list(unknown)}, "changes": changes}
     if cfg.get("model") is None:

@@ -118,26 +118,31 @@ def resume_configs(cfgdir: Path) -> tuple[list[Path], list[str]]:
         return base, []
     stamp = projects[-1].name[: -len("-project.yaml")]
     latest = [p for p in (projects[-1], cfgdir / RESUMES / f"{stamp}-lightning.yaml") if p.is_file()]
-    changes = config_changes(load_config(base), load_config(latest)) if base else []
-    return latest, [f"{c} ({RESUMES}/{stamp})" for c in changes]
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
-        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
+    return latest, config_changes(load_config(base), load_config(latest)) if base else []
 
 
 #: keys that differ between a run's config and its resumes by construction (a resume never loads ckpt_path)
 NOT_CHANGES = ("model.params.ckpt_path",)
+_UNSET = object()
+
+
+def _short(value: Any) -> str:
+    text = "<unset>" if value is _UNSET else "{...}" if isinstance(value, dict) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _diff(a: Any, b: Any, key: str) -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(a.keys() | b.keys(), key=str):
+            yield from _diff(a.get(k, _UNSET), b.get(k, _UNSET), f"{key}.{k}" if key else str(k))
+    elif a != b and key not in NOT_CHANGES:
+        yield f"{key}: {_short(a)} -> {_short(b)}"
 
 
 def config_changes(before: DictConfig, after: DictConfig) -> list[str]:
-    """``key: old -> new`` for every leaf that differs (``<unset>`` for an added or deleted key)."""
-    a, b = (_flat(OmegaConf.to_container(c, resolve=False)) for c in (before, after))
-    unset = "<unset>"
-    return [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in sorted(a.keys() | b.keys())
-            if a.get(k, unset) != b.get(k, unset) and k not in NOT_CHANGES]
+    """``key: old -> new`` for every setting that differs (``<unset>`` for an added or deleted key, ``{...}`` for
+    a section)."""
+    return list(_diff(*(OmegaConf.to_container(c, resolve=False) for c in (before, after)), ""))
 
 
 def resume_has_steps_left(dirs: RunDirs, lightning_cfg: DictConfig) -> bool:
