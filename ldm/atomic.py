@@ -80,11 +80,24 @@ def _temp_name(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
 
 
+def default_file_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file: 0666 minus the process umask."""
+    try:  # Linux >= 4.7 reports the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (and put it straight back)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _new_file(path: Path) -> tuple[int, Path]:
     """Create a temp file beside ``path`` with the permissions ``open(path, "w")`` gives a new file: 0666 minus the
-    umask, applied by the kernel. (``tempfile.mkstemp`` creates 0600, which made the checkpoints and exports of a
-    shared run unreadable to teammates whatever their umask.) The file replaced gets these permissions too, not
-    its own: a ``chmod`` of ``last.ckpt`` lasts until the next save."""
+    umask, applied by the kernel. (``tempfile.mkstemp`` and safetensors' writer create 0600, which made the
+    checkpoints and exports of a shared run unreadable to teammates whatever their umask.) The file replaced gets
+    these permissions too, not its own: a ``chmod`` of ``last.ckpt`` lasts until the next save."""
     while True:
         tmp = _temp_name(path)
         try:
@@ -126,6 +139,7 @@ def atomic_file(path: str | Path, hint: str = "") -> Iterator[tuple[int, Path]]:
         raise write_error(e, path, existed, hint) from None
     try:
         yield fd, tmp
+        os.chmod(tmp, default_file_mode())  # a writer that made its own file (safetensors: 0600) gets open()'s mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -165,8 +179,10 @@ def atomic_directory(path: str | Path, hint: str = "") -> Iterator[Path]:
         raise write_error(e, path, existed, hint) from None
     try:
         yield tmp
+        mode = default_file_mode()
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
+                os.chmod(f, mode)  # safetensors writes its files 0600
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         old = _temp_name(path, ".old") if existed else None
