@@ -143,6 +143,9 @@ def run(argv: list[str]) -> int:
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None,
                             resume_record=record)
     model = instantiate_from_config(cfg.model, where="model")
+    for callback in trainer.callbacks:  # options a callback passes to the model (ImageLogger's log_images_kwargs)
+        if callable(getattr(callback, "check_model", None)):
+            callback.check_model(model)
     explain_eval_modules(model)
     # every checkpoint records the resolved config it was trained with (ldm.provenance)
     model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)

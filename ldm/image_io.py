@@ -3,7 +3,8 @@
 Conventions: images are ``H x W x 3`` uint8 RGB arrays, decoded by the project's one rule (``ldm.data.rgb``:
 every PIL mode to 8-bit RGB, alpha composited on white); masks are ``H x W`` float32 in [0, 1] where white (1)
 marks the pixels to inpaint (samplers binarise at 0.5). Every bad input raises ``ValueError`` naming the file
-and what to do. Left out: EXIF orientation and colour management.
+and what to do. Image and mask files are turned upright by their EXIF orientation, as every viewer shows them
+(``ldm.data.rgb``), so a mask painted on the displayed photo fits it. Left out: colour management.
 
 **Mask rule** (:func:`mask_from_image`), the same for grey, RGB, palette, RGBA and LA files: the mask is what the
 file shows *composited on black*, as luminance (white = hole; black or transparent = keep). One exception: when
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ldm.data.rgb import open_rgb, to_rgb8
+from ldm.data.rgb import apply_orientation, open_rgb, to_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _open(path: str | Path, what: str) -> Image.Image:
         img.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{what} file {path} is not a readable image ({e})") from e
-    return img
+    return apply_orientation(img)  # as displayed, like the image it belongs to (ldm.data.rgb)
 
 
 def load_rgb(path: str | Path) -> np.ndarray:

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
 from ldm.callbacks.rundir import RESUMES
 from ldm.checkpoint import atomic_checkpoint_io
-from ldm.config_schema import check_params, check_tree, check_value, suggest
+from ldm.config_schema import PositiveFloat, PositiveInt, check_params, check_tree, check_value, suggest
 from ldm.resume import check_file, pick, remove_orphans
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 
@@ -199,14 +199,19 @@ def check_writable(logdir: Path) -> None:
 
 
 #: keys of the ``model`` section besides ``target``/``params``, with their types
-MODEL_KEYS: dict[str, Any] = {"base_learning_rate": float}
+MODEL_KEYS: dict[str, Any] = {"base_learning_rate": PositiveFloat}
 #: the scalar keys of the ``lightning`` section, with their types
-LIGHTNING_TYPES: dict[str, Any] = {"find_unused_parameters": bool, "ddp_bucket_cap_mb": int,
-                                   "ddp_static_graph": bool, "flops_per_sample": float | None}
+LIGHTNING_TYPES: dict[str, Any] = {"find_unused_parameters": bool, "ddp_bucket_cap_mb": PositiveInt,
+                                   "ddp_static_graph": bool, "flops_per_sample": PositiveFloat | None}
 
 
-def _section(tree: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+def _section(tree: dict[str, Any], key: str, where: str, null_ok: bool = False) -> dict[str, Any]:
+    """The mapping at ``tree[key]`` ({} when absent). A null section is an error unless ``null_ok`` (``params``):
+    it would silently drop every shipped setting under it, which deleting the key says explicitly."""
     value = tree.get(key)
+    if value is None and key in tree and not null_ok:
+        raise ConfigError(f"{where}: expected a mapping, got null; to use the defaults delete the key (override "
+                          f"~{where}), or give it values")
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -279,13 +284,13 @@ def check_sections(cfg: DictConfig) -> None:
     for key in modelcheckpoint:
         if key not in ("target", "params"):
             raise ConfigError(f"lightning.modelcheckpoint.{key}: unknown key{suggest(key, ['params'])}")
-    _check_checkpoint_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params"),
-                             "lightning.modelcheckpoint.params")
+    _check_checkpoint_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params",
+                                                       null_ok=True), "lightning.modelcheckpoint.params")
     callbacks = _section(lightning, "callbacks", "lightning.callbacks")
     snapshot = callbacks.get("metrics_over_trainsteps_checkpoint")
     if isinstance(snapshot, dict):  # its params go to a weights-only ModelCheckpoint
         _check_checkpoint_params(ModelCheckpoint, _section(snapshot, "params", "lightning.callbacks."
-                                                           "metrics_over_trainsteps_checkpoint.params"),
+                                                           "metrics_over_trainsteps_checkpoint.params", null_ok=True),
                                  "lightning.callbacks.metrics_over_trainsteps_checkpoint.params")
     _check_named_targets({k: v for k, v in callbacks.items() if k != "metrics_over_trainsteps_checkpoint"},
                          "lightning.callbacks")

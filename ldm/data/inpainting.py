@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
+from ldm.config_schema import NonNegativeInt, Probability, Range
 from ldm.data.masks import (
     MASK_MODES,
     MaskGenerator,
@@ -59,9 +60,9 @@ class AddMask:
     def __init__(
         self,
         mode: MaskMode | Mapping[str, Any] = "512train",
-        p_drop: float = 0.0,
-        max_coverage: float | None = None,
-        seed: int = 0,
+        p_drop: Probability = 0.0,
+        max_coverage: Annotated[float, Range(0, 1, lo_open=True)] | None = None,
+        seed: NonNegativeInt = 0,
         image_key: str = "jpg",
     ) -> None:
         if not 0.0 <= p_drop <= 1.0:

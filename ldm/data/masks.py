@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.config_schema import NonNegativeInt, PositiveInt, Probability, Range
 from ldm.util import ConfigError
 
 if TYPE_CHECKING:
@@ -78,13 +79,13 @@ class SDMask:
         margin: Minimum distance in pixels between a box's top-left corner and the image border.
     """
 
-    p_irregular: float
-    strokes: tuple[int, int]
-    max_len: int
-    max_width: int
-    boxes: tuple[int, int] = (1, 4)
-    box_side: tuple[int, int] = (30, 150)
-    margin: int = 10
+    p_irregular: Probability
+    strokes: tuple[NonNegativeInt, PositiveInt]
+    max_len: PositiveInt
+    max_width: PositiveInt
+    boxes: tuple[NonNegativeInt, PositiveInt] = (1, 4)
+    box_side: tuple[PositiveInt, PositiveInt] = (30, 150)
+    margin: NonNegativeInt = 10
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         img, draw = _canvas(height, width)
@@ -137,11 +138,11 @@ class LamaIrregularMask:
         max_times: Configured maximum number of strokes (effective maximum is ``max_times + 1``).
     """
 
-    max_angle: int = 4
-    max_len: int = 60
-    max_width: int = 20
-    min_times: int = 0
-    max_times: int = 10
+    max_angle: PositiveInt = 4
+    max_len: PositiveInt = 60
+    max_width: PositiveInt = 20
+    min_times: NonNegativeInt = 0
+    max_times: NonNegativeInt = 10
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         img, draw = _canvas(height, width)
@@ -191,11 +192,11 @@ class LamaBoxMask:
         max_times: Maximum number of boxes (inclusive).
     """
 
-    margin: int = 10
-    min_size: int = 30
-    max_size: int = 100
-    min_times: int = 0
-    max_times: int = 3
+    margin: NonNegativeInt = 10
+    min_size: PositiveInt = 30
+    max_size: PositiveInt = 100
+    min_times: NonNegativeInt = 0
+    max_times: NonNegativeInt = 3
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         mask = np.zeros((height, width), np.float32)
@@ -222,9 +223,9 @@ class OutpaintingMask:
         p_side: Probability that each of the four sides gets a band.
     """
 
-    min_frac: float = 0.04
-    max_frac: float = 0.25
-    p_side: float = 0.5
+    min_frac: Probability = 0.04
+    max_frac: Probability = 0.25
+    p_side: Probability = 0.5
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         mask = np.zeros((height, width), np.float32)
@@ -256,7 +257,7 @@ class MixedMask:
 
     generators: tuple[MaskGenerator, ...]
     weights: tuple[float, ...]
-    invert_proba: float = 0.0
+    invert_proba: Probability = 0.0
 
     def __post_init__(self) -> None:
         if len(self.generators) != len(self.weights) or not self.generators:
@@ -287,8 +288,8 @@ class MaxCoverage:
     """
 
     base: MaskGenerator
-    max_fraction: float = 0.5
-    max_tries: int = 1000
+    max_fraction: Annotated[float, Range(0, 1, lo_open=True)] = 0.5
+    max_tries: PositiveInt = 1000
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         for _ in range(self.max_tries):

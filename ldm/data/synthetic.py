@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ldm.config_schema import NonNegativeInt, PositiveInt, Probability
 from ldm.data.masks import MaskMode, binarize_mask, full_mask, get_mask_generator, masked_image
 
 COLOURS = {"red": (1.0, -0.6, -0.6), "green": (-0.6, 1.0, -0.6), "blue": (-0.6, -0.6, 1.0),
@@ -75,8 +76,8 @@ class SyntheticInpaintData(pl.LightningDataModule):
         val_batches: number of validation batches (a fixed, finite set).
     """
 
-    def __init__(self, batch_size: int = 4, size: int = 64, mask_mode: MaskMode = "512train-large",
-                 p_drop: float = 0.25, seed: int = 0, val_batches: int = 2) -> None:
+    def __init__(self, batch_size: PositiveInt = 4, size: PositiveInt = 64, mask_mode: MaskMode = "512train-large",
+                 p_drop: Probability = 0.25, seed: NonNegativeInt = 0, val_batches: NonNegativeInt = 2) -> None:
         super().__init__()
         get_mask_generator(mask_mode)  # fail at construction on an unknown mode
         self.batch_size, self.size, self.mask_mode, self.p_drop = batch_size, size, mask_mode, p_drop

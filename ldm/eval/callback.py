@@ -26,6 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.config_schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from ldm.data.masks import is_hole
 from ldm.eval.fixed_set import FixedSet, build_fixed_set, load_fixed_set
 from ldm.eval.metrics import region_metrics
@@ -55,8 +56,9 @@ class HeldOutEvaluation(pl.Callback):
         logdir: run directory for the PNG grids and ``metrics.jsonl`` (default: the trainer's log directory).
     """
 
-    def __init__(self, set_dir: str, every_n_steps: int = 5000, shards: str | None = None, num_images: int = 8,
-                 size: int = 512, seed: int = 0, steps: int = 50, scale: float = 5.0, sampler: str = "ddim",
+    def __init__(self, set_dir: str, every_n_steps: PositiveInt = 5000, shards: str | None = None,
+                 num_images: PositiveInt = 8, size: PositiveInt = 512, seed: NonNegativeInt = 0,
+                 steps: PositiveInt = 50, scale: NonNegativeFloat = 5.0, sampler: str = "ddim",
                  precision: str = "fp32", log_first_step: bool = False, logdir: str | None = None) -> None:
         super().__init__()
         if every_n_steps < 1:

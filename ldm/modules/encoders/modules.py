@@ -22,6 +22,7 @@ from torch import nn
 
 from ldm import compat
 from ldm.checkpoint import load_state_dict_file
+from ldm.config_schema import PositiveInt
 from ldm.modules.random_weights import note_random, reports_random_weights
 from ldm.util import ConfigError
 
@@ -133,7 +134,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         arch: str = "ViT-H-14",
         version: str | None = "laion2b_s32b_b79k",
         device: str = "cuda",
-        max_length: int = 77,
+        max_length: PositiveInt = 77,
         freeze: bool = True,
         layer: Literal["last", "penultimate"] = "last",
     ) -> None:
@@ -202,6 +203,11 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             raise ValueError(f"version={str(path)!r} does not fit arch's text tower: {e}") from e
         log.info("FrozenOpenCLIPEmbedder: loaded %d text tensors from %s (%d other keys dropped)",
                  len(text_sd), path, len(sd) - len(text_sd))
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the returned token states (1024 for ViT-H-14): what the UNet's ``context_dim`` must be."""
+        return int(self.model.ln_final.weight.shape[0])
 
     def freeze(self) -> None:
         """Eval mode and no gradients; sticky across later ``train()`` calls."""
