@@ -15,23 +15,18 @@ Loading into a model (:func:`load_into`) is strict: a missing or unexpected tens
 count and the first keys, except for prefixes the caller names as allowed. :func:`widen_input_channels` is the
 inpainting 4 -> 9 input-conv surgery (DECISIONS D4).
 
-Writing. :func:`atomic_torch_save` (:func:`atomic_write` for other formats) writes a temp file beside the target,
-fsyncs and renames it, so a crash leaves the old file or the new one; a full disk becomes one :class:`DiskFullError`
-line naming the directory. Temp files orphaned by a kill during a save match :data:`TEMP_GLOB` and are removed when
-a run is resumed.
+Writing lives in :mod:`ldm.atomic` (temp file or folder, fsync, rename; one line on a full disk or a read-only
+location); :func:`atomic_checkpoint_io` routes Lightning's saves through it. Temp files orphaned by a kill during a
+save match :data:`TEMP_GLOB` and are removed when a run is resumed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
 import pickle
 import re
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +34,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: temp files of :func:`atomic_torch_save`: ``.<target name>.<random>.tmp`` beside the target
+#: temp files of :func:`ldm.atomic.atomic_torch_save`: ``.<target name>.<random>.tmp`` beside the target
 TEMP_GLOB = ".*.tmp"
 _TEMP_NAME = re.compile(r"^\..+\.(ckpt|safetensors|pt|pth|bin)\.[A-Za-z0-9_]+\.tmp$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: unreadable file, wrong architecture, impossible shapes."""
-
-
-class DiskFullError(CheckpointError):
-    """A checkpoint could not be written because its file system is full (or over quota)."""
 
 
 def first_line(e: BaseException) -> str:
@@ -279,70 +270,6 @@ def non_finite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _disk_full(e: BaseException) -> bool:
-    """True when ``e`` or an exception in its chain is ENOSPC/EDQUOT (torch's zip writer re-raises it as a
-    RuntimeError 'unexpected pos', with the OSError only in ``__context__``)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the target directory, fsync, then ``os.replace``.
-
-    A crash or kill at any point leaves either the old file or the new one, never a truncated file (a SIGKILL can
-    leave a temp file; see :data:`TEMP_GLOB`). Unlike Lightning's default it streams to disk instead of building the
-    whole checkpoint in memory first, which matters for a 1.3B-parameter model with optimizer and EMA state.
-
-    Raises:
-        DiskFullError: the file system ran out of space (the old file is untouched, the temp file removed).
-    """
-    with _replacing(Path(path), "Free space there (README: checkpoint retention and sizes) and resume with -r.") \
-            as (fd, _):
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Atomic write for any format: ``write(temp path)`` writes the whole file (e.g. safetensors' ``save_file``),
-    which is then fsynced and renamed over ``path`` (see :func:`atomic_torch_save`).
-
-    Raises:
-        DiskFullError: the file system ran out of space (the old file is untouched, the temp file removed).
-    """
-    with _replacing(Path(path), "Free space there and retry.") as (fd, tmp):
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _replacing(path: Path, then: str) -> Iterator[tuple[int, str]]:
-    """A temp file ``(fd, name)`` beside ``path`` that replaces ``path`` when the block succeeds and is removed
-    when it fails; a full disk becomes :class:`DiskFullError` (``then``: what to do about it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        yield fd, tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if _disk_full(e):
-            free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
-            raise DiskFullError(
-                f"no space left on device while writing {path.name} in {path.parent} ({free / 2**30:.2f} GiB "
-                f"free); the previous {path.name}, if any, is intact. {then}"
-            ) from None
-        raise
-
-
 def orphan_temp_files(directories: Iterable[str | Path]) -> list[Path]:
     """Temp files left in ``directories`` by saves that were killed (SIGKILL, node loss) before their rename."""
     found = []
@@ -357,6 +284,8 @@ def atomic_checkpoint_io():
     """The Lightning ``CheckpointIO`` plugin of every run: atomic saves, and loads through
     :func:`load_checkpoint_file`, so a ``-r`` resume never unpickles arbitrary objects either."""
     from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    from ldm.atomic import atomic_torch_save
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:

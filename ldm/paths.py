@@ -86,7 +86,7 @@ def export_file(out: str | Path, source: str | Path, overwrite: bool, flag: str 
 
 def export_folder(out: str | Path, source: str | Path, overwrite: bool, flag: str = "--diffusers") -> Path:
     """The folder a diffusers export may write to: not a file, not holding the input, and a non-empty existing
-    folder only with ``overwrite``."""
+    folder only with ``overwrite`` and only when it is an earlier export (it is replaced whole)."""
     out, source = Path(out), Path(source)
     output_folder(out, flag)
     if out.is_dir():
@@ -95,4 +95,7 @@ def export_folder(out: str | Path, source: str | Path, overwrite: bool, flag: st
         if any(out.iterdir()) and not overwrite:
             raise ValueError(f"{flag} {out} exists and is not empty; pass --overwrite to replace its contents, or "
                              "choose another folder")
+        if any(out.iterdir()) and not (out / "model_index.json").is_file():
+            raise ValueError(f"{flag} {out} exists and is not a diffusers pipeline (no model_index.json); an export "
+                             "replaces its folder whole, so choose a new or empty folder")
     return out

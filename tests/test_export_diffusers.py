@@ -221,8 +221,12 @@ def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_pat
     torch.save({"state_dict": {}, "optimizer_states": [], "lr_schedulers": [], "loops": {}, "global_step": 3}, full)
     earlier = tmp_path / "earlier.safetensors"
     earlier.write_bytes(b"an earlier export")
-    folder = tmp_path / "pipe"
+    folder = tmp_path / "pipe"  # an earlier export
     (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    other = tmp_path / "notes"  # a folder of something else, never replaced
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
     (tmp_path / "a_file").write_text("")
     snapshot = {p: p.read_bytes() for p in (source, full, earlier)}
 
@@ -238,6 +242,7 @@ def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_pat
         (["--out", str(tmp_path / "x.txt")], ".safetensors or .ckpt"),
         (["--diffusers", str(tmp_path / "a_file")], "not a folder"),
         (["--diffusers", str(folder)], "--overwrite"),
+        (["--diffusers", str(other), "--overwrite"], "is not a diffusers pipeline"),
         (["--out", str(tmp_path / "x.ckpt"), "--ckpt", str(tmp_path)], "is a directory"),
     ]
     for extra, expected in cases:
@@ -247,6 +252,7 @@ def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_pat
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and expected in errors[0], (extra, errors)
     assert all(p.read_bytes() == data for p, data in snapshot.items())
+    assert (other / "keep.txt").read_text() == "mine"
     monkeypatch.undo()
     # --overwrite replaces an earlier export, atomically: no temp file or folder is left behind
     assert export_script.main(["--config", CONFIG, "--ckpt", str(source), "--out", str(earlier), "--overwrite",
@@ -255,4 +261,4 @@ def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_pat
 
     assert len(load_file(str(earlier))) > 100 and (folder / "model_index.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "earlier.safetensors", "last.ckpt", "link.ckpt",
-                                                          "pipe"]
+                                                          "notes", "pipe"]

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,21 +156,46 @@ def _atomic_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: a file changed less than this long before it is hashed is hashed again next time (see checkpoint_sha256)
+RECENT_CHANGE_NS = 2_000_000_000
+
+
+def _file_key(st: os.stat_result) -> dict[str, int]:
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
 def checkpoint_sha256(path: str | Path, cache_file: Path) -> str:
-    """SHA-256 of a checkpoint, cached in ``cache_file`` by (path, size, modification time)."""
+    """SHA-256 of a checkpoint, cached in ``cache_file`` under the file's identity and last change.
+
+    The key is (device, inode, size, mtime, ctime). Size and mtime alone let a replaced checkpoint reuse the old
+    one's samples: ``cp -p``, ``rsync -t`` or ``touch -d`` give a new file the old size and mtime. They cannot
+    give it the old ctime: the kernel sets ctime on every write, rename onto the file and chmod, and no system
+    call sets it back; a file renamed over the old one also has another inode. A file changed less than
+    :data:`RECENT_CHANGE_NS` before hashing is not cached (a rewrite within the same clock tick would keep its
+    ctime; git's "racy clean" rule), and one that changes while it is hashed is an error. Hashing is kept cached
+    because it is the only read of a checkpoint when its samples exist (re-scoring): 8-9 s per 5 GB on one core of
+    the CPU in docs/BENCHMARKS.md ("Checkpoint hashing"), more from a network file system.
+    """
     p = Path(path).resolve()
     if not p.is_file():
         raise ValueError(f"--ckpt {path}: file not found")
-    st = p.stat()
+    key = _file_key(p.stat())
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     hit = cache.get(str(p), {})
-    if hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+    if hit.get("key") == key:
         return hit["sha256"]
-    log.info("hashing %s (%.2f GB) to key its samples", p, st.st_size / 1e9)
-    cache[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(p)}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(json.dumps(cache, indent=1), cache_file)
-    return cache[str(p)]["sha256"]
+    log.info("hashing %s (%.2f GB) to key its samples", p, key["size"] / 1e9)
+    started = time.time_ns()
+    sha = file_sha256(p)
+    if _file_key(p.stat()) != key:
+        raise ValueError(f"--ckpt {path} changed while it was being hashed (is it still being written?); run again "
+                         "once it is complete")
+    if started - key["ctime_ns"] >= RECENT_CHANGE_NS:
+        cache[str(p)] = {"key": key, "sha256": sha}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_text(json.dumps(cache, indent=1), cache_file)
+    return sha
 
 
 def run_identity(spec: CheckpointSpec, protocol: Protocol, ckpt_sha256: str) -> tuple[str, dict[str, Any]]:

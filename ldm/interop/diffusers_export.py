@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -318,37 +316,27 @@ def export_diffusers(
     Args:
         sd: LatentDiffusion state dict in the official layout (see ``ldm_format.select_weights``).
         model_config: the ``model`` section of the ldm config (``target``/``params``).
-        out_dir: folder to create. It is written as a temp folder beside it and renamed into place, so a crash
-            never leaves a half-written pipeline; an existing folder is replaced as a whole (the caller decides
-            whether that is allowed: ``ldm.paths.export_folder``).
+        out_dir: folder to create. It is written as a sibling temp folder and renamed into place when complete; an
+            existing export there is replaced whole (any other non-empty folder is refused; whether replacing is
+            allowed at all is the caller's choice: ``ldm.paths.export_folder``). A full disk or an
+            unwritable location is one line naming the folder (:mod:`ldm.atomic`).
         dtype: optional floating-point cast of the network weights (the scheduler is JSON, computed by diffusers).
         pad_token: tokenizer pad token (see :func:`write_tokenizer`).
         scale_factor: the VAE ``scaling_factor``; None takes ``sd["scale_factor"]`` (the learned buffer of a
             ``scale_by_std`` run) when present, else the config's.
         provenance: record stored in every weight file's metadata (:mod:`ldm.provenance`).
     """
-    final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        prediction_type = _write_pipeline(sd, model_config, out, dtype, pad_token, scale_factor, provenance)
-        _replace_folder(out, final)
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+    from ldm.atomic import atomic_directory
+    from ldm.interop.ldm_format import EXPORT_HINT
+
+    final = Path(os.path.abspath(out_dir))  # "." has no name to put a sibling temp folder beside
+    if final.is_dir() and any(final.iterdir()) and not (final / "model_index.json").is_file():
+        raise ValueError(f"--diffusers {out_dir}: that folder exists and is not a diffusers pipeline (no "
+                         "model_index.json); an export replaces its folder whole, so choose a new or empty folder")
+    with atomic_directory(final, hint=EXPORT_HINT) as tmp:  # a failure never leaves a half-written pipeline
+        prediction_type = _write_pipeline(sd, model_config, tmp, dtype, pad_token, scale_factor, provenance)
     log.info("wrote diffusers folder %s (prediction_type %s)", final, prediction_type)
     return final
-
-
-def _replace_folder(new: Path, final: Path) -> None:
-    """Rename ``new`` to ``final``; an existing ``final`` is moved aside first and deleted once ``new`` is in place."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-    os.replace(final, old)  # a directory replaces an empty directory
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_pipeline(

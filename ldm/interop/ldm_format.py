@@ -4,10 +4,11 @@
   of the released SD2 files: the chosen UNet weights under ``model.diffusion_model.*`` and no ``model_ema.*``.
   Sampling (:mod:`ldm.inference`) and export (``scripts/export.py``) both go through it, so "which weights"
   means the same thing everywhere.
-* :func:`save_ldm_checkpoint` writes that state dict as ``.safetensors`` (with the parameterization and provenance
-  in the metadata) or as a plain ``{"state_dict": ...}`` ``.ckpt`` that ``torch.load(weights_only=True)`` reads,
-  i.e. what the official scripts, ``diffusers``' ``from_single_file`` and :mod:`ldm.checkpoint` all accept. A
-  reduced-precision export casts the network weights only; the noise schedule and ``scale_factor`` stay float32.
+* :func:`save_ldm_checkpoint` writes that state dict atomically (temp file, then rename; :mod:`ldm.atomic`) as
+  ``.safetensors`` (with the parameterization and provenance in the metadata) or as a plain ``{"state_dict": ...}``
+  ``.ckpt`` that ``torch.load(weights_only=True)`` reads, i.e. what the official scripts, ``diffusers``'
+  ``from_single_file`` and :mod:`ldm.checkpoint` all accept. A reduced-precision export casts the network weights
+  only; the noise schedule and ``scale_factor`` stay float32.
 * :func:`read_parameterization` reads the recorded parameterization back (None when the file has none).
 
 Left out: optimizer / Lightning state (use the training checkpoint for resuming), and fp16 pruning tricks beyond a
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ldm import provenance as prov
-from ldm.checkpoint import CheckpointError, atomic_torch_save, atomic_write
+from ldm.atomic import atomic_safetensors_save, atomic_torch_save
+from ldm.checkpoint import CheckpointError
 from ldm.compat import ema_buffer_name
 from ldm.provenance import PARAMETERIZATION_KEY, PROVENANCE_KEY
 
@@ -34,6 +36,8 @@ UNET_PREFIX = "model.diffusion_model."
 UNET_WEIGHTS_KEY = "unet_weights"
 EMA_PREFIX = "model_ema."
 EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
+#: the end of an export's full-disk message
+EXPORT_HINT = "Free space there or export to another location."
 #: the networks (UNet, VAE, text encoder): the only tensors a reduced-precision export casts
 NETWORK_PREFIXES = ("model.", "first_stage_model.", "cond_stage_model.")
 
@@ -160,18 +164,16 @@ def save_ldm_checkpoint(
     if global_step is not None:
         record["global_step"] = int(global_step)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         meta = {"format": "pt", **prov.to_metadata(record)}
         if global_step is not None:
             meta["global_step"] = str(global_step)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_safetensors_save(tensors, path, meta, hint=EXPORT_HINT)
     elif path.suffix in (".ckpt", ".pt"):
         obj: dict[str, object] = {"state_dict": tensors, PARAMETERIZATION_KEY: parameterization,
                                   PROVENANCE_KEY: record}
         if global_step is not None:
             obj["global_step"] = int(global_step)
-        atomic_torch_save(obj, path)
+        atomic_torch_save(obj, path, hint=EXPORT_HINT)
     else:
         raise ValueError(f"output file {path}: use a .safetensors or .ckpt suffix")
     log.info("wrote %d tensors (%s network weights, parameterization %s) to %s", len(tensors),
