@@ -93,10 +93,12 @@ from ldm.run import (  # noqa: E402
     build_trainer,
     check_overrides,
     check_sections,
+    config_changes,
     count_devices,
     effective_lr,
     preflight,
     resolve_run_dirs,
+    resume_has_steps_left,
 )
 from ldm.runlock import RunLock, is_launch_rank_zero  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
@@ -131,20 +133,35 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     cfg = load_config([*dirs.resume_configs, *opt.base], unknown)
     check_sections(cfg)
     check_overrides(cfg, unknown)
+    record = None
+    if dirs.resume_ckpt is not None:
+        if dirs.inherited:
+            more = f" (and {len(dirs.inherited) - 8} more)" if len(dirs.inherited) > 8 else ""
+            log.warning("resume: starting from %s, which carries %d change(s) that earlier resumes made to the run's "
+                        "config: %s%s. Override them on the command line to change them (README: What -r does)",
+                        dirs.resume_configs[0], len(dirs.inherited), "; ".join(dirs.inherited[:8]), more)
+        changes = config_changes(load_config(dirs.resume_configs), cfg)
+        record = {"command_line": {"base": list(opt.base), "overrides": list(unknown)}, "changes": changes}
     if cfg.get("model") is None:
         raise ConfigError("no 'model' section: pass a config with --base")
     if opt.train and cfg.get("data") is None:
         raise ConfigError("--train needs a 'data' section (a data module target, e.g. "
                           "ldm.data.laion.WebDataModuleFromConfig); see configs/tiny/inpaint_shards.yaml")
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
+    if opt.train and not resume_has_steps_left(dirs, lightning_cfg):
+        return 0
     if dirs.resume_ckpt is None:
         preflight(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     else:
         cfg.model.params.ckpt_path = None  # the resume checkpoint supersedes the init checkpoint
     pl.seed_everything(DEFAULT_SEED if opt.seed is None else opt.seed, workers=True)
 
-    trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None)
+    trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None,
+                            resume_record=record)
     model = instantiate_from_config(cfg.model, where="model")
+    for callback in trainer.callbacks:  # options a callback passes to the model (ImageLogger's log_images_kwargs)
+        if callable(getattr(callback, "check_model", None)):
+            callback.check_model(model)
     explain_eval_modules(model)
     # every checkpoint records the resolved config it was trained with (ldm.provenance)
     model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)

@@ -12,8 +12,8 @@ What it runs, in this order (so that a time limit cuts the least important rows)
    with checkpointing if it runs out of memory), eager: with online encoders (2 VAE encodes + text per
    sample) and with precomputed image latents (1 encode);
 3. 50-step DDIM inpainting with classifier-free guidance at 512 px, eager, ``--sample-batch`` images per call;
-4. ``torch.compile`` (inductor) of the UNet, then the two training rows again; the first call, which
-   compiles, is reported separately;
+4. ``torch.compile`` (inductor) of the UNet and of the VAE encoder, then the two training rows again; the
+   first call, which compiles, is reported separately;
 5. if the time budget (``--budget-s``) allows, DDIM sampling with the compiled UNet (a second compile: no
    autograd, another batch size).
 
@@ -211,6 +211,8 @@ def run(check: Check) -> int:
     case("DDIM sampling, eager", lambda: check.sample_row(m, compiled=False))
     # static shapes: training (batch 8) and guided sampling (batch 16, no autograd) get a graph each
     m.model.model.diffusion_model.compile(backend=args.compile_backend, dynamic=False)
+    # the frozen VAE encoder too (model.params.compile_first_stage_encoder): 2.6x faster on an H200
+    m.model.first_stage_model.encoder.compile(backend=args.compile_backend, dynamic=False)
     case("train, compiled, online encoders", lambda: check.train_row(m, batch, compiled=True, precomputed=False))
     case("train, compiled, precomputed", lambda: check.train_row(m, batch, compiled=True, precomputed=True))
     if check.elapsed() < args.budget_s:

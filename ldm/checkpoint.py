@@ -15,19 +15,17 @@ Loading into a model (:func:`load_into`) is strict: a missing or unexpected tens
 count and the first keys, except for prefixes the caller names as allowed. :func:`widen_input_channels` is the
 inpainting 4 -> 9 input-conv surgery (DECISIONS D4).
 
-Writing. :func:`atomic_torch_save` writes a temp file beside the target, fsyncs and renames it, so a crash leaves the
-old file or the new one; a full disk becomes one :class:`DiskFullError` line naming the directory. Temp files
-orphaned by a kill during a save match :data:`TEMP_GLOB` and are removed when a run is resumed.
+Writing lives in :mod:`ldm.atomic` (temp file or folder, fsync, rename; one line on a full disk or a read-only
+location); :func:`atomic_checkpoint_io` routes Lightning's saves through it. Temp files orphaned by a kill during a
+save match :data:`TEMP_GLOB` and are removed when a run is resumed.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,17 +35,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-#: temp files of :func:`atomic_torch_save`: ``.<target name>.<random>.tmp`` beside the target
+#: temp files of :func:`ldm.atomic.atomic_torch_save`: ``.<target name>.<random>.tmp`` beside the target
 TEMP_GLOB = ".*.tmp"
 _TEMP_NAME = re.compile(r"^\..+\.(ckpt|safetensors|pt|pth|bin)\.[A-Za-z0-9_]+\.tmp$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: unreadable file, wrong architecture, impossible shapes."""
-
-
-class DiskFullError(CheckpointError):
-    """A checkpoint could not be written because its file system is full (or over quota)."""
 
 
 def first_line(e: BaseException) -> str:
@@ -87,6 +81,29 @@ def verify_file(path: str | Path) -> bool:
                               "this one again") from None
 
 
+def check_checkpoint_path(path: str | Path) -> Path:
+    """``path`` if it is a file; else a :class:`CheckpointError` that says what the path is and what to pass.
+
+    Cheap (no reading), so scripts call it before building a model. A training run's folder names its
+    ``checkpoints/last.ckpt``; a diffusers pipeline folder is recognised by its ``model_index.json``.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        if candidate.is_file():
+            raise CheckpointError(f"checkpoint {path} is a directory (a training run's?): pass a checkpoint file, "
+                                  f"e.g. {candidate}")
+    if (path / "model_index.json").is_file():
+        raise CheckpointError(f"checkpoint {path} is a diffusers pipeline folder; this loader reads ldm-layout "
+                              ".ckpt/.safetensors files: pass the .ckpt or .safetensors it was exported from")
+    raise CheckpointError(f"checkpoint {path} is a directory; pass a .ckpt or .safetensors file")
+
+
 def load_checkpoint_file(path: str | Path, mmap: bool = False, verify: bool | None = None) -> dict[str, Any]:
     """Read a checkpoint file into a dict without unpickling arbitrary objects.
 
@@ -99,9 +116,7 @@ def load_checkpoint_file(path: str | Path, mmap: bool = False, verify: bool | No
     Raises:
         CheckpointError: missing, empty, truncated, damaged or foreign file, or one holding pickled Python objects.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = check_checkpoint_path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or download? Replace it.")
     if (not mmap if verify is None else verify) and path.suffix != ".safetensors":
@@ -277,49 +292,6 @@ def non_finite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def _disk_full(e: BaseException) -> bool:
-    """True when ``e`` or an exception in its chain is ENOSPC/EDQUOT (torch's zip writer re-raises it as a
-    RuntimeError 'unexpected pos', with the OSError only in ``__context__``)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the target directory, fsync, then ``os.replace``.
-
-    A crash or kill at any point leaves either the old file or the new one, never a truncated file (a SIGKILL can
-    leave a temp file; see :data:`TEMP_GLOB`). Unlike Lightning's default it streams to disk instead of building the
-    whole checkpoint in memory first, which matters for a 1.3B-parameter model with optimizer and EMA state.
-
-    Raises:
-        DiskFullError: the file system ran out of space (the old file is untouched, the temp file removed).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if _disk_full(e):
-            free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
-            raise DiskFullError(
-                f"no space left on device while writing {path.name} in {path.parent} ({free / 2**30:.2f} GiB "
-                f"free); the previous {path.name}, if any, is intact. Free space there (README: checkpoint "
-                "retention and sizes) and resume with -r."
-            ) from None
-        raise
-
-
 def orphan_temp_files(directories: Iterable[str | Path]) -> list[Path]:
     """Temp files left in ``directories`` by saves that were killed (SIGKILL, node loss) before their rename."""
     found = []
@@ -340,6 +312,8 @@ def atomic_checkpoint_io():
     verified the candidates' checksums, and all ranks must start from the same state.
     """
     from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    from ldm.atomic import atomic_torch_save
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def __init__(self) -> None:

@@ -15,6 +15,10 @@ A config node ``{target: pkg.mod.Class, params: {...}}`` is checked against ``Cl
   ``str``, ``None``, ``Literal[...]`` choices, unions, ``list``/``tuple``/``Sequence`` and ``dict``/``Mapping``
   (element types included), ``Path`` (a string) and enums (a member's value or name). Annotations that a yaml
   value cannot be judged against (other classes, callables) accept anything.
+* **ranges**: ``Annotated[float, Range(0, 1)]`` (or an alias: :data:`Probability`, :data:`PositiveFloat`,
+  :data:`NonNegativeFloat`, :data:`PositiveInt`, :data:`NonNegativeInt`) also bounds the value, also inside
+  lists and nested dataclasses, so a probability of 2 or a negative learning rate is named at start-up, and
+  ``configs/README.md`` shows the bound next to the parameter. NaN is outside every range.
 
 :func:`check_tree` applies this to every target node of a config tree, so mistakes stop at start-up with one
 line that names the full key (``data.params.batch_size: expected int, got 'abc'``).
@@ -29,16 +33,21 @@ import difflib
 import enum
 import importlib
 import inspect
+import logging
 import pathlib
 import textwrap
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Annotated, Any
 
-__all__ = ["ConfigError", "accepted_params", "check_params", "check_tree", "check_value", "get_obj_from_str",
-           "nested_schema", "suggest"]
+log = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "NonNegativeFloat", "NonNegativeInt", "PositiveFloat", "PositiveInt", "Probability",
+           "Range", "accepted_params", "annotations_of", "check_params", "check_tree", "check_value", "describe_range",
+           "get_obj_from_str", "nested_schema", "suggest"]
 
 
 class ConfigError(ValueError):
@@ -56,19 +65,90 @@ class ConfigError(ValueError):
         self.located = False  # True once the message names its place in the config
 
 
+@dataclass(frozen=True)
+class Range:
+    """A numeric bound for ``typing.Annotated``: ``Annotated[float, Range(0, 1)]`` is a float in [0, 1].
+
+    Args:
+        lo: lower bound (None: unbounded).
+        hi: upper bound (None: unbounded).
+        lo_open: exclude ``lo`` itself (``Range(0, lo_open=True)``: > 0).
+        hi_open: exclude ``hi`` itself.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` lies in the range (NaN never does)."""
+        if value != value:  # NaN
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else "any number"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+#: a probability or fraction: a float in [0, 1]
+Probability = Annotated[float, Range(0, 1)]
+#: a float > 0 (learning rates, epsilons, scales)
+PositiveFloat = Annotated[float, Range(0, lo_open=True)]
+#: a float >= 0 (weights of loss terms, weight decay)
+NonNegativeFloat = Annotated[float, Range(0)]
+#: an int >= 1 (sizes, counts, frequencies)
+PositiveInt = Annotated[int, Range(1)]
+#: an int >= 0 (worker counts, buffer sizes that may be off)
+NonNegativeInt = Annotated[int, Range(0)]
+
+
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
     """``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+#: ldm configs name the training callbacks ``main.<Name>`` (they lived in ldm's ``main.py``); here they live in
+#: this package, and ``main.py`` only re-exports them
+LDM_MAIN_MODULE = "main"
+CALLBACKS_MODULE = "ldm.callbacks"
+
+
+def _ldm_main_target(module: str, name: str) -> Any | None:
+    """``ldm.callbacks.<name>`` for an ldm ``main.<name>`` target, else None.
+
+    COMPAT (docs/DECISIONS.md D10): official configs say ``main.ImageLogger``. ``import main`` works only from the
+    repository root (or with it on PYTHONPATH) and, elsewhere, may import an unrelated ``main.py`` of the working
+    directory; the names ``main.py`` re-exports resolve to the same objects in ``ldm.callbacks`` from anywhere.
+    A ``main.X`` that ``ldm.callbacks`` lacks is imported from ``main`` as written.
+    """
+    if module != LDM_MAIN_MODULE:
+        return None
+    callbacks = importlib.import_module(CALLBACKS_MODULE)
+    obj = getattr(callbacks, name, None)
+    if obj is not None:
+        log.debug("target '%s.%s' resolved to '%s.%s' (ldm config compatibility)", module, name,
+                  CALLBACKS_MODULE, name)
+    return obj
+
+
 def get_obj_from_str(string: str) -> Any:
-    """Import ``"pkg.module.Name"`` and return ``Name``."""
+    """Import ``"pkg.module.Name"`` and return ``Name`` (ldm's ``main.<callback>`` targets: see below)."""
     if not isinstance(string, str):
         raise ConfigError(f"target must be a dotted path string like 'pkg.module.Class', got {string!r}")
     module, _, name = string.rpartition(".")
     if not module:
         raise ConfigError(f"target '{string}' is not a dotted path like 'pkg.module.Class'")
+    compat = _ldm_main_target(module, name)
+    if compat is not None:
+        return compat
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -90,7 +170,7 @@ def _hints(fn: Any) -> dict[str, Any]:
     """Resolved annotations of ``fn``; names that cannot be resolved (TYPE_CHECKING imports) become Any."""
     fn = inspect.unwrap(fn)  # decorated constructors (pl.Trainer): the real function's module resolves names
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)  # keep Annotated[..., Range(...)]
     except Exception:  # one unresolvable name spoils get_type_hints: resolve one by one
         out = {}
         globalns = getattr(fn, "__globals__", {})
@@ -100,6 +180,11 @@ def _hints(fn: Any) -> dict[str, Any]:
             except Exception:
                 out[name] = Any
         return out
+
+
+def annotations_of(obj: Any) -> dict[str, Any]:
+    """The resolved annotations (``Annotated`` kept) of a function's or a class constructor's parameters."""
+    return _hints(_constructor(obj) if inspect.isclass(obj) else obj)
 
 
 def _forwards_kwargs_to_super(init: Any, varkw: str) -> bool:
@@ -182,6 +267,34 @@ def _fmt(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _ranges(annotation: Any) -> list[Range]:
+    return [m for m in typing.get_args(annotation)[1:] if isinstance(m, Range)]
+
+
+def describe_range(annotation: Any) -> str:
+    """The bounds that ``annotation`` (or the arms of its union) puts on a number, e.g. ``in [0, 1]``; "" if none."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        arms = typing.get_args(annotation)
+        bounds = [d for a in arms if (d := describe_range(a))]
+        if not bounds:
+            return ""
+        fixed = [repr(v) for a in arms if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+        return " or ".join(dict.fromkeys(fixed + bounds))  # -1 or >= 1
+    if typing.get_origin(annotation) is typing.Annotated:
+        return " and ".join(str(r) for r in _ranges(annotation))
+    if typing.get_origin(annotation) in (*_SEQUENCES, *_MAPPINGS) and typing.get_args(annotation):
+        inner = describe_range(typing.get_args(annotation)[-1])
+        return f"each {inner}" if inner else ""
+    return ""
+
+
+class _Nothing:
+    """A value that fits no annotation but Any: ``check_value(_NOTHING, t)`` describes ``t``."""
+
+
+_NOTHING = _Nothing()
+
+
 def check_value(value: Any, annotation: Any) -> str | None:
     """None if ``value`` fits ``annotation``, else a description of what was expected."""
     if annotation is Any or annotation is inspect.Parameter.empty or annotation is object:
@@ -189,6 +302,12 @@ def check_value(value: Any, annotation: Any) -> str | None:
     if annotation is None or annotation is type(None):
         return None if value is None else "null"
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        ranges = _ranges(annotation)
+        problem = check_value(value, args[0])
+        if problem is None and all(r.contains(value) for r in ranges):
+            return None
+        return " ".join([problem or check_value(_NOTHING, args[0]) or "a value", *map(str, ranges)])
     if origin is typing.Union or origin is types.UnionType:
         literals = tuple(a for arm in args if typing.get_origin(arm) is typing.Literal for a in typing.get_args(arm))
         arms = [arm for arm in args if typing.get_origin(arm) is not typing.Literal]

@@ -29,6 +29,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.config_schema import NonNegativeInt, PositiveInt
 from ldm.data.masks import binarize_mask, masked_image
 from ldm.image_io import find_pairs, load_mask, load_rgb
 
@@ -77,8 +78,8 @@ class FixedBatchLoss(pl.Callback):
         ema: also evaluate the EMA weights (models with ``use_ema``), logged as ``<name>_ema``.
     """
 
-    def __init__(self, folders: Mapping[str, str], every_n_train_steps: int = 10, repeats: int = 4, seed: int = 0,
-                 ema: bool = False) -> None:
+    def __init__(self, folders: Mapping[str, str], every_n_train_steps: PositiveInt = 10, repeats: PositiveInt = 4,
+                 seed: NonNegativeInt = 0, ema: bool = False) -> None:
         super().__init__()
         if not folders:
             raise ValueError("FixedBatchLoss: 'folders' must name at least one folder")

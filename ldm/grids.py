@@ -3,7 +3,9 @@
 One function, :func:`labelled_grid`, serves the sampling script, the evaluation report, the training image logs
 and the demo. Cells are tiled with :func:`torchvision.utils.make_grid`; a header band with one label per column
 (and an optional label band on the left, one per row) is drawn with PIL's built-in font, so no font file is
-needed. Cells of different sizes are placed top-left in a white cell of the largest size.
+needed. Labels wrap over up to :data:`MAX_LINES` lines (the band grows to fit), so a narrow cell's header stays
+readable; callers keep labels short ("s=7.5", "seed 3"). Cells of different sizes are placed top-left in a white
+cell of the largest size.
 
 Conventions: a cell is an ``H x W x 3`` uint8 RGB array or an ``H x W`` float mask in [0, 1] (shown as grey).
 """
@@ -17,10 +19,12 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["labelled_grid", "to_rgb_uint8"]
+__all__ = ["MAX_LINES", "labelled_grid", "to_rgb_uint8", "wrap_text"]
 
 #: pixels of white between cells and around the grid
 PAD = 2
+#: header and row-label text wraps over at most this many lines (the band grows to fit)
+MAX_LINES = 3
 
 
 def to_rgb_uint8(cell: np.ndarray) -> np.ndarray:
@@ -51,6 +55,37 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, w
     return text + "..."
 
 
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int,
+              max_lines: int = MAX_LINES) -> list[str]:
+    """``text`` broken into at most ``max_lines`` lines of at most ``width`` pixels.
+
+    Lines break between words; a word wider than a line is broken between characters. Text that still does not fit
+    ends in an ellipsis on the last line.
+    """
+    width = max(width, 1)
+    lines: list[str] = []
+    line = ""
+    for word in str(text).split():
+        candidate = f"{line} {word}" if line else word
+        if draw.textlength(candidate, font=font) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while draw.textlength(word, font=font) > width and len(word) > 1:  # break a long word by characters
+            cut = 1
+            while cut < len(word) and draw.textlength(word[: cut + 1], font=font) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], _fit_text(draw, " ".join(lines[max_lines - 1 :]), font, width)]
+    return lines or [""]
+
+
 def labelled_grid(
     rows: Sequence[Sequence[np.ndarray]],
     headers: Sequence[str] | None = None,
@@ -78,26 +113,32 @@ def labelled_grid(
     tiles = torch.full((len(cells) * ncol, 3, h, w), 255, dtype=torch.uint8)  # missing cells stay white
     for i, row in enumerate(cells):
         for j, c in enumerate(row):
-            tiles[i * ncol + j, :, : c.shape[0], : c.shape[1]] = torch.from_numpy(c).permute(2, 0, 1)
+            # np.array copies: cells are often read-only views of PIL images, which torch.from_numpy warns about
+            tiles[i * ncol + j, :, : c.shape[0], : c.shape[1]] = torch.from_numpy(np.array(c)).permute(2, 0, 1)
     body = torchvision.utils.make_grid(tiles, nrow=ncol, padding=pad, pad_value=255)  # 3 x H' x W'
     body = body.permute(1, 2, 0).numpy()
     if headers is None and row_labels is None:
         return np.ascontiguousarray(body)
 
     font_px = max(10, min(16, w // 10))
+    line_px = font_px + 3
     font = _font(font_px)
-    top = font_px + 2 * pad + 2 if headers is not None else 0
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = 0
     if row_labels is not None:
-        left = min(int(max(probe.textlength(t, font=font) for t in row_labels)) + 2 * pad + 2, 2 * w)
+        left = min(int(max(probe.textlength(str(t), font=font) for t in row_labels)) + 2 * pad + 2, 2 * w)
+    head_lines = [wrap_text(probe, str(t), font, w - 2) for t in headers or ()]
+    row_lines = [wrap_text(probe, str(t), font, left - 2 * pad) for t in row_labels or ()]
+    top = max(len(lines) for lines in head_lines) * line_px + 2 * pad if headers is not None else 0
     canvas = Image.new("RGB", (left + body.shape[1], top + body.shape[0]), "white")
     canvas.paste(Image.fromarray(body), (left, top))
     draw = ImageDraw.Draw(canvas)
-    for j, text in enumerate(headers or ()):
+    for j, lines in enumerate(head_lines):
         x = left + pad + j * (w + pad)
-        draw.text((x + 1, pad), _fit_text(draw, str(text), font, w - 2), fill="black", font=font)
-    for i, text in enumerate(row_labels or ()):
-        y = top + pad + i * (h + pad) + max(0, (h - font_px) // 2)
-        draw.text((pad, y), _fit_text(draw, str(text), font, left - 2 * pad), fill="black", font=font)
+        for k, line in enumerate(lines):
+            draw.text((x + 1, pad + k * line_px), line, fill="black", font=font)
+    for i, lines in enumerate(row_lines):
+        y = top + pad + i * (h + pad) + max(0, (h - len(lines) * line_px) // 2)
+        for k, line in enumerate(lines):
+            draw.text((pad, y + k * line_px), line, fill="black", font=font)
     return np.asarray(canvas)

@@ -33,10 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm import provenance
-from ldm.checkpoint import CheckpointError, check_shapes, load_checkpoint_file, state_dict_of
+from ldm.checkpoint import CheckpointError, check_checkpoint_path, check_shapes, load_checkpoint_file, state_dict_of
 from ldm.data import masks
 from ldm.defaults import GUIDANCE_SCALE
-from ldm.interop.ldm_format import select_weights
+from ldm.interop.ldm_format import UNET_WEIGHTS_KEY, select_weights
 from ldm.models.diffusion.sampling import SAMPLERS as _REGISTRY
 from ldm.models.diffusion.sampling import get_sampler, sample_latents
 from ldm.models.diffusion.schedule import NoiseSchedule
@@ -50,6 +50,8 @@ FitMode = Literal["pad", "resize"]
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: sampler names (the registry of ``ldm.models.diffusion.sampling``), for command-line choices
 SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
+#: LatentDiffusion's ``timesteps`` when a config does not set it
+DEFAULT_TIMESTEPS = 1000
 #: buffers recomputed from the config when a checkpoint lacks them (the diffusion schedule, DECISIONS R1)
 SCHEDULE_BUFFERS = frozenset(NoiseSchedule.buffer_names())
 
@@ -61,7 +63,8 @@ class LoadedModel:
 
     Args:
         model: the LatentDiffusion / LatentInpaintDiffusion, in eval mode, without an EMA copy.
-        used_ema: True if the UNet holds the checkpoint's EMA weights.
+        used_ema: True if the UNet holds EMA weights (the checkpoint's ``model_ema.*``, or an export that records
+            its UNet as the EMA), False for raw weights, None when the file does not say (no EMA copy, no record).
         parameterization: what the UNet predicts ("eps", "v" or "x0"): the config's, else the checkpoint's.
         source: the checkpoint path.
         global_step: the checkpoint's training step, if recorded.
@@ -69,18 +72,50 @@ class LoadedModel:
     """
 
     model: Any
-    used_ema: bool
+    used_ema: bool | None
     parameterization: str
     source: str
     global_step: int | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def weights(self) -> str:
+        """``"EMA"``, ``"raw"`` or ``"as stored"`` (for logs)."""
+        return {True: "EMA", False: "raw", None: "as stored"}[self.used_ema]
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else must name a device this machine has.
+
+    Cheap, so scripts call it before loading a model. Raises ``ValueError`` (one line) for a name torch does not
+    know (``"gpu"``), or a CUDA / MPS device that is not there.
+    """
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, CUDA "
+                             f"build {torch.version.cuda}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    return dev
+
+
+def schedule_length(config: str | Path | DictConfig) -> int:
+    """The number of training timesteps of a config's noise schedule (``timesteps``, or ``given_betas``),
+    read without building the model, so a sampler's step count can be checked first
+    (``ldm.models.diffusion.sampling.check_steps``)."""
+    params = _model_section(config).get("params") or {}
+    if params.get("given_betas") is not None:
+        return len(params["given_betas"])
+    return int(params.get("timesteps", DEFAULT_TIMESTEPS))
 
 
 def _model_section(config: str | Path | DictConfig) -> dict[str, Any]:
@@ -108,8 +143,19 @@ def build_model(config: str | Path | DictConfig) -> Any:
 def _split_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
     obj = load_checkpoint_file(path)
     tensors = state_dict_of(obj, path)
-    step = obj.get("global_step")
-    return tensors, provenance.read(path, obj), int(step) if isinstance(step, int) else None
+    recorded = provenance.read(path, obj)
+    step = obj.get("global_step", recorded.get("global_step"))  # safetensors: in the metadata
+    return tensors, recorded, int(step) if isinstance(step, int) else None
+
+
+def _stored_unet_weights(recorded: dict[str, Any]) -> str | None:
+    """What an export without ``model_ema.*`` says its UNet holds: "ema", "raw" or None (not recorded).
+    Exports record ``unet_weights``; older exports of this project only ``export.ema``."""
+    stored = recorded.get(UNET_WEIGHTS_KEY)
+    if stored in ("ema", "raw"):
+        return stored
+    ema = (recorded.get("export") or {}).get("ema") if isinstance(recorded.get("export"), dict) else None
+    return {True: "ema", False: "raw"}.get(ema)
 
 
 def _fp32_schedule(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -154,7 +200,7 @@ def load_model(
         CheckpointError: not a checkpoint, wrong architecture (names the mismatching tensors), missing or extra
             tensors, or a recorded parameterization / scale factor that differs from the config's.
     """
-    path = Path(checkpoint)
+    path = check_checkpoint_path(checkpoint)
     model_cfg = _model_section(config)
     params = model_cfg.setdefault("params", {})
     sd, recorded, step = _split_checkpoint(path)
@@ -172,7 +218,7 @@ def load_model(
                 f"{path} was trained with scale_factor {recorded_scale} but the config says {params['scale_factor']};"
                 f" latents would be mis-scaled. Use model.params.scale_factor: {recorded_scale}"
             )
-    sd, used_ema = select_weights(sd, use_ema, source=str(path))
+    sd, used_ema = select_weights(sd, use_ema, source=str(path), stored=_stored_unet_weights(recorded))
     model = build_model(OmegaConf.create({"model": model_cfg}))
     own = model.state_dict()
     check_shapes(sd, {k: v.shape for k, v in own.items()}, str(path))
@@ -189,9 +235,10 @@ def load_model(
     model.eval().requires_grad_(False).to(resolve_device(str(device)))
     mark_loaded(model, sd)
     report_random_weights(model)  # only what the checkpoint did not bring (nothing, for a complete one)
-    log.info("loaded %s (%s weights, parameterization %s, scale factor %.5f, step %s)", path,
-             "EMA" if used_ema else "raw", model.parameterization, float(model.scale_factor), step)
-    return LoadedModel(model, used_ema, model.parameterization, str(path), step, recorded)
+    loaded = LoadedModel(model, used_ema, model.parameterization, str(path), step, recorded)
+    log.info("loaded %s (%s weights, parameterization %s, scale factor %.5f, step %s)", path, loaded.weights,
+             model.parameterization, float(model.scale_factor), step)
+    return loaded
 
 
 # ------------------------------------------------------------------------------------------- image geometry

@@ -15,6 +15,8 @@ import logging
 import math
 from collections.abc import Sequence
 
+from ldm.config_schema import NonNegativeFloat, NonNegativeInt, PositiveInt
+
 log = logging.getLogger(__name__)
 
 
@@ -41,12 +43,12 @@ class LambdaLinearScheduler:
 
     def __init__(
         self,
-        warm_up_steps: Sequence[int],
-        f_min: Sequence[float],
-        f_max: Sequence[float],
-        f_start: Sequence[float],
-        cycle_lengths: Sequence[int],
-        verbosity_interval: int = 0,
+        warm_up_steps: Sequence[NonNegativeInt],
+        f_min: Sequence[NonNegativeFloat],
+        f_max: Sequence[NonNegativeFloat],
+        f_start: Sequence[NonNegativeFloat],
+        cycle_lengths: Sequence[PositiveInt],
+        verbosity_interval: NonNegativeInt = 0,
     ) -> None:
         n = len(cycle_lengths)
         if n == 0:
@@ -102,12 +104,12 @@ class LambdaWarmUpCosineScheduler:
 
     def __init__(
         self,
-        warm_up_steps: int,
-        lr_min: float,
-        lr_max: float,
-        lr_start: float,
-        max_decay_steps: int,
-        verbosity_interval: int = 0,
+        warm_up_steps: NonNegativeInt,
+        lr_min: NonNegativeFloat,
+        lr_max: NonNegativeFloat,
+        lr_start: NonNegativeFloat,
+        max_decay_steps: NonNegativeInt,
+        verbosity_interval: NonNegativeInt = 0,
     ) -> None:
         if max_decay_steps < warm_up_steps:
             raise ValueError("scheduler_config: 'max_decay_steps' must be >= 'warm_up_steps'")

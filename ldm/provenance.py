@@ -106,6 +106,8 @@ def read(path: str | Path, checkpoint: Mapping[str, Any] | None = None) -> dict[
         meta = read_metadata(path)
         prov = json.loads(meta[PROVENANCE_KEY]) if PROVENANCE_KEY in meta else {}
         prov.setdefault("parameterization", meta.get(PARAMETERIZATION_KEY))
+        if "global_step" not in prov and str(meta.get("global_step", "")).isdigit():
+            prov["global_step"] = int(meta["global_step"])
         return prov
     if checkpoint is None:
         from ldm.checkpoint import load_checkpoint_file

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
+from ldm.callbacks.rundir import RESUMES
 from ldm.checkpoint import atomic_checkpoint_io
-from ldm.config_schema import check_params, check_tree, check_value, suggest
+from ldm.config_schema import PositiveFloat, PositiveInt, check_params, check_tree, check_value, suggest
 from ldm.resume import check_file, pick, remove_orphans, supersede
 from ldm.runlock import RunLock
-from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class RunDirs:
         resume_ckpt: the checkpoint a resume starts from (None for a new run).
         resume_configs: the run's saved yaml files (a resume merges them first).
         resume_step: global step of ``resume_ckpt``.
+        inherited: changes to the run's config made by earlier resumes and inherited by this one (for the log).
         lock: the run-directory lock this process holds (global rank 0 of ``main.py``), else None.
     """
 
@@ -69,6 +72,7 @@ class RunDirs:
     resume_ckpt: Path | None
     resume_configs: list[Path]
     resume_step: int | None = None
+    inherited: list[str] = field(default_factory=list)
     lock: RunLock | None = None
 
 
@@ -94,7 +98,8 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
             logdir = next((p.parent for p in path.parents if p.name == "checkpoints"), path.parent)
         else:
             logdir = path
-        configs = sorted((logdir / "configs").glob("*.yaml"))
+        configs, inherited = resume_configs(logdir / "configs")
+        check_writable(logdir)
         lock = RunLock(logdir, break_lock) if owner else None
         try:
             if owner:
@@ -110,22 +115,125 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
                 lock.release()
             raise
         log.info("resuming %s from %s (step %d)", logdir, ckpt, step)
-        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step, lock)
+        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step, inherited,
+                       lock)
     stem = name or (Path(base[0]).stem if base else "run")
     nowname = f"{now}_{stem}{postfix}"
     logdir = Path(logroot) / nowname
+    check_writable(logdir)
     return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", nowname, None, [])
 
 
+def resume_configs(cfgdir: Path) -> tuple[list[Path], list[str]]:
+    """The yaml files a resume starts from, and the changes earlier resumes made to the run's config.
+
+    ``configs/<start>-{project,lightning}.yaml`` are the run's config as it was started; no resume rewrites them.
+    Each resume that trains records its resolved config in ``configs/resumes/<time>-{project,lightning}.yaml``
+    (and the command line and changes in ``<time>-overrides.yaml``). A resume starts from the newest of those, so
+    a change made on the command line of one resume (a longer ``max_steps``, a lower learning rate) survives a
+    preemption whose requeue runs a plain ``-r``; what it inherits that way is listed in one log line. To go back
+    to the run's own config, delete ``configs/resumes/`` (the records are then lost) or override the keys.
+    """
+    base = sorted(cfgdir.glob("*.yaml"))
+    projects = sorted((cfgdir / RESUMES).glob("*-project.yaml"))
+    if not projects:
+        return base, []
+    stamp = projects[-1].name[: -len("-project.yaml")]
+    latest = [p for p in (projects[-1], cfgdir / RESUMES / f"{stamp}-lightning.yaml") if p.is_file()]
+    return latest, config_changes(load_config(base), load_config(latest)) if base else []
+
+
+#: keys that differ between a run's config and its resumes by construction (a resume never loads ckpt_path)
+NOT_CHANGES = ("model.params.ckpt_path",)
+_UNSET = object()
+
+
+def _short(value: Any) -> str:
+    text = "<unset>" if value is _UNSET else "{...}" if isinstance(value, dict) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _diff(a: Any, b: Any, key: str) -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(a.keys() | b.keys(), key=str):
+            yield from _diff(a.get(k, _UNSET), b.get(k, _UNSET), f"{key}.{k}" if key else str(k))
+    elif a != b and key not in NOT_CHANGES:
+        yield f"{key}: {_short(a)} -> {_short(b)}"
+
+
+def config_changes(before: DictConfig, after: DictConfig) -> list[str]:
+    """``key: old -> new`` for every setting that differs (``<unset>`` for an added or deleted key, ``{...}`` for
+    a section)."""
+    return list(_diff(*(OmegaConf.to_container(c, resolve=False) for c in (before, after)), ""))
+
+
+def resume_has_steps_left(dirs: RunDirs, lightning_cfg: DictConfig) -> bool:
+    """Whether a resume has steps to train: False when the checkpoint already reached ``max_steps`` (logged).
+
+    Lightning would rebuild everything, print "max_steps reached" and exit; a finished run resumed again (a
+    requeued job, a re-run script) is not an error, so the caller exits 0 after one line saying so.
+
+    Raises:
+        ConfigError: ``max_steps`` below the checkpoint's step: a run cannot train back to an earlier step.
+    """
+    max_steps = OmegaConf.select(lightning_cfg, "trainer.max_steps", default=-1)
+    if dirs.resume_step is None or max_steps is None or int(max_steps) < 0:
+        return True
+    max_steps, step = int(max_steps), dirs.resume_step
+    if max_steps < step:
+        raise ConfigError(f"lightning.trainer.max_steps={max_steps} is below the step of the resume checkpoint "
+                          f"{dirs.resume_ckpt} ({step}): a run cannot train back to an earlier step. Pass "
+                          f"lightning.trainer.max_steps=N with N > {step} to train further, or use an earlier "
+                          "checkpoint's weights in a new run (model.params.ckpt_path=...).")
+    if max_steps == step:
+        log.warning("the run is complete: %s is at step %d = lightning.trainer.max_steps; nothing to train. To "
+                    "train longer: python main.py -r %s --train lightning.trainer.max_steps=N (N > %d)",
+                    dirs.resume_ckpt, step, dirs.logdir, step)
+        return False
+    return True
+
+
+def check_writable(logdir: Path) -> None:
+    """Fail in one line, before anything is built, when the run directory cannot take new files.
+
+    A resume writes into the run directory and its sub-folders (checkpoints, configs, CSV/TensorBoard version
+    folders, images), so each existing one up to two levels down is probed by creating and deleting a temp file;
+    for a new run, the nearest existing folder above it. Without this a read-only mount failed after the model was
+    built, with a traceback from the CSV logger.
+
+    Raises:
+        ConfigError: a folder that refuses a new file (read-only file system, permissions, full disk).
+    """
+    if logdir.exists():
+        folders = [logdir, *(d for d in logdir.glob("*") if d.is_dir()), *(d for d in logdir.glob("*/*") if d.is_dir())]
+    else:
+        folders = [next(p for p in logdir.parents if p.exists())]
+    for folder in folders:
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+                pass
+        except OSError as e:
+            what = "the run directory" if logdir.exists() else f"the folder that would hold the run {logdir.name}"
+            raise ConfigError(f"cannot write to {folder} ({e.strerror}): {what} must be writable (checkpoints, "
+                              "configs and logs go there). Remount it read-write, fix its permissions, or "
+                              f"{'copy the run elsewhere and resume the copy' if logdir.exists() else 'pass -l DIR'}"
+                              ".") from None
+
+
 #: keys of the ``model`` section besides ``target``/``params``, with their types
-MODEL_KEYS: dict[str, Any] = {"base_learning_rate": float}
+MODEL_KEYS: dict[str, Any] = {"base_learning_rate": PositiveFloat}
 #: the scalar keys of the ``lightning`` section, with their types
-LIGHTNING_TYPES: dict[str, Any] = {"find_unused_parameters": bool, "ddp_bucket_cap_mb": int,
-                                   "ddp_static_graph": bool, "flops_per_sample": float | None}
+LIGHTNING_TYPES: dict[str, Any] = {"find_unused_parameters": bool, "ddp_bucket_cap_mb": PositiveInt,
+                                   "ddp_static_graph": bool, "flops_per_sample": PositiveFloat | None}
 
 
-def _section(tree: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+def _section(tree: dict[str, Any], key: str, where: str, null_ok: bool = False) -> dict[str, Any]:
+    """The mapping at ``tree[key]`` ({} when absent). A null section is an error unless ``null_ok`` (``params``):
+    it would silently drop every shipped setting under it, which deleting the key says explicitly."""
     value = tree.get(key)
+    if value is None and key in tree and not null_ok:
+        raise ConfigError(f"{where}: expected a mapping, got null; to use the defaults delete the key (override "
+                          f"~{where}), or give it values")
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -198,13 +306,13 @@ def check_sections(cfg: DictConfig) -> None:
     for key in modelcheckpoint:
         if key not in ("target", "params"):
             raise ConfigError(f"lightning.modelcheckpoint.{key}: unknown key{suggest(key, ['params'])}")
-    _check_checkpoint_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params"),
-                             "lightning.modelcheckpoint.params")
+    _check_checkpoint_params(ModelCheckpoint, _section(modelcheckpoint, "params", "lightning.modelcheckpoint.params",
+                                                       null_ok=True), "lightning.modelcheckpoint.params")
     callbacks = _section(lightning, "callbacks", "lightning.callbacks")
     snapshot = callbacks.get("metrics_over_trainsteps_checkpoint")
     if isinstance(snapshot, dict):  # its params go to a weights-only ModelCheckpoint
         _check_checkpoint_params(ModelCheckpoint, _section(snapshot, "params", "lightning.callbacks."
-                                                           "metrics_over_trainsteps_checkpoint.params"),
+                                                           "metrics_over_trainsteps_checkpoint.params", null_ok=True),
                                  "lightning.callbacks.metrics_over_trainsteps_checkpoint.params")
     _check_named_targets({k: v for k, v in callbacks.items() if k != "metrics_over_trainsteps_checkpoint"},
                          "lightning.callbacks")
@@ -314,16 +422,20 @@ def build_strategy(lightning_cfg: DictConfig, world: int) -> Any:
 
 
 def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
-                      resume: bool, flops_per_sample: float | None) -> dict[str, Any]:
+                      resume: bool, flops_per_sample: float | None,
+                      resume_record: dict[str, Any] | None = None) -> dict[str, Any]:
     """ldm's default callbacks plus ours, as target configs keyed by name (``lightning.callbacks`` merges in).
 
-    ``seed`` None: :data:`DEFAULT_SEED` for a new run, the checkpoint's seed on resume.
+    ``seed`` None: :data:`DEFAULT_SEED` for a new run, the checkpoint's seed on resume. ``resume_record``: a
+    resume's command line and config changes, saved beside its config (see :func:`resume_configs`).
     """
     project = OmegaConf.masked_copy(cfg, ["model", "data"])
+    setup = {"resume": resume, "now": now, "logdir": str(dirs.logdir), "ckptdir": str(dirs.ckptdir),
+             "cfgdir": str(dirs.cfgdir), "config": project, "lightning_config": lightning_cfg}
+    if resume_record is not None:
+        setup["resume_record"] = resume_record
     return {
-        "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": {
-            "resume": resume, "now": now, "logdir": str(dirs.logdir), "ckptdir": str(dirs.ckptdir),
-            "cfgdir": str(dirs.cfgdir), "config": project, "lightning_config": lightning_cfg}},
+        "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": setup},
         "image_logger": {"target": "ldm.callbacks.ImageLogger", "params": {
             "batch_frequency": 750, "max_images": 4, "clamp": True, "logdir": str(dirs.logdir)}},
         "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
@@ -428,12 +540,12 @@ def _plain(spec: Any) -> Any:
 
 
 def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
-                  resume: bool) -> pl.Trainer:
+                  resume: bool, resume_record: dict[str, Any] | None = None) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(lightning_cfg.get("trainer", {}) or {}, resolve=True)
     devices = count_devices(trainer_kwargs.get("devices", "auto"))
     world = devices * int(trainer_kwargs.get("num_nodes", 1))
     callbacks_cfg = default_callbacks(dirs, now, cfg, lightning_cfg, seed, resume,
-                                      lightning_cfg.get("flops_per_sample"))
+                                      lightning_cfg.get("flops_per_sample"), resume_record)
     for name, spec in (lightning_cfg.get("callbacks") or {}).items():
         if name == "metrics_over_trainsteps_checkpoint":
             continue

@@ -13,7 +13,8 @@ one :class:`ConfigError` line naming its place in the config, e.g. ``model.param
   that exists neither there nor in the working directory but does in the repository root (where shipped
   configs name files such as ``configs/tiny/open_clip_tiny_text.json``) is made absolute against the root.
   Other relative strings (shard patterns, output folders, command-line values) are left as they are, relative
-  to the working directory.
+  to the working directory. (A folder created on first use cannot be found by looking: the held-out
+  evaluation set anchors its relative ``set_dir`` at the repository root itself, ``ldm.eval.callback``.)
 * **deleting**: an override ``~KEY`` (e.g. ``~data`` or ``~lightning.callbacks.image_logger``) removes the key
   and everything under it before the other overrides apply, so ``~data data.target=... data.params...``
   replaces a whole section.

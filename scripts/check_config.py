@@ -66,13 +66,25 @@ def check_other_targets(cfg: DictConfig) -> list[str]:
     return checked
 
 
+def check_image_logger(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """The ImageLogger's ``log_images_kwargs`` against the model's ``log_images`` (as main.py does at start-up)."""
+    where = "lightning.callbacks.image_logger.params"
+    kwargs = OmegaConf.select(cfg, f"{where}.log_images_kwargs")
+    if kwargs is None or not hasattr(model, "check_log_images_kwargs"):
+        return
+    try:
+        model.check_log_images_kwargs(OmegaConf.to_container(kwargs, resolve=True))
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e}") from None
+
+
 def build_on_meta(model_cfg: DictConfig) -> torch.nn.Module:
     model_cfg = model_cfg.copy()
-    if model_cfg.get("params", {}).get("ckpt_path"):
+    if (model_cfg.get("params") or {}).get("ckpt_path"):  # params may be absent or null
         log.info("ignoring model.params.ckpt_path=%s (meta build has no weights)", model_cfg.params.ckpt_path)
         model_cfg.params.ckpt_path = None
     with torch.device("meta"):
-        return instantiate_from_config(model_cfg)
+        return instantiate_from_config(model_cfg, where="model")
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -92,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = build_on_meta(cfg.model)
         others = check_other_targets(cfg)
+        check_image_logger(cfg, model)
     except ConfigError as e:
         log.error("error: %s", e)
         return 2

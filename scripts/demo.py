@@ -102,11 +102,11 @@ log = logging.getLogger("demo")
 CONFIGS = {name: f"configs/demo/{name}.yaml" for name in ("autoencoder", "base", "inpaint")}
 SIZE = 64
 SPLITS = ("heldin", "heldout")
-#: evaluation masks: LaMa's thick and medium evaluation presets. They are drawn for 256 px, so at 64 px they
-#: cover ~30-35% after LaMa's "at most half the image" rule. Grids and the fixed batches use the first one.
-EVAL_MASKS = ("lama-thick-256", "lama-medium-256")
+#: evaluation masks: LaMa's thick/medium presets in 256 px pixel numbers on 64 px ("@64", DECISIONS D6): ~30-35%
+#: holes, several 8 px latent cells wide (thinner ones measure the autoencoder). Grids and fixed batches: the first.
+EVAL_MASKS = ("lama-thick-256@64", "lama-medium-256@64")
 #: bump when a stage's outputs change meaning, so that older cached stages are redone
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 #: known-noisy third-party warnings that tell a demo user nothing (CPU, no workers, streaming dataset)
 QUIET_WARNINGS = (r".*infer the `batch_size`.*", r".*does not have many workers.*",
                   r".*GPU available but not used.*", r".*sync_dist=True.*")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from demo_report import sample_png  # sibling module in scripts/
+from PIL import Image
 
 from ldm.grids import labelled_grid
 from ldm.image_io import load_mask, load_rgb, save_png
@@ -138,17 +139,31 @@ def method_grid(eval_dirs: Mapping[str, str | Path], mode: str, out_png: str | P
     return comparison_grid(rows, [h for h, _ in METHOD_COLUMNS], labels, out_png)
 
 
+def inpaint_outputs(folder: str | Path, seed: int) -> dict[str, Path]:
+    """``image stem -> first sample of seed`` among the PNGs ``scripts/inpaint.py`` wrote to ``folder``, found by
+    what each records as PNG text (its input image, seed and sample index), not by parsing file names."""
+    found = {}
+    for path in sorted(Path(folder).glob("*.png")):
+        with Image.open(path) as png:
+            text = dict(getattr(png, "text", {}))
+        if text.get("seed") == str(seed) and text.get("sample") == "0" and "image" in text:
+            found[Path(text["image"]).stem] = path
+    return found
+
+
 def paste_back_grid(folder: str | Path, samples: str | Path, seed: int, out_png: str | Path) -> Path:
     """input | mask | ``inpaint.py`` output | ``inpaint.py --paste-back`` output, one row per image of ``folder``
-    (``samples/raw`` and ``samples/paste_back`` hold the two runs' ``NAME_seed{seed}_0.png``)."""
+    (``samples/raw`` and ``samples/paste_back`` hold the two runs' outputs: :func:`inpaint_outputs`)."""
     folder, samples = Path(folder), Path(samples)
+    outputs = {kind: inpaint_outputs(samples / kind, seed) for kind in ("raw", "paste_back")}
     rows, labels = [], []
     for image_path in sorted(p for p in folder.glob("*.png") if not p.stem.endswith("_mask")):
         name = image_path.stem
         rows.append([load_rgb(image_path), load_mask(folder / f"{name}_mask.png"),
-                     *(load_rgb(samples / kind / f"{name}_seed{seed}_0.png") for kind in ("raw", "paste_back"))])
+                     *(load_rgb(outputs[kind][name]) for kind in ("raw", "paste_back"))])
         labels.append(name)
     return comparison_grid(rows, ["input", "mask", "inpaint.py", "--paste-back"], labels, out_png)
 
 
-__all__ = ["comparison_grid", "method_grid", "paste_back_grid", "plot_stage", "read_metrics_csv", "smooth"]
+__all__ = ["comparison_grid", "inpaint_outputs", "method_grid", "paste_back_grid", "plot_stage", "read_metrics_csv",
+           "smooth"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -44,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of held-out images (+ NAME.txt captions)")
     src.add_argument("--shards", help="WebDataset shard pattern, e.g. 'val/{00000..00009}.tar'")
-    p.add_argument("--num-images", type=int, default=None, help="use the first N images")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="use the first N readable images; fewer available is an error (see --allow-fewer-images)")
+    p.add_argument("--allow-fewer-images", action="store_true",
+                   help="evaluate on the images there are when fewer than --num-images are readable (logged; "
+                        "n and n_requested are both recorded)")
     p.add_argument("--size", type=int, default=512, help="square evaluation size (multiple of 64)")
     p.add_argument("--masks", nargs="+", default=None,
                    help="mask modes of ldm.data.masks (default: ldm.eval.data.DEFAULT_MASK_MODES, LaMa "
@@ -80,11 +85,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse_args()  # --help and usage errors answer here, before the slow imports below (torch)
 
-from ldm.eval.data import DEFAULT_MASK_MODES, SkipLog, fixed_masks, load_folder, load_shards  # noqa: E402
-from ldm.eval.feature_metrics import LPIPS, ClipScore, InceptionFeatures, TorchvisionInceptionFeatures  # noqa: E402
+from ldm.checkpoint import check_checkpoint_path  # noqa: E402
+from ldm.data.masks import get_mask_generator  # noqa: E402
+from ldm.eval.data import (  # noqa: E402
+    DEFAULT_MASK_MODES,
+    SkipLog,
+    fixed_masks,
+    load_folder,
+    load_shards,
+    require_count,
+)
+from ldm.eval.feature_metrics import (  # noqa: E402
+    LPIPS,
+    ClipScore,
+    InceptionFeatures,
+    TorchvisionInceptionFeatures,
+    clip_arch,
+    require_weights,
+)
 from ldm.eval.report import write_curves, write_grids, write_json, write_tables  # noqa: E402
 from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol  # noqa: E402
 from ldm.eval.shard import Shard, close_shard, init_shard  # noqa: E402
+from ldm.inference import resolve_device, schedule_length  # noqa: E402
+from ldm.models.diffusion.sampling import check_steps  # noqa: E402
+from ldm.paths import output_folder  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -128,13 +152,54 @@ def feature_metrics(args: argparse.Namespace, shard: Shard) -> FeatureMetrics:
     return feats
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if args.size % 64:
-        raise ValueError(f"--size {args.size} must be a multiple of 64")
+def make_protocol(args: argparse.Namespace) -> Protocol:
+    return Protocol(tuple(args.scales), args.sampler, args.steps, args.eta, args.precision, args.paste_back,
+                    args.seed)
+
+
+def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
+    """Validate the whole protocol before any image is read, any checkpoint hashed or any network loaded:
+    sizes, counts, scales, sampler settings at every scale, DDIM steps against every model config, mask
+    presets, and that every file named exists. Returns the checkpoint specs."""
+    output_folder(args.out, "--out")
+    resolve_device(args.device)  # a device this machine lacks fails here, not after loading a model
+    if args.size < 64 or args.size % 64:
+        raise ValueError(f"--size {args.size}: must be a positive multiple of 64")
     if args.steps < 1 or args.grid_images < 0:
         raise ValueError(f"--steps must be >= 1 and --grid-images >= 0, got {args.steps} and {args.grid_images}")
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images}: must be >= 1")
+    if args.allow_fewer_images and args.num_images is None:
+        raise ValueError("--allow-fewer-images needs --num-images (without it every readable image is used)")
     if len(set(args.scales)) != len(args.scales):
         raise ValueError(f"--scales {args.scales}: repeated scale")
+    bad = [s for s in args.scales if not math.isfinite(s) or s < 0]
+    if bad:
+        raise ValueError(f"--scales {bad}: guidance scales must be finite and >= 0 (1 = no guidance)")
+    protocol = make_protocol(args)
+    for scale in args.scales:
+        protocol.options(scale)  # sampler name, eta rule, precision
+    modes = args.masks or list(DEFAULT_MASK_MODES)
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"--masks {modes}: repeated preset")
+    for mode in modes:
+        get_mask_generator(mode)  # an unknown name lists the valid ones
+    specs = checkpoint_specs(args)
+    for spec in specs:
+        check_checkpoint_path(spec.ckpt)
+    for length in sorted({schedule_length(spec.config) for spec in specs}):
+        check_steps(args.sampler, args.steps, length)  # a step count the sampler refuses fails before loading
+    for flag, value, what in (("--inception", args.inception, "FID"),
+                              ("--fid-torchvision", args.fid_torchvision, "FID (torchvision variant)"),
+                              ("--lpips-alexnet", args.lpips_alexnet, "LPIPS"),
+                              ("--clip-weights", args.clip_weights, "CLIP score")):
+        if value is not None:
+            require_weights(value, what, flag)
+    if args.clip_weights:
+        clip_arch(args.clip_arch)
+    if args.images and not Path(args.images).is_dir():
+        raise ValueError(f"--images {args.images}: folder not found")
+    return specs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,22 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shard = None
     try:
-        check_args(args)
+        specs = check_args(args)  # everything checkable before reading images or loading networks
         shard = init_shard(args.device)
         if not shard.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         out = Path(args.out)
-        specs = checkpoint_specs(args)
-        protocol = Protocol(tuple(args.scales), args.sampler, args.steps, args.eta, args.precision, args.paste_back,
-                            args.seed)
-        protocol.options(args.scales[0])  # validates sampler / eta / precision before any work
-        feats = feature_metrics(args, shard)
+        feats = feature_metrics(args, shard)  # a wrong weight file stops here, before any checkpoint is hashed
         skips = SkipLog()  # reported in every NAME.json and under the tables
         images = (load_folder(args.images, args.size, args.num_images, skips) if args.images
                   else load_shards(args.shards, args.size, args.num_images, skips))
+        require_count(images, args.num_images, skips, f"--images {args.images}" if args.images
+                      else f"--shards {args.shards}", "--allow-fewer-images", args.allow_fewer_images)
+        if feats.inception is not None and len(images) < 2:
+            raise ValueError(f"--inception: FID needs at least 2 images, the held-out set has {len(images)}")
         masks = {mode: fixed_masks(mode, len(images), args.size, args.seed)
                  for mode in args.masks or DEFAULT_MASK_MODES}
-        results = Evaluation(images, masks, protocol, out, feats, shard, skips).run(specs)
+        results = Evaluation(images, masks, make_protocol(args), out, feats, shard, skips, args.num_images).run(specs)
         if shard.is_main:
             for result in results:
                 write_json(result, out / f"{result['name']}.json")
@@ -167,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("wrote %s, %d JSON files, %d curves and %d grids under %s", md.name, len(results),
                      len(curves), len(grids), out)
         shard.barrier()
-    except ValueError as e:  # includes ConfigError, CheckpointError and MissingWeightsError
+    except ValueError as e:  # includes ConfigError, CheckpointError, MissingWeightsError and WeightsFileError
         log.error("%s", e)
         return 2
     finally:

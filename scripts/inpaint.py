@@ -3,9 +3,17 @@
 
 Mask convention: white = inpaint; RGBA/LA masks follow the rule of ``ldm.image_io`` (what the mask shows on
 black, or its alpha channel when all visible pixels share one colour); a mask of another size than its image
-is resized (nearest neighbour) with a warning. Inputs are padded (edge, default) or resized to multiples of 64
-and the outputs are brought back to the input size. Writes ``NAME_seed{S}_{k}.png`` per sample and ``NAME_grid.png``
-(column headers input | mask | masked input | each sample with its scale; one row per seed, labelled).
+is resized (nearest neighbour) with a warning; a mask with no hole after binarisation at 0.5, or with many grey
+pixels below it, is warned about. Inputs are padded (edge, default) or resized to multiples of 64 and the outputs
+are brought back to the input size.
+
+Outputs are named after the settings that change the picture, so sweeps into one folder never collide:
+``NAME_{SAMPLER}{STEPS}_s{SCALE}[_eta{ETA}][_{PRECISION}][_resize][_pasted]_seed{S}_{k}.png`` per sample (e.g.
+``dog_ddim50_s7.5_seed1_0.png``; STEPS is the number of steps the sampler really ran) and ``..._grid.png`` without
+the seed (headers input | mask | masked input | each sample; one row per seed). Every PNG also records its prompt,
+seed and settings, checkpoint and weights as PNG text (``PIL.Image.open(p).text``). Files that exist already (a
+rerun with another prompt or checkpoint) are refused unless ``--overwrite`` is given; every input, the output folder,
+the device, the checkpoint path and the step count are checked before the model is loaded.
 
     # one image
     python scripts/inpaint.py --config configs/inpaint.yaml --ckpt last.ckpt \\
@@ -53,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fit.add_argument("--pad", dest="fit", action="store_const", const="pad", help="edge-pad to x64 (default)")
     fit.add_argument("--resize", dest="fit", action="store_const", const="resize", help="resize to x64")
     p.set_defaults(fit="pad")
-    p.add_argument("--no-grid", action="store_true", help="do not write NAME_grid.png")
+    p.add_argument("--no-grid", action="store_true", help="do not write the NAME_..._grid.png files")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
     return p.parse_args(argv)
 
 
@@ -63,11 +72,13 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.checkpoint import CheckpointError, check_checkpoint_path  # noqa: E402
 from ldm.data.masks import is_hole  # noqa: E402
 from ldm.image_io import find_pairs, load_mask, load_rgb, make_grid, read_prompts, save_png  # noqa: E402
-from ldm.inference import SamplingOptions, inpaint, load_model  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.inference import SamplingOptions, inpaint, load_model, resolve_device, schedule_length  # noqa: E402
+from ldm.models.diffusion.sampling import check_steps  # noqa: E402
+from ldm.paths import output_folder, refuse_existing  # noqa: E402
+from ldm.util import ConfigError, load_config  # noqa: E402
 
 log = logging.getLogger("inpaint")
 
@@ -91,39 +102,87 @@ def gather_inputs(args: argparse.Namespace) -> list[tuple[Path, Path, str]]:
     return [(img, msk, prompt) for (img, msk), prompt in zip(pairs, prompts)]
 
 
+def settings_tag(options: SamplingOptions, steps_run: int, fit: str) -> str:
+    """The part of an output name that says how it was sampled (see the module docstring)."""
+    tag = f"{options.sampler}{steps_run}_s{options.scale:g}"
+    if options.eta:
+        tag += f"_eta{options.eta:g}"
+    if options.precision != "fp32":
+        tag += f"_{options.precision}"
+    if fit != "pad":
+        tag += f"_{fit}"
+    if options.paste_back:
+        tag += "_pasted"
+    return tag
+
+
+def sample_name(stem: str, tag: str, seed: int, k: int) -> str:
+    return f"{stem}_{tag}_seed{seed}_{k}.png"
+
+
+def grid_name(stem: str, tag: str) -> str:
+    return f"{stem}_{tag}_grid.png"
+
+
+def output_names(out: Path, stem: str, tag: str, seeds: list[int], num_samples: int, grid: bool) -> list[Path]:
+    """Every file one image's run writes (checked for existing files before the model loads)."""
+    names = [out / sample_name(stem, tag, seed, k) for seed in seeds for k in range(num_samples)]
+    return names + ([out / grid_name(stem, tag)] if grid else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
+        # everything the user can get wrong is checked before the model is loaded
         jobs = gather_inputs(args)
         options = SamplingOptions(args.sampler, args.steps, args.scale, args.eta, args.precision, args.paste_back)
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-        loaded = load_model(args.config, args.ckpt, use_ema=args.ema, device=args.device)
-        out = Path(args.out)
+        if len(set(args.seed)) != len(args.seed):
+            raise ValueError(f"--seed {' '.join(map(str, args.seed))}: a seed is repeated")
+        out = output_folder(args.out, "--out")
+        device = resolve_device(args.device)
+        check_checkpoint_path(args.ckpt)
+        cfg = load_config([args.config])
+        steps_run = check_steps(args.sampler, args.steps, schedule_length(cfg))
+        tag = settings_tag(options, steps_run, args.fit)
+        refuse_existing([p for img, _, _ in jobs
+                         for p in output_names(out, img.stem, tag, args.seed, args.num_samples, not args.no_grid)],
+                        args.overwrite)
+        for img_path, mask_path, _ in jobs:  # unreadable files and surprising masks are reported now, not midway
+            load_mask(mask_path, size=load_rgb(img_path).shape[1::-1])
+        loaded = load_model(cfg, args.ckpt, use_ema=args.ema, device=device)
+        record = {"sampler": args.sampler, "steps": steps_run, "steps_requested": args.steps,
+                  "scale": f"{args.scale:g}", "eta": f"{args.eta:g}", "precision": args.precision, "fit": args.fit,
+                  "paste_back": args.paste_back, "checkpoint": args.ckpt, "weights": loaded.weights,
+                  "parameterization": loaded.parameterization, "global_step": loaded.global_step}
         bar = tqdm(total=len(jobs) * len(args.seed), desc="inpainting", unit="seed")
         for img_path, mask_path, prompt in jobs:
             image = load_rgb(img_path)
-            mask = load_mask(mask_path, size=(image.shape[1], image.shape[0]))
+            mask = load_mask(mask_path, size=(image.shape[1], image.shape[0]), check=False)
             rows = []
             for seed in args.seed:
                 samples = inpaint(loaded.model, image, mask, prompt, seed, args.num_samples, options, fit=args.fit)
                 for k, sample in enumerate(samples):
-                    save_png(sample, out / f"{img_path.stem}_seed{seed}_{k}.png")
+                    save_png(sample, out / sample_name(img_path.stem, tag, seed, k),
+                             text={"prompt": prompt, "seed": str(seed), "sample": str(k), "image": str(img_path),
+                                   "mask": str(mask_path), **record})
                 masked = np.where(is_hole(mask)[..., None], 127, image).astype(np.uint8)
                 rows.append([image, mask, masked, *samples])
                 bar.update(1)
             if not args.no_grid:
-                headers = ["input", "mask", "masked input",
-                           *(f"sample {k} (scale {args.scale:g})" for k in range(args.num_samples))]
-                grid = make_grid(rows, headers=headers, row_labels=[f"seed {s}" for s in args.seed])
-                save_png(grid, out / f"{img_path.stem}_grid.png")
+                names = (f"#{k} s={args.scale:g}" if args.num_samples > 1 else f"s={args.scale:g}"
+                         for k in range(args.num_samples))
+                grid = make_grid(rows, headers=["input", "mask", "masked input", *names],
+                                 row_labels=[f"seed {s}" for s in args.seed])
+                save_png(grid, out / grid_name(img_path.stem, tag), text={"prompt": prompt, **record})
         bar.close()
     except (ValueError, ConfigError, CheckpointError) as e:
         log.error("%s", e)
         return 2
-    log.info("wrote %d images to %s (%s weights)", len(jobs) * len(args.seed) * args.num_samples, out,
-             "EMA" if loaded.used_ema else "raw")
+    log.info("wrote %d images to %s (%s weights, %s)", len(jobs) * len(args.seed) * args.num_samples, out,
+             loaded.weights, tag)
     return 0
 
 

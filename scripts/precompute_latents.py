@@ -79,6 +79,8 @@ from ldm.data.decode import decode_image  # noqa: E402
 from ldm.data.latents import MEMBER, SIDECAR, op_spec  # noqa: E402
 from ldm.data.transforms import Crop, ImageOp, Resize, build_image_transforms, to_float_hwc  # noqa: E402
 from ldm.data.webdata import expand_shards  # noqa: E402
+from ldm.inference import resolve_device  # noqa: E402
+from ldm.paths import output_folder  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
 
 log = logging.getLogger("precompute_latents")
@@ -245,9 +247,9 @@ def write_metadata(out: Path, meta: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
     try:
+        device = resolve_device(args.device)
+        output_folder(args.out, "--out")
         cfg = load_config([args.config])
         train = OmegaConf.select(cfg, "data.params.train", default=None)
         has_transforms = train is not None and "image_transforms" in train

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.eval_fixtures import checkpoints, image_dir, weights  # noqa: F401 (session fixtures of the eval tests)
+
 # Tiny tensors gain nothing from intra-op threads, and on a 2-core CI box threads fight each other (measured:
 # a tiny training step takes 0.13 s with 1 thread, 0.5 s with 2 under load). Every test runs torch with one
 # thread: forced here (not a default a caller's environment could raise), inherited by subprocesses through the

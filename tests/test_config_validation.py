@@ -27,11 +27,11 @@ def _check(*overrides: str, base: Path = TINY) -> None:
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("data.params.batch_size=abc", "data.params.batch_size: expected int, got 'abc'"),
+    ("data.params.batch_size=abc", "data.params.batch_size: expected int >= 1, got 'abc'"),
     ("lightning.trainer.max_steps=abc", "lightning.trainer.max_steps: expected int, got 'abc'"),
     ("model.params.unet_config.params.model_channels=abc",
-     "model.params.unet_config.params.model_channels: expected int, got 'abc'"),
-    ("model.base_learning_rate=fast", "model.base_learning_rate: expected float, got 'fast'"),
+     "model.params.unet_config.params.model_channels: expected int >= 1, got 'abc'"),
+    ("model.base_learning_rate=fast", "model.base_learning_rate: expected float > 0, got 'fast'"),
     ("model.base_learing_rate=1e30", "model.base_learing_rate: unknown key (did you mean 'base_learning_rate'?)"),
     ("data.params.mask_mode=large", "data.params.mask_mode: expected one of '256train', '256narrow', '512train'"),
     ("model.params.parameterizaton=v", "model.params.parameterizaton: unknown key for 'LatentInpaintDiffusion' "
@@ -48,7 +48,8 @@ def _check(*overrides: str, base: Path = TINY) -> None:
     ("modle.params.x=1", "(did you mean 'model'?)"),
     ("model.params.ucg_training.txt.vall=x",
      "model.params.ucg_training.txt.vall: unknown key for 'CaptionDropout' (did you mean 'val'?)"),
-    ("model.params.ucg_training.txt.p=often", "model.params.ucg_training.txt.p: expected float, got 'often'"),
+    ("model.params.ucg_training.txt.p=often",
+     "model.params.ucg_training.txt.p: expected float in [0, 1], got 'often'"),
 ])
 def test_each_mistake_is_one_line_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -58,7 +59,8 @@ def test_each_mistake_is_one_line_naming_the_key(override, expected):
 
 def test_shard_config_data_mistakes(tmp_path):
     shards = "data.params.train.shards=/x/{0..1}.tar"
-    with pytest.raises(ConfigError, match=r"data\.params\.p_unsafe_threshold: expected float or null, got 'high'"):
+    with pytest.raises(ConfigError,
+                       match=r"data\.params\.p_unsafe_threshold: expected float in \[0, 1\] or null, got 'high'"):
         _check(shards, "data.params.p_unsafe_threshold=high", base=SHARDS_CFG)
     with pytest.raises(ConfigError, match=r"postprocess\.params\.p_dorp: unknown key.*did you mean 'p_drop'"):
         _check(shards, "data.params.train.postprocess.params.p_dorp=0.1", base=SHARDS_CFG)
@@ -112,7 +114,7 @@ def test_main_stops_with_one_line_and_rc_2(tmp_path, caplog, override, expected)
      "data.params.train.shufle: unknown key for 'SplitConfig' (did you mean 'shuffle'?)"),
     ("data.params.validation={shards: /x/0.tar, image_kye: png}",
      "data.params.validation.image_kye: unknown key for 'SplitConfig' (did you mean 'image_key'?)"),
-    ("data.params.train.shuffle=many", "data.params.train.shuffle: expected int, got 'many'"),
+    ("data.params.train.shuffle=many", "data.params.train.shuffle: expected int >= 0, got 'many'"),
     ("data.params.train.latent_moments=[a]",
      "data.params.train.latent_moments: expected bool (true/false) or str or null"),
 ])

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import io
 import json
+import logging
 import subprocess
 import sys
 import tarfile
@@ -109,17 +110,106 @@ def test_folder_with_txt_captions_and_with_a_csv_table(tmp_path):
     assert sorted(m["original_width"] for m in metas) == [60, 60, 60]
 
 
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_bad_input_gives_clear_errors(tmp_path, caplog):
     assert make_shards.main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "not a directory" in caplog.text
     d = _folder(tmp_path)
-    (d / "img0.txt").write_text("only one caption")
-    assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "o")]) == 2
-    assert "no caption .txt" in caplog.text and "img1.png" in caplog.text
-    table = tmp_path / "t.json"
-    table.write_text(json.dumps({"img0.png": "x", "missing.png": "y"}))
+    table = tmp_path / "t.csv"
+    table.write_bytes("file_name,caption\nimg0.png,caf\u00e9\n".encode("latin-1"))
     assert make_shards.main(["--images", str(d), "--captions", str(table), "--out", str(tmp_path / "o")]) == 2
-    assert "missing.png" in caplog.text
+    assert _errors(caplog)[-1].startswith(f"caption table {table} is not UTF-8 (invalid continuation byte at byte")
+    assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "o"), "--quality", "0"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_inputs_are_skipped_counted_and_named(tmp_path, caplog):
+    d = _folder(tmp_path, n=4)
+    (d / "img0.txt").write_text("a good picture")
+    (d / "img1.txt").write_bytes("un caf\u00e9 cr\u00e8me".encode("latin-1"))  # not UTF-8
+    good = (d / "img2.png").read_bytes()
+    (d / "img2.png").write_bytes(good[: len(good) // 2])  # truncated
+    (d / "img2.txt").write_text("a truncated picture")
+    # img3 has no caption .txt
+    assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "o"), "--size", "32"]) == 0
+    assert [s["txt"].decode() for s in _members(tmp_path / "o" / "00000.tar").values()] == ["a good picture"]
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert skips == [f"skipped {d / 'img1.txt'}: bad_caption: not UTF-8 (invalid continuation byte at byte 6); "
+                     "re-save the file as UTF-8",
+                     f"skipped {d / 'img3.txt'}: missing_caption: no caption .txt next to the image; add one or "
+                     "pass --captions",
+                     f"skipped {d / 'img2.png'}: corrupt_image: OSError: image file is truncated"]
+    assert "3 input(s) skipped: 1 bad_caption, 1 corrupt_image, 1 missing_caption (each is named above)" in caplog.text
+    caplog.clear()
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"img0.png": "x", "missing.png": "y", "img3.png": ""}))
+    assert make_shards.main(["--images", str(d), "--captions", str(table), "--out", str(tmp_path / "t")]) == 0
+    assert f"skipped {table} row 1: missing_image: image 'missing.png' not found under {d}" in caplog.text
+    assert f"skipped {table} row 2: missing_caption: image 'img3.png' has no caption" in caplog.text
+
+    # --strict: the first bad input stops the run, and no shard is left behind
+    caplog.clear()
+    (d / "img1.txt").write_text("now UTF-8")
+    assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "s"), "--size", "32", "--strict",
+                             "--samples-per-shard", "1"]) == 2
+    assert _errors(caplog) == [f"{d / 'img3.txt'}: missing_caption: no caption .txt next to the image; add one "
+                               "or pass --captions (--strict stops at the first bad input)"]
+    (d / "img3.txt").write_text("a caption at last")
+    assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "s2"), "--size", "32", "--strict",
+                             "--samples-per-shard", "1"]) == 2  # img0, img1 written, then img2 is corrupt
+    assert "img2.png: corrupt_image: " in _errors(caplog)[-1]
+    assert not [p for p in (tmp_path / "s2").iterdir() if p.suffix in (".tar", ".json", ".partial")]
+
+    # nothing usable: exit 2
+    for txt in d.glob("*.txt"):
+        txt.write_bytes(b"\xff\xfe")
+    assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "n")]) == 2
+    assert "no usable inputs under" in _errors(caplog)[-1]
+
+
+def test_a_non_empty_output_folder_is_refused_and_overwrite_replaces_it(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="make_shards")
+    d = _folder(tmp_path, n=7)
+    for i in range(7):
+        (d / f"img{i}.txt").write_text(f"picture {i}")
+    out = tmp_path / "S"
+    assert make_shards.main(["--images", str(d), "--out", str(out), "--size", "16", "--samples-per-shard", "3"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json", "00002.tar",
+                              "00002_stats.json"]
+    one = tmp_path / "one"
+    one.mkdir()
+    for ext in ("png", "txt"):
+        (one / f"img0.{ext}").write_bytes((d / f"img0.{ext}").read_bytes())
+    assert make_shards.main(["--images", str(one), "--out", str(out), "--size", "16"]) == 2
+    assert _errors(caplog) == [f"--out {out} is not empty (6 entries, e.g. {out / '00000.tar'}); new shards next "
+                               "to old ones would be read as one data set. Choose an empty folder, or pass "
+                               "--overwrite to remove the earlier shards first"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+
+    (out / "notes.md").write_text("mine")
+    (out / "00007.tar.partial").write_bytes(b"left by a crash")
+    assert make_shards.main(["--images", str(one), "--out", str(out), "--size", "16", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00000_stats.json", "notes.md"]
+    assert [s["txt"] for s in _members(out / "00000.tar").values()] == [b"picture 0"]
+    assert f"--overwrite: removed 7 file(s) of an earlier run from {out}" in caplog.text
+    assert f"--overwrite: left 1 other file(s) in {out}, e.g. {out / 'notes.md'}" in caplog.text
+    assert f"all: 1 samples in 1 shards: {out / '00000.tar'}" in caplog.text
+
+
+def test_shards_are_written_atomically(tmp_path):
+    from ldm.data.shard_writer import Record, write_shards
+
+    good = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    records = [Record(good, "ok", "a"), Record(good, "ok", "b"), Record(Image.new("LAB", (8, 8)), "bad", "c")]
+    with pytest.raises(ValueError, match="image mode LAB is not supported"):
+        write_shards(records, tmp_path, samples_per_shard=2, size=None, resize_mode="no")
+    # the complete first shard is in place; the failed second one left neither a shard nor a partial file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar", "00000_stats.json"]
+    assert len(_members(tmp_path / "00000.tar")) == 2
 
 
 @pytest.mark.slow

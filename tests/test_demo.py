@@ -193,8 +193,9 @@ def test_paste_back_keeps_known_pixels_and_the_raw_hole(demo_out):
     assert len(names) == 2
     for name in names:
         image, hole = _png(folder / f"{name}.png"), _hole(folder / f"{name}_mask.png")
-        raw = _png(demo_out / "samples" / "raw" / f"{name}_seed0_0.png")
-        pasted = _png(demo_out / "samples" / "paste_back" / f"{name}_seed0_0.png")
+        (raw_png,) = (demo_out / "samples" / "raw").glob(f"{name}_ddim*_seed0_0.png")  # settings in the name
+        (pasted_png,) = (demo_out / "samples" / "paste_back").glob(f"{name}_ddim*_pasted_seed0_0.png")
+        raw, pasted = _png(raw_png), _png(pasted_png)
         assert np.array_equal(pasted[~hole], image[~hole])
         assert np.array_equal(pasted[hole], raw[hole])  # same seed, same sampler: the same hole content
         assert not np.array_equal(raw[~hole], image[~hole])  # without paste-back the VAE round trip shows

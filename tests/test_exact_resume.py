@@ -149,8 +149,9 @@ def test_resume_from_run_dir_is_exact_and_skips_broken_files(runs, caplog, capsy
     assert snaps == [f"epoch=000000-step={s:09d}.ckpt" for s in (2, 4, 6, 8)], snaps
     for path in [*ckpts.glob("*.ckpt"), *(ckpts / "trainstep_checkpoints").glob("*.ckpt")]:
         assert_ema_count_matches_step(path)
-        progress = load(path)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
-        assert progress == 2 * load(path)["global_step"], (path.name, progress)  # a step boundary
+        # a step boundary: every micro-batch of the saved steps processed, none of the next step
+        progress = load(path)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        assert progress == 2 * load(path)["global_step"], (path.name, progress)
     out = capsys.readouterr().out
     assert "train step: 100%" in out and f"{2 * N}/{2 * N}" in out and "/-2" not in out  # steps, not epochs
     # one CSV and one TensorBoard version directory; every step logged exactly once, in order

@@ -4,6 +4,7 @@ clients (offline) and the key maps checked against the full-size SD2 manifests."
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -181,3 +182,83 @@ def test_key_map_spot_checks_and_unknown_keys():
         unet_key("label_emb.0.0.weight", sd2)
     with pytest.raises(KeyMapError):
         vae_key("encoder.down.1.attn.0.q.weight", 4)
+
+
+# ------------------------------------------------------------------------------------- what exports record
+def test_an_export_of_the_ema_says_so_when_loaded(exported, caplog):
+    from ldm.checkpoint import CheckpointError
+    from ldm.inference import load_model
+    from ldm.provenance import read
+
+    d, sd = exported["dir"], exported["sd"]
+    assert read(d / "ema.safetensors")["unet_weights"] == "ema" and read(d / "ema.safetensors")["global_step"] == 5
+    assert read(d / "raw.ckpt")["unet_weights"] == "raw"
+    with caplog.at_level(logging.INFO):
+        auto = load_model(CONFIG, d / "ema.safetensors", device="cpu")
+    assert auto.used_ema is True and auto.global_step == 5 and "EMA weights already" in caplog.text
+    assert "raw (non-EMA)" not in caplog.text and "(EMA weights" in caplog.text and "step 5)" in caplog.text
+    asked = load_model(CONFIG, d / "ema.safetensors", use_ema=True, device="cpu")  # --ema just works
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(asked.model.state_dict()[key], sd[ema_key(key)])
+    with pytest.raises(CheckpointError, match="holds only the EMA"):
+        load_model(CONFIG, d / "ema.safetensors", use_ema=False, device="cpu")
+    raw = load_model(CONFIG, d / "raw.ckpt", device="cpu")
+    assert raw.used_ema is False and raw.global_step == 5
+    with pytest.raises(CheckpointError, match="holds only the raw"):
+        load_model(CONFIG, d / "raw.ckpt", use_ema=True, device="cpu")
+    from safetensors import safe_open
+
+    with safe_open(str(d / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["provenance"])
+    assert record["unet_weights"] == "ema" and record["global_step"] == 5
+
+
+def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_path, caplog, monkeypatch):
+    source = exported["dir"] / "train.ckpt"
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(source)
+    full = tmp_path / "last.ckpt"  # a resumable training checkpoint
+    torch.save({"state_dict": {}, "optimizer_states": [], "lr_schedulers": [], "loops": {}, "global_step": 3}, full)
+    earlier = tmp_path / "earlier.safetensors"
+    earlier.write_bytes(b"an earlier export")
+    folder = tmp_path / "pipe"  # an earlier export
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    other = tmp_path / "notes"  # a folder of something else, never replaced
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("")
+    snapshot = {p: p.read_bytes() for p in (source, full, earlier)}
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the paths were checked")
+
+    monkeypatch.setattr(export_script, "load_model", no_loading)
+    cases = [
+        (["--out", str(source)], "is the input checkpoint"),
+        (["--out", str(link)], "is the input checkpoint"),
+        (["--out", str(full), "--overwrite"], "resumable training checkpoint"),
+        (["--out", str(earlier)], "--overwrite"),
+        (["--out", str(tmp_path / "x.txt")], ".safetensors or .ckpt"),
+        (["--diffusers", str(tmp_path / "a_file")], "not a folder"),
+        (["--diffusers", str(folder)], "--overwrite"),
+        (["--diffusers", str(other), "--overwrite"], "is not a diffusers pipeline"),
+        (["--out", str(tmp_path / "x.ckpt"), "--ckpt", str(tmp_path)], "is a directory"),
+    ]
+    for extra, expected in cases:
+        ckpt = [] if "--ckpt" in extra else ["--ckpt", str(source)]
+        caplog.clear()
+        assert export_script.main(["--config", CONFIG, *ckpt, *extra]) == 2, extra
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and expected in errors[0], (extra, errors)
+    assert all(p.read_bytes() == data for p, data in snapshot.items())
+    assert (other / "keep.txt").read_text() == "mine"
+    monkeypatch.undo()
+    # --overwrite replaces an earlier export, atomically: no temp file or folder is left behind
+    assert export_script.main(["--config", CONFIG, "--ckpt", str(source), "--out", str(earlier), "--overwrite",
+                               "--diffusers", str(folder)]) == 0
+    from safetensors.torch import load_file
+
+    assert len(load_file(str(earlier))) > 100 and (folder / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "earlier.safetensors", "last.ckpt", "link.ckpt",
+                                                          "notes", "pipe"]

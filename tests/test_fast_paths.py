@@ -77,6 +77,17 @@ def test_compiled_unet_matches_eager():
     _assert_same(_loss_and_grads(compiled), _loss_and_grads(eager), atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_vae_encoder_matches_eager_and_keeps_keys():
+    eager, compiled = _twin(), _twin(compile_first_stage_encoder={"backend": "aot_eager"})
+    assert compiled.first_stage_model.encoder._compiled_call_impl is not None
+    assert eager.first_stage_model.encoder._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints unchanged by compiling
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out, ref = compiled.encode_first_stage(x), eager.encode_first_stage(x)
+    torch.testing.assert_close(out.parameters, ref.parameters, atol=1e-5, rtol=1e-4)
+
+
 def test_channels_last_matches_contiguous_in_loss_and_gradients():
     fast = _twin(channels_last=True)
     assert fast.model.diffusion_model.out[2].weight.is_contiguous(memory_format=torch.channels_last)

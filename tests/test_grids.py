@@ -49,3 +49,40 @@ def test_label_count_mismatch_is_an_error():
         labelled_grid([[a]], headers=["x", "y"])
     with pytest.raises(ValueError, match="must be H x W"):
         labelled_grid([[np.zeros((4, 4, 4), np.uint8)]])
+
+
+def test_long_headers_wrap_and_the_band_grows():
+    from PIL import Image, ImageDraw
+
+    from ldm.grids import _font, wrap_text
+
+    cell = np.zeros((64, 64, 3), np.uint8)
+    one = labelled_grid([[cell]], headers=["input"])
+    two = labelled_grid([[cell]], headers=["scale 1.5 (seed 3)"])  # was cut to "scale 1.5 (se..."
+    three = labelled_grid([[cell]], headers=["sample 0 scale 1.5 seed 3 ddim 50"])
+    bands = [g.shape[0] - 64 - 2 * PAD for g in (one, two, three)]
+    assert bands[0] < bands[1] < bands[2], bands  # one, two, three lines of text
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(10)
+    lines = wrap_text(draw, "s=1.5 seed 3", font, 62)
+    assert lines == ["s=1.5 seed 3"]  # the callers' short labels fit a 64 px cell on one line
+    lines = wrap_text(draw, "scale 1.5 (seed 3)", font, 62)
+    assert " ".join(lines) == "scale 1.5 (seed 3)" and all(draw.textlength(x, font=font) <= 62 for x in lines)
+    many = wrap_text(draw, "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3, font, 30)
+    assert len(many) == 3 and many[-1].endswith("...")  # at most three lines, the rest elided visibly
+    assert all(draw.textlength(x, font=font) <= 30 for x in wrap_text(draw, "x" * 40, font, 30))  # long words break
+    # row labels wrap inside their band too, and every line is drawn
+    labelled = labelled_grid([[cell], [cell]], headers=["input"], row_labels=["seed 1", "seed 2"])
+    assert (labelled[one.shape[0] - 64 - PAD :, :10] < 128).any()
+
+
+def test_read_only_cells_raise_no_warning():
+    import warnings
+
+    from PIL import Image
+
+    cell = np.asarray(Image.new("RGB", (16, 16), (10, 20, 30)))  # PIL's arrays are read-only
+    assert not cell.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grid = labelled_grid([[cell, cell]], headers=["a", "b"], row_labels=["r"])
+    assert (grid == (10, 20, 30)).all(axis=-1).any()

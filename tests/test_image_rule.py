@@ -147,8 +147,83 @@ def test_training_eval_inpaint_and_make_shards_see_the_same_pixels(rgba_logo):
     evaluation = load_folder(rgba_logo.parent, 48)  # short side already 48: resize is a no-op, crop 48x48
     assert np.array_equal(evaluation[0].image, training[:, 8:56])
     make_shards = load_script("make_shards")
-    records = list(make_shards.folder_records([(rgba_logo, "a logo", {})], rgba_logo.parent))
+    records = list(make_shards.folder_records([(rgba_logo, "a logo", {})], rgba_logo.parent,
+                                              make_shards.Skips(strict=True)))
     assert np.array_equal(np.asarray(records[0].image), training)
+
+
+# ------------------------------------------------------------------------------------------- EXIF orientation
+#: what a viewer shows for a stored H x W x C array with EXIF orientation n (EXIF 2.3: where row 0 / column 0 go)
+DISPLAYED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # row 0 is the left column
+    6: lambda a: a[::-1].transpose(1, 0, 2),  # phone held upright, sensor sideways: turn 90 degrees clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: a[:, ::-1].transpose(1, 0, 2),  # turn 90 degrees counter-clockwise
+}
+
+
+def _with_orientation(arr: np.ndarray, n: int, fmt: str) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = n
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _quadrants(h: int = 40, w: int = 64) -> np.ndarray:
+    """Four flat colours, so a JPEG keeps them within a few levels and any turn or mirror is visible."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[: h // 2, : w // 2] = (255, 0, 0)
+    arr[: h // 2, w // 2 :] = (0, 255, 0)
+    arr[h // 2 :, : w // 2] = (0, 0, 255)
+    arr[h // 2 :, w // 2 :] = (255, 255, 255)
+    return arr
+
+
+def _assert_jpeg_close(pixels: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to JPEG error: flat areas within a few levels (chroma subsampling blurs only the colour edges)."""
+    diff = np.abs(pixels.astype(int) - expected.astype(int)).max(axis=2)
+    assert pixels.shape == expected.shape and np.median(diff) <= 2 and (diff > 8).mean() < 0.15
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_exif_orientation_is_applied(n):
+    stored = _quadrants()
+    out = np.asarray(open_rgb(_with_orientation(stored, n, "PNG")))  # lossless: exact pixels
+    assert np.array_equal(out, DISPLAYED[n](stored))
+
+
+def test_a_sideways_phone_jpeg_is_upright_everywhere(tmp_path):
+    """A JPEG stored 64 x 40 with orientation 6 (shown 40 x 64): training, inpaint.py, its mask, evaluation and
+    make_shards all see the displayed picture, and a mask painted on it fits without resizing."""
+    stored = _quadrants()
+    expected = DISPLAYED[6](stored)  # 64 high, 40 wide; red (top-left when stored) is now top-right
+    data = _with_orientation(stored, 6, "JPEG")
+    assert Image.open(io.BytesIO(data)).size == (64, 40)
+    photo = tmp_path / "phone.jpg"
+    photo.write_bytes(data)
+    for name, pixels in [("training", np.asarray(decode_image(data))), ("inpaint.py", load_rgb(photo))]:
+        assert pixels.shape == (64, 40, 3), name
+        _assert_jpeg_close(pixels, expected)
+    seen = []
+    planned = open_rgb(data, plan=lambda w, h: seen.append((w, h)) or [(w, h)], draft=True)
+    assert seen == [(40, 64)] and planned.size == (40, 64)  # resize plans are made for the displayed size
+    hole = np.zeros((64, 40), np.uint8)
+    hole[:20, :10] = 255  # painted on the displayed photo (PNG mask from an editor that kept the tag)
+    mask_file = tmp_path / "phone_mask.png"
+    mask_file.write_bytes(_with_orientation(DISPLAYED[8](hole[..., None])[..., 0], 6, "PNG"))  # stored sideways
+    assert np.array_equal(load_mask(mask_file, size=(40, 64)), hole / 255.0)  # fits: no resize, no warning
+    evaluation = load_folder(tmp_path, 40)
+    assert evaluation[0].image.shape == (40, 40, 3)  # short side 40: crop the middle 40 of the 64 rows
+    _assert_jpeg_close(evaluation[0].image, expected[12:52])
+    (tmp_path / "phone.txt").write_text("a phone photo")
+    make_shards = load_script("make_shards")
+    record = next(make_shards.folder_records([(photo, "a phone photo", {})], tmp_path, make_shards.Skips(True)))
+    assert record.image.size == (40, 64)
 
 
 # ---------------------------------------------------------------------------------------------- user masks

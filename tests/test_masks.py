@@ -14,11 +14,15 @@ from ldm.data.masks import (
     MASK_MODES,
     LamaBoxMask,
     LamaIrregularMask,
+    MaskCoverageError,
     MaxCoverage,
     MixedMask,
+    NativeSize,
     OutpaintingMask,
     SDMask,
     get_mask_generator,
+    native_canvas,
+    resize_nearest,
 )
 from ldm.data.rng import SEED_KEY
 
@@ -106,17 +110,100 @@ def test_mixed_and_max_coverage():
     assert abs(share_full - 0.75) < 0.03
     capped = MaxCoverage(MASK_MODES["lama-thick-512"], 0.5)
     assert max(capped(rng, 128, 128).mean() for _ in range(100)) <= 0.5
-    with pytest.raises(RuntimeError, match="no mask"):
+    with pytest.raises(MaskCoverageError, match="no mask .* covering <= 0.5 of a 8 x 8 image in 3 draws"):
         MaxCoverage(full, 0.5, max_tries=3)(rng, 8, 8)
+    assert issubclass(MaskCoverageError, ValueError)  # scripts answer it with one line and exit code 2
     with pytest.raises(ValueError, match="weights"):
         MixedMask((full,), (-1.0,))
 
 
 def test_sd_boxes_fit_small_images():
     # 512train-large boxes are 75..449 px; at 64 px the sides are capped instead of raising.
-    gen = dataclasses.replace(MASK_MODES["512train-large"], p_irregular=0.0)
+    gen = dataclasses.replace(MASK_MODES["512train-large"].base, p_irregular=0.0)
     m = gen(np.random.default_rng(0), 64, 64)
     assert m.any() and isinstance(gen, SDMask)
+
+
+# ------------------------------------------------------------------------------- presets at any image size
+NATIVE = {"256train": 256, "256narrow": 256, "512train": 512, "512train-large": 512, "lama-train": 256,
+          "lama-thin-256": 256, "lama-medium-256": 256, "lama-thick-256": 256, "lama-thin-512": 512,
+          "lama-medium-512": 512, "lama-thick-512": 512}
+
+
+def test_every_pixel_preset_has_its_native_size():
+    assert {m: g.size for m, g in MASK_MODES.items() if isinstance(g, NativeSize)} == NATIVE
+    assert set(MASK_MODES) - set(NATIVE) == {"outpainting"}  # bands are fractions of the side: no native size
+
+
+@pytest.mark.parametrize("mode", ["512train-large", "lama-thin-512", "lama-thick-512", "lama-train"])
+def test_preset_is_its_native_mask_resized_nearest(mode):
+    gen, native = MASK_MODES[mode], NATIVE[mode]
+    for seed in range(3):
+        ref = gen(np.random.default_rng(seed), native, native)
+        assert np.array_equal(ref, gen.base(np.random.default_rng(seed), native, native))  # native: unchanged
+        for size in (64, 96, 128, 768):
+            m = gen(np.random.default_rng(seed), size, size)
+            assert m.shape == (size, size) and m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
+            assert np.array_equal(m, resize_nearest(ref, size, size))
+    # AddMask (training) draws through the same rule: its 64 px mask is the 512 px one, resized
+    add, native_add = AddMask(mode), AddMask(mode)
+    small = add.make_mask(np.random.default_rng(5), 64, 64)
+    assert np.array_equal(small, resize_nearest(native_add.make_mask(np.random.default_rng(5), native, native),
+                                                64, 64))
+
+
+def test_preset_coverage_is_the_same_at_every_size():
+    """Mean coverage over the same 100 seeds at 64, 128 and 256 px against 512 px: drawn unscaled on a 64 px
+    image 512train-large covered 0.58 on average and lama-thin-512 0.98 (DECISIONS R6 gives 0.326 and 0.292)."""
+    for mode in ("512train-large", "lama-thin-512", "lama-medium-512", "lama-thick-512", "256train"):
+        gen = MASK_MODES[mode]
+        means = {size: np.mean([gen(np.random.default_rng(i), size, size).mean() for i in range(100)])
+                 for size in (64, 128, 256, 512)}
+        for size in (64, 128, 256):
+            assert abs(means[size] - means[512]) < 0.005, (mode, means)
+        unscaled = np.mean([gen.base(np.random.default_rng(i), 64, 64).mean() for i in range(100)])
+        assert unscaled - means[512] > 0.1, (mode, unscaled, means)  # what the rule prevents
+
+
+def test_a_preset_at_another_size_is_asked_for_by_name():
+    """``NAME@N`` draws preset NAME at N px (the explicit opt-in to other hole sizes, e.g. the demo's thick holes):
+    at N equal to the image size the preset's pixel numbers are taken as they are."""
+    gen = get_mask_generator("lama-thick-256@64")
+    base = MASK_MODES["lama-thick-256"].base
+    for seed in range(3):
+        assert np.array_equal(gen(np.random.default_rng(seed), 64, 64), base(np.random.default_rng(seed), 64, 64))
+    assert get_mask_generator("512train-large@128") == NativeSize(MASK_MODES["512train-large"].base, 128)
+    for bad in ("outpainting@64", "lama-thick-256@", "lama-thick-256@x", "lama-thick-256@0"):
+        with pytest.raises(ValueError, match="NAME@N needs a positive pixel size"):
+            get_mask_generator(bad)
+    with pytest.raises(ValueError, match="unknown mask mode 'thick'"):
+        get_mask_generator("thick@64")
+
+
+def test_native_canvas_keeps_the_aspect_ratio():
+    assert native_canvas(64, 64, 512) == (512, 512)
+    assert native_canvas(96, 160, 256) == (256, 427)
+    assert native_canvas(1024, 768, 512) == (683, 512)
+    m = MASK_MODES["512train-large"](np.random.default_rng(0), 96, 160)
+    assert m.shape == (96, 160)
+    with pytest.raises(ValueError, match="positive"):
+        native_canvas(0, 64, 512)
+
+
+def test_evaluation_masks_at_64px_keep_lamas_rule(monkeypatch):
+    """``evaluate.py --size 64`` with the default presets once stopped with "no mask with coverage <= 0.5 in 1000
+    draws" (lama-thin-512 drawn unscaled covers ~0.98 of a 64 px image)."""
+    from ldm.eval.data import DEFAULT_MASK_MODES, fixed_masks
+
+    for mode in DEFAULT_MASK_MODES:
+        masks = fixed_masks(mode, 9, 64, seed=0)
+        assert len(masks) == 9 and all(m.shape == (64, 64) for m in masks)
+        if mode.startswith("lama-"):
+            assert all(m.mean() <= 0.5 for m in masks)
+    # a preset that cannot meet LaMa's limit is a ValueError naming preset and size (one line from the script)
+    monkeypatch.setitem(MASK_MODES, "lama-everything", lambda r, h, w: np.ones((h, w), np.float32))
+    with pytest.raises(MaskCoverageError, match="mask preset 'lama-everything' at 64 px: .*no mask"):
+        fixed_masks("lama-everything", 1, 64)
 
 
 # ---------------------------------------------------------------------------------------------- AddMask

@@ -146,6 +146,19 @@ def test_refuses_random_weights_and_random_transforms(tmp_path, caplog):
         precompute.deterministic_transforms([*random_ops, flip], None)
 
 
+def test_output_file_and_missing_device_are_one_line(tmp_path, caplog):
+    (tmp_path / "a_file").write_text("")
+    base = ["--config", str(REPO / "configs/tiny/inpaint.yaml"), "--shards", str(tmp_path / "x.tar"), "--size", "64",
+            "--random-vae"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for extra, expected in ((["--out", str(tmp_path / "a_file")], "--out"),
+                            (["--out", str(tmp_path / "o"), "--device", f"cuda:{gpus}"], "--device cuda")):
+        caplog.clear()
+        assert precompute.main([*base, *extra]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and expected in errors[0], errors
+
+
 # --------------------------------------------------------------------------- the training data path uses them
 def _data_config(shards: str, transforms: list[dict] | None = None, **params):
     """configs/tiny/inpaint_shards.yaml's data section on ``shards``, with the fixed crop the latents were made

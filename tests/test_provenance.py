@@ -60,6 +60,7 @@ def test_training_checkpoint_records_provenance(v_ckpt):
     rec = ck["provenance"]
     assert ck["parameterization"] == rec["parameterization"] == "v"
     assert rec["scale_factor"] == pytest.approx(0.18215)
+    assert rec["unet_weights"] == "raw"  # model.diffusion_model.* are the trained weights; the EMA is model_ema.*
     assert rec["config"]["model"]["params"]["parameterization"] == "v"
     from importlib import metadata
 
@@ -92,7 +93,11 @@ def test_scripts_refuse_a_config_that_contradicts_the_checkpoint(v_ckpt, tmp_pat
     assert "trained with parameterization 'v' but the config says 'eps'" in errors[0]
 
 
-def test_a_config_without_parameterization_takes_the_checkpoints(v_ckpt, tmp_path):
+def test_a_config_without_parameterization_takes_the_checkpoints(v_ckpt, tmp_path, caplog):
+    # the official SD2 inference config states none (LatentDiffusion's default would be eps): with it, our v
+    # checkpoints are sampled as v because they record it
+    official = OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v2-inpainting-inference.yaml")
+    assert "parameterization" not in official.model.params
     silent = write_config(tmp_path / "silent.yaml", drop=("parameterization",))
     loaded = load_model(silent, v_ckpt, device="cpu")
     assert loaded.parameterization == loaded.model.parameterization == "v"
@@ -105,6 +110,18 @@ def test_a_config_without_parameterization_takes_the_checkpoints(v_ckpt, tmp_pat
     # the export keeps the training record and adds its own
     assert exported["provenance"]["config"]["model"]["params"]["parameterization"] == "v"
     assert exported["provenance"]["export"]["source"] == str(v_ckpt) and exported["provenance"]["export"]["ema"]
+    # sampling with the silent config says where the parameterization came from, and records it
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (20, 200, 20)).save(tmp_path / "a.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "a_mask.png")
+    with caplog.at_level(logging.INFO):
+        assert inpaint_script.main(["--config", silent, "--ckpt", str(v_ckpt), "--image", str(tmp_path / "a.png"),
+                                    "--mask", str(tmp_path / "a_mask.png"), "--prompt", "", "--steps", "2",
+                                    "--no-grid", "--out", str(tmp_path / "out")]) == 0
+    assert "parameterization 'v' taken from the checkpoint" in caplog.text
+    (png,) = (tmp_path / "out").glob("a_*.png")
+    assert Image.open(png).text["parameterization"] == "v"
 
 
 def test_diffusers_scaling_factor_is_the_learned_buffer(tmp_path):

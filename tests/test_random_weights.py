@@ -45,11 +45,14 @@ def test_no_warning_when_ckpt_path_loads_every_tensor(full_ckpt, caplog):
 
 
 def test_a_checkpoint_without_the_frozen_models_leaves_them_random(full_ckpt, tmp_path, caplog):
-    sd = torch.load(full_ckpt, weights_only=False)["state_dict"]
+    """A UNet-only file is a partial load (init is strict by default), so the run must name the prefixes it lets
+    stay missing; the frozen VAE and text encoder then stay random and each says so once."""
+    sd = torch.load(full_ckpt, weights_only=True)["state_dict"]
     unet_only = tmp_path / "unet.ckpt"
     torch.save({"state_dict": {k: v for k, v in sd.items() if k.startswith("model.")}}, unet_only)
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        build_tiny("inpaint", ckpt_path=str(unet_only))
+        build_tiny("inpaint", ckpt_path=str(unet_only),
+                   allow_missing_prefixes=["first_stage_model.", "cond_stage_model."])
     warnings = _random_warnings(caplog)
     assert len(warnings) == 2 and not [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
 

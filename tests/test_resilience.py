@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import main
+from ldm.atomic import atomic_torch_save
 from ldm.callbacks import FiniteLossGuard
-from ldm.checkpoint import atomic_torch_save
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
@@ -97,7 +97,7 @@ def small_disk(tmp_path, monkeypatch):
 
     Where this process may mount (root), it is a real tmpfs and the kernel returns ENOSPC. Elsewhere the fault is
     injected at the lowest level a checkpoint write reaches from Python: the raw file object of
-    ``ldm.checkpoint.atomic_torch_save`` raises ``OSError(ENOSPC)`` once the directory's files would exceed 48 MiB.
+    ``ldm.atomic.atomic_torch_save`` raises ``OSError(ENOSPC)`` once the directory's files would exceed 48 MiB.
     """
     import errno
     import io
@@ -141,7 +141,7 @@ def small_disk(tmp_path, monkeypatch):
         return io.BufferedWriter(Full(fd)) if str(Path(os.readlink(f"/proc/self/fd/{fd}"))).startswith(str(disk)) \
             else real_fdopen(fd, mode, *args, **kwargs)
 
-    monkeypatch.setattr("ldm.checkpoint.os.fdopen", fdopen)
+    monkeypatch.setattr("ldm.atomic.os.fdopen", fdopen)
     yield disk
 
 

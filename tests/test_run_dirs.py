@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ldm.run import check_overrides, check_sections, count_devices, effective_lr, resolve_run_dirs
 from ldm.util import ConfigError
-from tests.helpers import damage
+from tests.helpers import REPO, damage
 
 
 def test_new_run_name_and_layout(tmp_path):
@@ -182,3 +183,22 @@ def test_harness_uses_no_private_lightning_api():
             for i, line in enumerate(p.read_text().splitlines()) if private.search(line)]
     assert not hits, "\n".join(hits)
     assert private.search("if trainer.fit_loop._should_accumulate():")  # the pattern can fail
+
+
+def test_ldm_main_targets_resolve_without_importing_main(monkeypatch):
+    """Run from outside the repository root, ``import main`` fails (or finds another project's main.py): ldm's
+    ``main.<Callback>`` targets still resolve, to ``ldm.callbacks``; other ``main.X`` targets import as written."""
+    from ldm import callbacks
+    from ldm.util import check_tree, get_obj_from_str, load_config
+
+    monkeypatch.setitem(sys.modules, "main", None)  # any `import main` now raises ModuleNotFoundError
+    assert get_obj_from_str("main.ImageLogger") is callbacks.ImageLogger
+    official = load_config([REPO / "configs" / "stable-diffusion" / "v2-inpainting-inference.yaml"])
+    assert official.lightning.callbacks.image_logger.target == "main.ImageLogger"  # official configs stay as shipped
+    check_tree(OmegaConf.to_container(official.lightning.callbacks), "lightning.callbacks")
+    with pytest.raises(ConfigError, match="cannot import module 'main'"):
+        get_obj_from_str("main.NotACallback")
+    # the configs this project authors name the library directly
+    for path in [REPO / "configs" / "inpaint.yaml", *(REPO / "configs").glob("tiny/*.yaml"),
+                 *(REPO / "configs").glob("demo/*.yaml")]:
+        assert "target: main." not in path.read_text(), path

@@ -369,6 +369,33 @@ def test_eta_rule_and_names_are_checked_in_one_place():
         sampling.sample_latents(model, cond, torch.zeros(3, 4, 4, 4))
 
 
+def test_step_counts_are_checked_from_the_schedule_length_alone(caplog):
+    """check_steps (what scripts call before loading a model) agrees with what the samplers really run."""
+    for steps in range(1, 1001):  # DDIM: every count is either the grid's length or the grid's own error
+        try:
+            expected = len(ddim_timesteps(steps, 1000))
+        except ValueError:
+            expected = None
+        try:
+            got = sampling.get_sampler("ddim").steps_run(steps, 1000)
+        except ValueError:
+            got = None
+        assert got == expected, steps
+    for steps, ok in ((3, "2 or 4"), (9, "8 or 10"), (27, "26 or 28"), (37, "35 or 38"), (111, "100 or 112"),
+                      (251, "250 or 334"), (333, "250 or 334")):
+        with pytest.raises(ValueError, match=f"--steps {steps} does not work with the DDIM sampler: .*gives timestep "
+                                             f"1000.*nearest counts that work: {ok}$"):
+            sampling.check_steps("ddim", steps, 1000)
+    with caplog.at_level("WARNING"):
+        assert sampling.check_steps("ddim", 45, 1000) == 46  # ldm's grid: stride 22, ceil(1000 / 22) steps
+        assert sampling.check_steps("ddim", 50, 1000) == 50 and sampling.check_steps("dpm", 45, 1000) == 45
+    assert [r.getMessage() for r in caplog.records] == [
+        "DDIM: --steps 45 runs 46 steps (ldm's uniform DDIM grid: stride 1000 // 45 = 22, so ceil(1000 / 22) steps); "
+        "outputs record 46"]
+    with pytest.raises(ValueError, match="between 1 and 1000"):
+        sampling.check_steps("dpm", 0, 1000)
+
+
 def test_a_new_sampler_is_one_registration(monkeypatch):
     """Registering a function is all it takes for sample_latents (hence inference, evaluation and image logs)."""
     monkeypatch.setattr(sampling, "SAMPLERS", dict(sampling.SAMPLERS))

@@ -172,3 +172,12 @@ def test_meta_build_then_to_empty_restores_the_causal_mask():
     enc.model.load_state_dict(src.model.state_dict())
     torch.testing.assert_close(enc.model.attn_mask, torch.triu(torch.full((77, 77), float("-inf")), diagonal=1))
     torch.testing.assert_close(enc(PROMPTS), src(PROMPTS))
+
+
+def test_missing_weights_advice_fits_the_architecture():
+    # a local json architecture has no released weights: no download advice, say it is expected in tiny runs
+    local = _download_hint(TINY, None)
+    assert "Download" not in local and "no released weights" in local and "expected in tiny" in local
+    # a built-in name without a tag: download advice naming the released tags
+    builtin = _download_hint("ViT-H-14", None)
+    assert builtin.startswith("Download ") and "laion2b_s32b_b79k" in builtin

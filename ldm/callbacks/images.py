@@ -14,6 +14,7 @@ from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm import compat
+from ldm.config_schema import ConfigError, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,14 @@ class ImageLogger(pl.Callback):
             ``default_root_dir``).
     """
 
-    def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True, increase_log_steps: bool = True,
-                 rescale: bool = True, disabled: bool = False, log_on_batch_idx: bool = False,
-                 log_first_step: bool = False, log_images_kwargs: dict[str, Any] | None = None,
-                 enable_autocast: bool | None = None, nrow: int = 4, logdir: str | None = None) -> None:
+    #: where main.py's configs put this callback's params (for messages)
+    CONFIG_PATH = "lightning.callbacks.image_logger.params"
+
+    def __init__(self, batch_frequency: PositiveInt, max_images: PositiveInt, clamp: bool = True,
+                 increase_log_steps: bool = True, rescale: bool = True, disabled: bool = False,
+                 log_on_batch_idx: bool = False, log_first_step: bool = False,
+                 log_images_kwargs: dict[str, Any] | None = None, enable_autocast: bool | None = None,
+                 nrow: PositiveInt = 4, logdir: str | None = None) -> None:
         super().__init__()
         if batch_frequency <= 0:
             raise ValueError(f"ImageLogger: batch_frequency must be > 0, got {batch_frequency}")
@@ -53,6 +58,23 @@ class ImageLogger(pl.Callback):
         self.nrow = nrow
         self.logdir = logdir
         self.last_logged = -1
+
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        """Check ``log_images_kwargs`` against what ``pl_module.log_images`` accepts (its
+        ``check_log_images_kwargs``), so a typo stops the run at start-up rather than at the first image log.
+
+        main.py calls it once the model is built, before training; :meth:`setup` calls it for other callers.
+        """
+        check = getattr(pl_module, "check_log_images_kwargs", None)
+        if self.disabled or check is None:
+            return
+        try:
+            check(self.log_images_kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{self.CONFIG_PATH}.{e}") from None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_model(pl_module)
 
     def should_log(self, step: int) -> bool:
         if step == self.last_logged:  # gradient accumulation repeats a global step
@@ -75,8 +97,8 @@ class ImageLogger(pl.Callback):
         from ldm.grids import labelled_grid
 
         seed = self.log_images_kwargs.get("seed", 0)
-        names = {"inputs": "input", "masked_image": "masked input", "samples": f"scale 1, seed {seed}"}
-        headers = [names.get(k, f"scale {float(k.rsplit('_', 1)[1]):g}, seed {seed}"
+        names = {"inputs": "input", "masked_image": "masked input", "samples": f"s=1 seed {seed}"}
+        headers = [names.get(k, f"s={float(k.rsplit('_', 1)[1]):g} seed {seed}"
                              if k.startswith("samples_cfg_scale_") else k) for k in images]
         n = min(self.max_images, *(len(b) for b in images.values()))
         return labelled_grid([[self.to_grid(b[i : i + 1]) for b in images.values()] for i in range(n)], headers)

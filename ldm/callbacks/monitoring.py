@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from ldm.callbacks.steps import StepBoundary
+from ldm.config_schema import PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class ThroughputMonitor(pl.Callback):
         peak_tflops: device peak for MFU; None picks it from the device name (A100/H100/...).
     """
 
-    def __init__(self, flops_per_sample: float | None = None, log_every_n_steps: int = 50,
-                 peak_tflops: float | None = None) -> None:
+    def __init__(self, flops_per_sample: PositiveFloat | None = None, log_every_n_steps: PositiveInt = 50,
+                 peak_tflops: PositiveFloat | None = None) -> None:
         super().__init__()
         self.flops_per_sample, self.peak_tflops = flops_per_sample, peak_tflops
         self.every = max(1, log_every_n_steps)
@@ -106,7 +107,7 @@ class DataStatsLogger(pl.Callback):
         every_n_steps: logging interval in optimizer steps.
     """
 
-    def __init__(self, every_n_steps: int = 500) -> None:
+    def __init__(self, every_n_steps: PositiveInt = 500) -> None:
         super().__init__()
         self.every = max(1, every_n_steps)
         self.boundary = StepBoundary()

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.callbacks.steps import StepBoundary, save_once
+from ldm.config_schema import NonNegativeInt, PositiveFloat
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class GradNormGuard(pl.Callback):
         max_grad_norm: largest acceptable total gradient norm; None stops only on non-finite norms.
     """
 
-    def __init__(self, max_grad_norm: float | None = 1e5) -> None:
+    def __init__(self, max_grad_norm: PositiveFloat | None = 1e5) -> None:
         super().__init__()
         self.max_grad_norm = max_grad_norm
 
@@ -221,7 +222,7 @@ class StepSeed(pl.Callback):
             was not given).
     """
 
-    def __init__(self, seed: int, keep_checkpoint_seed: bool = False) -> None:
+    def __init__(self, seed: NonNegativeInt, keep_checkpoint_seed: bool = False) -> None:
         super().__init__()
         self.seed, self.keep_checkpoint_seed = seed, keep_checkpoint_seed
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
+from ldm.config_schema import NonNegativeInt, Probability, Range
 from ldm.data.masks import (
     MASK_MODES,
     MaskGenerator,
@@ -49,6 +50,9 @@ class AddMask:
         mode: A mask mode name from ``ldm.data.masks.MASK_MODES`` (``"512train-large"`` is the SD2 inpainting
             default; also ``"256train"``, ``"256narrow"``, ``"512train"``, the ``lama-*`` presets and
             ``"outpainting"``), or a ``{target, params}`` config of any callable ``(rng, height, width) -> mask``.
+            A named mode draws at its native size (256 or 512 px) and is resized to the image (nearest), so its
+            coverage is the same on 64 px and 512 px images; a generator config draws at the image's own size,
+            in the pixels its params give (docs/DECISIONS.md D6).
         p_drop: Probability of replacing the mask by an all-ones (full) mask.
         max_coverage: If set, redraw masks covering more than this fraction of the image (LaMa's evaluation
             rule uses 0.5). Applied before ``p_drop``.
@@ -59,9 +63,9 @@ class AddMask:
     def __init__(
         self,
         mode: MaskMode | Mapping[str, Any] = "512train",
-        p_drop: float = 0.0,
-        max_coverage: float | None = None,
-        seed: int = 0,
+        p_drop: Probability = 0.0,
+        max_coverage: Annotated[float, Range(0, 1, lo_open=True)] | None = None,
+        seed: NonNegativeInt = 0,
         image_key: str = "jpg",
     ) -> None:
         if not 0.0 <= p_drop <= 1.0:

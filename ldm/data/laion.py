@@ -47,12 +47,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pytorch_lightning as pl
 import torch
 
-from ldm.config_schema import check_params
+from ldm.config_schema import NonNegativeInt, PositiveFloat, PositiveInt, Probability, Range, check_params
 from ldm.data import latents
 from ldm.data.decode import SampleProcessor, finalize_batch
 from ldm.data.filters import MetadataFilter, MissingFieldPolicy, load_word_list
@@ -142,32 +142,32 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
     def __init__(
         self,
         tar_base: str | None = None,
-        batch_size: int = 8,
+        batch_size: PositiveInt = 8,
         train: SplitConfig | Mapping[str, Any] | None = None,
         validation: SplitConfig | Mapping[str, Any] | None = None,
         test: SplitConfig | Mapping[str, Any] | None = None,
-        num_workers: int = 4,
+        num_workers: NonNegativeInt = 4,
         multinode: bool = True,
-        min_size: int | None = None,
-        max_pwatermark: float = 1.0,
-        p_unsafe_threshold: float | None = None,
+        min_size: NonNegativeInt | None = None,
+        max_pwatermark: Probability = 1.0,
+        p_unsafe_threshold: Probability | None = None,
         filter_word_list: str | list[str] | None = None,
         min_aesthetic: float | None = None,
         missing_field_policy: MissingFieldPolicy = "drop",
-        seed: int = 0,
-        val_batch_size: int | None = None,
-        val_num_workers: int | None = None,
+        seed: NonNegativeInt = 0,
+        val_batch_size: PositiveInt | None = None,
+        val_num_workers: NonNegativeInt | None = None,
         pin_memory: bool | None = None,
-        prefetch_factor: int = 2,
+        prefetch_factor: PositiveInt = 2,
         persistent_workers: bool = False,
-        multiprocessing_context: str | None = None,
-        max_bad_fraction: float = 0.1,
-        bad_check_min_samples: int = 1000,
+        multiprocessing_context: Literal["fork", "spawn", "forkserver"] | None = None,
+        max_bad_fraction: Probability = 0.1,
+        bad_check_min_samples: PositiveInt = 1000,
         jpeg_draft: bool = False,
-        log_every_s: float = 300.0,
+        log_every_s: PositiveFloat = 300.0,
         uint8_transport: bool = False,
-        max_pixels: int | None = 50_000_000,
-        max_aspect_ratio: float | None = 10.0,
+        max_pixels: PositiveInt | None = 50_000_000,
+        max_aspect_ratio: Annotated[float, Range(1)] | None = 10.0,
     ) -> None:
         super().__init__()
         positive = {"batch_size": batch_size, "val_batch_size": val_batch_size, "prefetch_factor": prefetch_factor,

@@ -15,6 +15,10 @@ What is here (numbers: docs/DECISIONS.md R5):
 * :class:`OutpaintingMask` -- border bands on 1-4 sides (LaMa's outpainting generator), mode ``outpainting``.
 * :class:`MaxCoverage` -- rejection wrapper reproducing LaMa's evaluation rule "masks covering more than
   ``max_tamper_area`` (0.5) of the image are discarded".
+* :class:`NativeSize` -- the size rule of the named presets (:data:`MASK_MODES`): a preset draws at its native
+  size (256 or 512 px, the images its pixel numbers were made for) and the mask is resized to the image with
+  nearest neighbour, so its coverage statistics are the same at 64, 128 or 768 px (docs/DECISIONS.md D6).
+  The generator classes themselves draw in absolute pixels at whatever size they are called with.
 
 Left out on purpose: LaMa's segmentation-based masks (need a detector), super-resolution grid masks, and the
 linear-ramp curriculum (LaMa's configs use a constant coefficient of 1, which is what the presets encode).
@@ -28,11 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.config_schema import NonNegativeInt, PositiveInt, Probability, Range
 from ldm.util import ConfigError
 
 if TYPE_CHECKING:
@@ -78,13 +83,13 @@ class SDMask:
         margin: Minimum distance in pixels between a box's top-left corner and the image border.
     """
 
-    p_irregular: float
-    strokes: tuple[int, int]
-    max_len: int
-    max_width: int
-    boxes: tuple[int, int] = (1, 4)
-    box_side: tuple[int, int] = (30, 150)
-    margin: int = 10
+    p_irregular: Probability
+    strokes: tuple[NonNegativeInt, PositiveInt]
+    max_len: PositiveInt
+    max_width: PositiveInt
+    boxes: tuple[NonNegativeInt, PositiveInt] = (1, 4)
+    box_side: tuple[PositiveInt, PositiveInt] = (30, 150)
+    margin: NonNegativeInt = 10
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         img, draw = _canvas(height, width)
@@ -137,11 +142,11 @@ class LamaIrregularMask:
         max_times: Configured maximum number of strokes (effective maximum is ``max_times + 1``).
     """
 
-    max_angle: int = 4
-    max_len: int = 60
-    max_width: int = 20
-    min_times: int = 0
-    max_times: int = 10
+    max_angle: PositiveInt = 4
+    max_len: PositiveInt = 60
+    max_width: PositiveInt = 20
+    min_times: NonNegativeInt = 0
+    max_times: NonNegativeInt = 10
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         img, draw = _canvas(height, width)
@@ -191,11 +196,11 @@ class LamaBoxMask:
         max_times: Maximum number of boxes (inclusive).
     """
 
-    margin: int = 10
-    min_size: int = 30
-    max_size: int = 100
-    min_times: int = 0
-    max_times: int = 3
+    margin: NonNegativeInt = 10
+    min_size: PositiveInt = 30
+    max_size: PositiveInt = 100
+    min_times: NonNegativeInt = 0
+    max_times: NonNegativeInt = 3
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         mask = np.zeros((height, width), np.float32)
@@ -222,9 +227,9 @@ class OutpaintingMask:
         p_side: Probability that each of the four sides gets a band.
     """
 
-    min_frac: float = 0.04
-    max_frac: float = 0.25
-    p_side: float = 0.5
+    min_frac: Probability = 0.04
+    max_frac: Probability = 0.25
+    p_side: Probability = 0.5
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         mask = np.zeros((height, width), np.float32)
@@ -256,7 +261,7 @@ class MixedMask:
 
     generators: tuple[MaskGenerator, ...]
     weights: tuple[float, ...]
-    invert_proba: float = 0.0
+    invert_proba: Probability = 0.0
 
     def __post_init__(self) -> None:
         if len(self.generators) != len(self.weights) or not self.generators:
@@ -273,6 +278,10 @@ class MixedMask:
         return mask
 
 
+class MaskCoverageError(ValueError):
+    """:class:`MaxCoverage` found no mask small enough: the generator cannot meet the coverage limit."""
+
+
 @dataclass(frozen=True)
 class MaxCoverage:
     """Redraw until the hole covers at most ``max_fraction`` of the image (LaMa eval's ``max_tamper_area``).
@@ -283,19 +292,68 @@ class MaxCoverage:
     Args:
         base: The generator to draw from.
         max_fraction: Largest accepted mean of the mask.
-        max_tries: Give up with RuntimeError after this many rejected draws (a preset that can never pass).
+        max_tries: Give up with :class:`MaskCoverageError` after this many rejected draws (a generator that
+            cannot pass).
     """
 
     base: MaskGenerator
-    max_fraction: float = 0.5
-    max_tries: int = 1000
+    max_fraction: Annotated[float, Range(0, 1, lo_open=True)] = 0.5
+    max_tries: PositiveInt = 1000
 
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         for _ in range(self.max_tries):
             mask = self.base(rng, height, width)
             if mask.mean() <= self.max_fraction:
                 return mask
-        raise RuntimeError(f"MaxCoverage: no mask with coverage <= {self.max_fraction} in {self.max_tries} draws")
+        raise MaskCoverageError(
+            f"MaxCoverage: no mask of {type(self.base).__name__} covering <= {self.max_fraction} of a {height} x "
+            f"{width} image in {self.max_tries} draws; use another mask mode or a larger max coverage")
+
+
+def native_canvas(height: int, width: int, native: int) -> tuple[int, int]:
+    """The canvas a preset of native side ``native`` draws on for an ``height x width`` target: short side
+    ``native``, the target's aspect ratio (rounded to whole pixels)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"mask size must be positive, got height={height}, width={width}")
+    scale = native / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of an ``H x W`` mask, sampling each target pixel's centre (PIL's NEAREST rule).
+
+    Values are copied, never blended, so a {0, 1} mask stays {0, 1} and its coverage is kept up to the sampling
+    of edge pixels.
+    """
+    h, w = mask.shape
+    if (h, w) == (height, width):
+        return mask
+    rows = ((np.arange(height) + 0.5) * (h / height)).astype(np.int64)
+    cols = ((np.arange(width) + 0.5) * (w / width)).astype(np.int64)
+    return mask[np.minimum(rows, h - 1)[:, None], np.minimum(cols, w - 1)[None, :]]
+
+
+@dataclass(frozen=True)
+class NativeSize:
+    """Draw at a preset's native size, then resize to the target with nearest neighbour (docs/DECISIONS.md D6).
+
+    The SD and LaMa presets give stroke lengths, widths and box sides in pixels of the images they were made
+    for (256 or 512 px). Drawn directly on a 64 px image, the same pixels cover most of it (512train-large:
+    mean 0.58 instead of 0.326). Drawing on a canvas whose short side is the native size, with the target's
+    aspect ratio, and resizing the mask keeps the coverage statistics of docs/DECISIONS.md R6 at every image
+    size; at the native size the mask is the base generator's own, unchanged.
+
+    Args:
+        base: The generator whose pixel parameters are meant for images of side ``size``.
+        size: The native (reference) side in pixels.
+    """
+
+    base: MaskGenerator
+    size: PositiveInt
+
+    def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        h, w = native_canvas(height, width, self.size)
+        return resize_nearest(self.base(rng, h, w), height, width)
 
 
 def _lama_eval(irregular: LamaIrregularMask, box: LamaBoxMask | None) -> MaskGenerator:
@@ -304,20 +362,28 @@ def _lama_eval(irregular: LamaIrregularMask, box: LamaBoxMask | None) -> MaskGen
 
 
 # Named modes, as AddMask(mode=...) and the configs spell them. Numbers: docs/DECISIONS.md R5 (SD and LaMa).
+# Each preset draws at its native size (the image side its pixel numbers were made for) and is resized to the
+# target (NativeSize, D6); the outpainting bands are fractions of the image and need no native size.
 MASK_MODES: dict[str, MaskGenerator] = {
-    "256train": SDMask(0.5, strokes=(1, 5), max_len=200, max_width=100, boxes=(1, 4), box_side=(30, 150)),
-    "256narrow": SDMask(1.0, strokes=(4, 50), max_len=40, max_width=10),
-    "512train": SDMask(0.5, strokes=(1, 5), max_len=450, max_width=250, boxes=(1, 4), box_side=(30, 300)),
-    "512train-large": SDMask(0.5, strokes=(1, 5), max_len=450, max_width=400, boxes=(1, 4), box_side=(75, 450)),
-    "lama-train": MixedMask(
-        (LamaIrregularMask(4, 200, 100, 1, 5), LamaBoxMask(10, 30, 150, 1, 4)), weights=(1.0, 1.0)
-    ),
-    "lama-thin-256": _lama_eval(LamaIrregularMask(4, 40, 10, 4, 50), None),
-    "lama-medium-256": _lama_eval(LamaIrregularMask(4, 100, 50, 4, 5), LamaBoxMask(0, 10, 50, 1, 5)),
-    "lama-thick-256": _lama_eval(LamaIrregularMask(4, 200, 100, 1, 5), LamaBoxMask(10, 30, 150, 1, 3)),
-    "lama-thin-512": _lama_eval(LamaIrregularMask(4, 100, 20, 4, 70), None),
-    "lama-medium-512": _lama_eval(LamaIrregularMask(4, 200, 100, 4, 10), LamaBoxMask(0, 30, 150, 1, 5)),
-    "lama-thick-512": _lama_eval(LamaIrregularMask(4, 450, 250, 1, 5), LamaBoxMask(10, 30, 300, 1, 4)),
+    "256train": NativeSize(
+        SDMask(0.5, strokes=(1, 5), max_len=200, max_width=100, boxes=(1, 4), box_side=(30, 150)), 256),
+    "256narrow": NativeSize(SDMask(1.0, strokes=(4, 50), max_len=40, max_width=10), 256),
+    "512train": NativeSize(
+        SDMask(0.5, strokes=(1, 5), max_len=450, max_width=250, boxes=(1, 4), box_side=(30, 300)), 512),
+    "512train-large": NativeSize(
+        SDMask(0.5, strokes=(1, 5), max_len=450, max_width=400, boxes=(1, 4), box_side=(75, 450)), 512),
+    "lama-train": NativeSize(MixedMask(  # big-lama trains on 256 px crops
+        (LamaIrregularMask(4, 200, 100, 1, 5), LamaBoxMask(10, 30, 150, 1, 4)), weights=(1.0, 1.0)), 256),
+    "lama-thin-256": NativeSize(_lama_eval(LamaIrregularMask(4, 40, 10, 4, 50), None), 256),
+    "lama-medium-256": NativeSize(
+        _lama_eval(LamaIrregularMask(4, 100, 50, 4, 5), LamaBoxMask(0, 10, 50, 1, 5)), 256),
+    "lama-thick-256": NativeSize(
+        _lama_eval(LamaIrregularMask(4, 200, 100, 1, 5), LamaBoxMask(10, 30, 150, 1, 3)), 256),
+    "lama-thin-512": NativeSize(_lama_eval(LamaIrregularMask(4, 100, 20, 4, 70), None), 512),
+    "lama-medium-512": NativeSize(
+        _lama_eval(LamaIrregularMask(4, 200, 100, 4, 10), LamaBoxMask(0, 30, 150, 1, 5)), 512),
+    "lama-thick-512": NativeSize(
+        _lama_eval(LamaIrregularMask(4, 450, 250, 1, 5), LamaBoxMask(10, 30, 300, 1, 4)), 512),
     "outpainting": OutpaintingMask(),
 }
 
@@ -326,12 +392,31 @@ MASK_MODES: dict[str, MaskGenerator] = {
 MaskMode = Literal[tuple(MASK_MODES)]  # built from the table above: one list of names
 
 
+def preset_name(mode: str) -> str:
+    """The preset of a mode name: ``lama-thick-256@64`` -> ``lama-thick-256``."""
+    return mode.partition("@")[0]
+
+
 def get_mask_generator(mode: str) -> MaskGenerator:
-    """Look up a named mode; unknown names raise ConfigError listing the valid ones."""
-    try:
-        return MASK_MODES[mode]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown mask mode {mode!r}; valid modes: {', '.join(MASK_MODES)}") from None
+    """Look up a named mode; unknown names raise ConfigError listing the valid ones.
+
+    ``NAME@N`` is preset ``NAME`` drawn at ``N`` px instead of its native size, the explicit way to ask for
+    other hole sizes (``lama-thick-256@64`` on 64 px images: the 256 px pixel numbers taken as they are, strokes
+    four times as thick relative to the image as the preset's). Its coverage statistics are not the preset's.
+    """
+    if not isinstance(mode, str):
+        raise ConfigError(f"mask mode must be a name, got {mode!r}; valid modes: {', '.join(MASK_MODES)}")
+    name, at, size = mode.partition("@")
+    if name not in MASK_MODES:
+        raise ConfigError(f"unknown mask mode {name!r}; valid modes: {', '.join(MASK_MODES)}")
+    gen = MASK_MODES[name]
+    if not at:
+        return gen
+    if not isinstance(gen, NativeSize) or not size.isdigit() or int(size) < 1:
+        sized = [m for m, g in MASK_MODES.items() if isinstance(g, NativeSize)]
+        raise ConfigError(f"mask mode {mode!r}: NAME@N needs a positive pixel size N and a preset with a native "
+                          f"size ({', '.join(sized)})")
+    return NativeSize(gen.base, int(size))
 
 
 # ------------------------------------------------------------------------ mask polarity and the masked image
@@ -379,9 +464,11 @@ __all__ = [
     "MaskMode",
     "LamaBoxMask",
     "LamaIrregularMask",
+    "MaskCoverageError",
     "MaskGenerator",
     "MaxCoverage",
     "MixedMask",
+    "NativeSize",
     "OutpaintingMask",
     "SDMask",
     "binarize_mask",
@@ -390,4 +477,7 @@ __all__ = [
     "get_mask_generator",
     "is_hole",
     "masked_image",
+    "native_canvas",
+    "preset_name",
+    "resize_nearest",
 ]

@@ -1,4 +1,4 @@
-"""The one image rule: any image a shard or a user file can hold -> 8-bit RGB, with size limits read first.
+"""The one image rule: any image a shard or a user file can hold -> upright 8-bit RGB, size limits read first.
 
 Training (``ldm.data.decode``), evaluation (``ldm.eval.data``), ``scripts/inpaint.py`` and
 ``scripts/make_shards.py`` all decode through :func:`open_rgb`, so a picture means the same pixels everywhere.
@@ -23,12 +23,18 @@ Mode rule of :func:`to_rgb8` (PIL modes; ``v`` is the stored value):
 other (``LAB``)    rejected with a ``ValueError`` naming the mode
 =================  =======================================================================================
 
-Left out: ICC colour profiles and EXIF orientation (pixels are used as stored, as img2dataset and the
-reference loader do).
+**Orientation** (:func:`apply_orientation`): an EXIF orientation tag (2-8: a camera held sideways or upside
+down) is applied, so the pixels are the picture as every viewer displays it, the same picture a user paints a
+mask on (``ldm.image_io`` applies it to mask files too). A tag of 1, none, or a value outside 1-8 leaves the
+pixels as stored. Shards written by img2dataset or ``scripts/make_shards.py`` hold re-encoded JPEGs without the
+tag (already upright), so for them nothing changes (docs/DECISIONS.md D14).
+
+Left out: ICC colour profiles (no colour management).
 
 Size limits (:class:`ImageLimits`) are checked on the image *header*, before any pixel is decoded and before
 any resize: a 16000 x 8 strip is rejected for its aspect ratio without decoding it, and no resize can produce
-more than ``max_pixels`` pixels. Each rejection is an :class:`ImageRejected` carrying the counter name
+more than ``max_pixels`` pixels. The limits do not depend on orientation; resize plans are made for the
+displayed (oriented) size. Each rejection is an :class:`ImageRejected` carrying the counter name
 (``too_small``, ``too_large``, ``extreme_aspect``; see ``ldm.data.stats``).
 """
 
@@ -41,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 #: the background that transparent pixels are composited on (white, as img2dataset's alpha matting)
 ALPHA_BACKGROUND = 255
@@ -129,6 +135,24 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     raise ValueError(f"image mode {mode} is not supported (convert the file to RGB)")
 
 
+def orientation(img: Image.Image) -> int:
+    """The image's EXIF orientation (tag 0x0112, 1-8; PIL also reads it from XMP), 1 when it has none or an
+    invalid one."""
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a damaged EXIF block: the pixels as stored (the decode itself decides if they are usable)
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def apply_orientation(img: Image.Image) -> Image.Image:
+    """``img`` turned upright by its EXIF orientation (see the module docstring); ``img`` itself when upright.
+
+    The turned image's orientation tag is reset (PIL's ``exif_transpose``), so applying this twice is harmless.
+    """
+    return img if orientation(img) == 1 else ImageOps.exif_transpose(img)
+
+
 def _convert_quiet(img: Image.Image, mode: str) -> Image.Image:
     with warnings.catch_warnings():  # PIL warns on every palette-with-transparency conversion; this is the way
         warnings.simplefilter("ignore", UserWarning)
@@ -143,6 +167,8 @@ def open_rgb(
 ) -> Image.Image:
     """Decode image bytes or a file to 8-bit RGB by the module's rule, checking ``limits`` before decoding.
 
+    The EXIF orientation is applied (module docstring); ``plan`` receives the displayed size.
+
     Args:
         source: encoded bytes or a file path.
         limits: size limits (header size; see :class:`ImageLimits`); None = only PIL's decompression-bomb guard.
@@ -156,15 +182,19 @@ def open_rgb(
             ``Image.DecompressionBombError``, ...), or ``ValueError`` for an unsupported mode or value range.
     """
     img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    sizes = list(plan(*img.size)) if plan is not None else []
     if limits is not None:
-        limits.check(*img.size)  # the header only: nothing decoded yet
+        limits.check(*img.size)  # the header only: nothing decoded yet (the limits hold for either orientation)
+    turned = orientation(img) in (5, 6, 7, 8)  # displayed with width and height swapped
+    shown = img.size[::-1] if turned else img.size
+    sizes = list(plan(*shown)) if plan is not None else []
+    if limits is not None:
         for size in sizes:
             limits.check_pixels(*size, "resize output")
     if draft and sizes and img.format == "JPEG":
-        img.draft(img.mode, sizes[0])
+        img.draft(img.mode, tuple(sizes[0][::-1]) if turned else sizes[0])  # libjpeg scales the stored image
     img.load()  # the full decode: broken data raises here
-    return to_rgb8(img)
+    return to_rgb8(apply_orientation(img))
 
 
-__all__ = ["ALPHA_BACKGROUND", "ImageLimits", "ImageRejected", "open_rgb", "to_rgb8"]
+__all__ = ["ALPHA_BACKGROUND", "ImageLimits", "ImageRejected", "apply_orientation", "open_rgb", "orientation",
+           "to_rgb8"]

@@ -13,11 +13,13 @@ square) and ``no``. ``original_width``/``original_height`` are the size of the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ from ldm.data.rgb import to_rgb8
 
 log = logging.getLogger(__name__)
 ResizeMode = Literal["keep_ratio", "center_crop", "no"]
+#: suffix of a shard (or stats) file while it is being written
+PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass
@@ -94,7 +98,12 @@ def write_shards(
     quality: int = 95,
     first_shard: int = 0,
 ) -> list[Path]:
-    """Write ``records`` as numbered tar shards plus per-shard stats json; return the tar paths."""
+    """Write ``records`` as numbered tar shards plus per-shard stats json; return the tar paths.
+
+    Each file is written under a ``.partial`` name and renamed into place once complete, so a reader (or a crash)
+    never sees a half-written shard under a shard name. Existing files of the same names are replaced; keeping
+    old shards out of the folder is the caller's job (``scripts/make_shards.py`` refuses a non-empty folder).
+    """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out = Path(out_dir)
@@ -104,7 +113,7 @@ def write_shards(
     for shard_id, chunk in enumerate(_chunks(records, samples_per_shard), start=first_shard):
         start = time.time()
         path = out / f"{shard_id:05d}.tar"
-        with TarWriter(str(path)) as sink:
+        with _atomic(path) as partial, TarWriter(str(partial)) as sink:
             for row, rec in enumerate(chunk):
                 key = f"{shard_id:05d}{row:0{digits}d}"
                 img = resize_image(rec.image, size, resize_mode)
@@ -118,10 +127,22 @@ def write_shards(
         stats = {"count": len(chunk), "successes": len(chunk), "failed_to_download": 0, "failed_to_resize": 0,
                  "duration": end - start, "start_time": start, "end_time": end,
                  "status_dict": {"success": len(chunk)}}
-        (out / f"{shard_id:05d}_stats.json").write_text(json.dumps(stats, indent=2))
+        with _atomic(out / f"{shard_id:05d}_stats.json") as partial:
+            partial.write_text(json.dumps(stats, indent=2))
         paths.append(path)
         log.debug("wrote %s (%d samples)", path, len(chunk))
     return paths
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield ``<path>.partial`` to write; rename it to ``path`` on success, delete it on any error."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def brace_pattern(paths: list[Path]) -> str:
@@ -132,4 +153,4 @@ def brace_pattern(paths: list[Path]) -> str:
     return str(paths[0].parent / (f"{first}.tar" if first == last else f"{{{first}..{last}}}.tar"))
 
 
-__all__ = ["Record", "ResizeMode", "brace_pattern", "resize_image", "write_shards"]
+__all__ = ["PARTIAL_SUFFIX", "Record", "ResizeMode", "brace_pattern", "resize_image", "write_shards"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ldm.config_schema import NonNegativeInt
+
 
 @dataclass(frozen=True)
 class SplitConfig:
@@ -30,7 +32,7 @@ class SplitConfig:
     """
 
     shards: str | list[str]
-    shuffle: int = 0
+    shuffle: NonNegativeInt = 0
     image_key: str = "jpg"
     image_transforms: list[dict[str, Any]] | None = None
     postprocess: dict[str, Any] | None = None

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ldm.config_schema import NonNegativeInt, PositiveInt, Probability
 from ldm.data.masks import MaskMode, binarize_mask, full_mask, get_mask_generator, masked_image
 
 COLOURS = {"red": (1.0, -0.6, -0.6), "green": (-0.6, 1.0, -0.6), "blue": (-0.6, -0.6, 1.0),
@@ -32,11 +33,8 @@ def synthetic_sample(rng: np.random.Generator, size: int, mask_mode: str, p_drop
     img = np.clip(base[None, None, :] + wave, -1, 1).astype(np.float32)  # H x W x 3 in [-1, 1]
     if rng.random() < p_drop:
         mask = full_mask(size, size)
-    else:  # masks are drawn at the resolution their mode's pixel sizes are meant for, then resized (nearest)
-        native = 256 if "256" in mask_mode else 512
-        mask = get_mask_generator(mask_mode)(rng, native, native)
-        idx = (np.arange(size) * native) // size
-        mask = mask[idx][:, idx]
+    else:  # a named mode draws at its native size and is resized (nearest) to this one (DECISIONS D6)
+        mask = get_mask_generator(mask_mode)(rng, size, size)
     mask = binarize_mask(mask)[..., None]  # H x W x 1, 1 = hole
     return {"jpg": img, "txt": f"a {name} wavy pattern", "mask": mask, "masked_image": masked_image(img, mask)}
 
@@ -75,8 +73,8 @@ class SyntheticInpaintData(pl.LightningDataModule):
         val_batches: number of validation batches (a fixed, finite set).
     """
 
-    def __init__(self, batch_size: int = 4, size: int = 64, mask_mode: MaskMode = "512train-large",
-                 p_drop: float = 0.25, seed: int = 0, val_batches: int = 2) -> None:
+    def __init__(self, batch_size: PositiveInt = 4, size: PositiveInt = 64, mask_mode: MaskMode = "512train-large",
+                 p_drop: Probability = 0.25, seed: NonNegativeInt = 0, val_batches: NonNegativeInt = 2) -> None:
         super().__init__()
         get_mask_generator(mask_mode)  # fail at construction on an unknown mode
         self.batch_size, self.size, self.mask_mode, self.p_drop = batch_size, size, mask_mode, p_drop

@@ -26,42 +26,65 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.config_schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from ldm.data.masks import is_hole
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.eval.fixed_set import FixedSet, build_fixed_set, load_fixed_set
 from ldm.eval.metrics import region_metrics
 from ldm.grids import labelled_grid
 from ldm.image_io import save_png
 from ldm.inference import SamplingOptions, inpaint
-from ldm.util import ConfigError
+from ldm.util import REPO_ROOT, ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def resolve_set_dir(set_dir: str | Path) -> Path:
+    """Where a held-out set lives: an absolute ``set_dir`` as given, a relative one under the repository root.
+
+    The set is created on first use, so it cannot be found by looking for it; anchoring relative paths at the
+    working directory would build a second "fixed" set for every directory a run is launched from. A folder of
+    that name in the working directory is not used, and a warning says so.
+    """
+    path = Path(set_dir).expanduser()
+    if path.is_absolute():
+        return path
+    anchored = REPO_ROOT / path
+    if path.resolve() != anchored.resolve() and (path / "set.json").exists():
+        log.warning("held-out set: using %s; %s in the working directory is not used (a relative set_dir is "
+                    "anchored at the repository root)", anchored, path.resolve())
+    return anchored
 
 
 class HeldOutEvaluation(pl.Callback):
     """Inpaint a fixed held-out set with EMA and raw weights every N steps and log grid and hole metrics.
 
     Args:
-        set_dir: folder of the set (``set.json``, ``images/``, ``masks/``).
+        set_dir: folder of the set (``set.json``, ``images/``, ``masks/``). A relative path is anchored at the
+            repository root (the folder holding ``main.py``), never at the working directory, so runs launched
+            from anywhere build and read the same set (:func:`resolve_set_dir`).
         every_n_steps: evaluate when the global step is a multiple of this.
         shards: validation shards to build the set from when ``set_dir`` holds none yet (None: it must exist).
         num_images: images of the set (used to build it; an existing set built otherwise is an error).
         size: image side of the set (the model's training resolution; checked like ``num_images``).
         seed: seeds the set's masks and sampling (checked like ``num_images``).
         steps: sampler steps.
-        scale: classifier-free guidance scale.
+        scale: classifier-free guidance scale (default ``ldm.defaults.GUIDANCE_SCALE``, the one of
+            ``scripts/evaluate.py`` and ``scripts/inpaint.py``, so the numbers compare; docs/DECISIONS.md D11).
         sampler: "ddim" or "dpm".
         precision: "fp32", "bf16" or "fp16" (autocast) for sampling.
         log_first_step: also evaluate the weights training starts (or resumes) from.
         logdir: run directory for the PNG grids and ``metrics.jsonl`` (default: the trainer's log directory).
     """
 
-    def __init__(self, set_dir: str, every_n_steps: int = 5000, shards: str | None = None, num_images: int = 8,
-                 size: int = 512, seed: int = 0, steps: int = 50, scale: float = 5.0, sampler: str = "ddim",
+    def __init__(self, set_dir: str, every_n_steps: PositiveInt = 5000, shards: str | None = None,
+                 num_images: PositiveInt = 8, size: PositiveInt = 512, seed: NonNegativeInt = 0,
+                 steps: PositiveInt = 50, scale: NonNegativeFloat = GUIDANCE_SCALE, sampler: str = "ddim",
                  precision: str = "fp32", log_first_step: bool = False, logdir: str | None = None) -> None:
         super().__init__()
         if every_n_steps < 1:
             raise ConfigError(f"HeldOutEvaluation: every_n_steps must be >= 1, got {every_n_steps}")
-        self.set_dir, self.every, self.shards = Path(set_dir), every_n_steps, shards
+        self.set_dir, self.every, self.shards = resolve_set_dir(set_dir), every_n_steps, shards
         self.build_args = {"num_images": num_images, "size": size, "seed": seed}
         try:
             self.options = SamplingOptions(sampler, steps, scale, 0.0, precision)
@@ -135,7 +158,7 @@ class HeldOutEvaluation(pl.Callback):
                  *(outs[i] for outs in outputs.values())] for i, it in enumerate(self.fixed.items)]
         opts = self.options
         headers = ["input", "mask", "masked input",
-                   *(f"{w.upper() if w == 'ema' else w} ({opts.sampler} {opts.steps}, scale {opts.scale:g})"
+                   *(f"{w.upper() if w == 'ema' else w} {opts.sampler} {opts.steps} s={opts.scale:g}"
                      for w in outputs)]
         row_labels = [f"{it.key} (seed {it.seed})" for it in self.fixed.items]
         return labelled_grid(rows, headers=headers, row_labels=row_labels)

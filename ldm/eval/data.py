@@ -26,7 +26,7 @@ from PIL import Image
 
 from ldm.data.decode import SampleProcessor
 from ldm.data.filters import MetadataFilter
-from ldm.data.masks import MaxCoverage, get_mask_generator
+from ldm.data.masks import MaskCoverageError, MaxCoverage, get_mask_generator, preset_name
 from ldm.data.rgb import ImageLimits, open_rgb
 from ldm.data.rng import stable_hash
 from ldm.data.transforms import Crop, Resize
@@ -117,9 +117,10 @@ def _caption_file(path: Path) -> str:
 
 def load_folder(folder: str | Path, size: int, limit: int | None = None,
                 skips: SkipLog | None = None) -> list[EvalImage]:
-    """Images of a folder (sorted by name); a ``NAME.txt`` next to ``NAME.jpg`` is its caption.
+    """The first ``limit`` images of a folder (sorted by name); a ``NAME.txt`` next to ``NAME.jpg`` is its caption.
 
-    Unreadable images and non-UTF-8 captions are skipped and recorded in ``skips`` (and logged).
+    Unreadable images and non-UTF-8 captions are skipped and recorded in ``skips`` (and logged). No readable
+    image raises ValueError; fewer than ``limit`` is returned as found (:func:`require_count` decides).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -145,8 +146,7 @@ def load_folder(folder: str | Path, size: int, limit: int | None = None,
             continue
         skips.ok()
         out.append(EvalImage(p.stem, square(image, size), caption))
-    _report(skips, str(folder))
-    return out
+    return _checked(out, skips, f"--images {folder}")
 
 
 def load_shards(shards: str | Sequence[str], size: int, limit: int | None = None,
@@ -155,10 +155,13 @@ def load_shards(shards: str | Sequence[str], size: int, limit: int | None = None
 
     Samples are read and decoded by the training pipeline's reader and decoder; every bad record (unreadable or
     truncated shard, corrupt image, non-UTF-8 caption, missing image) is skipped and recorded in ``skips``.
+    No readable sample raises ValueError, as in :func:`load_folder`.
     """
     from ldm.data.webdata import expand_shards, read_shard
 
     urls = expand_shards(shards, where="--shards")
+    where = "--shards " + (shards if isinstance(shards, str) else " ".join(shards[:3]) + (" ..." if len(shards) > 3
+                                                                                         else ""))
     skips = skips if skips is not None else SkipLog()
     processor = SampleProcessor(image_key="jpg", metadata_filter=MetadataFilter(),
                                 image_ops=[Resize(size, Image.Resampling.BICUBIC), Crop(size, random=False)],
@@ -176,25 +179,45 @@ def load_shards(shards: str | Sequence[str], size: int, limit: int | None = None
             skips.ok()
             out.append(EvalImage(str(sample["__key__"]).replace("/", "_"), sample["jpg"], sample["txt"]))
             if limit is not None and len(out) >= limit:
-                _report(skips, str(shards))
-                return out
-    _report(skips, str(shards))
-    if not out:
-        raise ValueError(f"--shards: no readable image samples in {urls[:3]}{' ...' if len(urls) > 3 else ''} "
-                         f"({skips.summary()})")
-    return out
+                return _checked(out, skips, where)
+    return _checked(out, skips, where)
 
 
-def _report(skips: SkipLog, source: str) -> None:
+def _checked(images: list[EvalImage], skips: SkipLog, where: str) -> list[EvalImage]:
+    """The one rule of both sources: skips are logged, and a source without a readable image is an error.
+    Whether fewer images than asked for will do is the caller's decision (:func:`require_count`)."""
     if skips.total_skipped:
-        log.warning("evaluation set %s: %s", source, skips.summary())
+        log.warning("evaluation set %s: %s", where, skips.summary())
+    if not images:
+        raise ValueError(f"{where}: no readable images ({skips.summary()})")
+    return images
+
+
+def require_count(images: Sequence[EvalImage], asked: int | None, skips: SkipLog, where: str,
+                  opt_in: str | None = None, accept_fewer: bool = False) -> None:
+    """Stop when the held-out set has fewer than ``asked`` images: a FID or a mean over fewer images is another
+    number. With ``accept_fewer`` (the explicit opt-in called ``opt_in``) the shortfall is logged instead."""
+    if asked is None or len(images) >= asked:
+        return
+    if accept_fewer:
+        log.warning("%s: evaluating %d images instead of the %d asked for (%s); the results record both numbers",
+                    where, len(images), asked, opt_in or "fewer accepted")
+        return
+    raise ValueError(f"{where}: {len(images)} readable images, {asked} asked for ({skips.summary()}); add images, "
+                     f"ask for {len(images)}" + (f", or pass {opt_in} to evaluate on them" if opt_in else ""))
 
 
 def fixed_masks(mode: str, count: int, size: int, seed: int = 0) -> list[np.ndarray]:
     """``count`` masks (``size x size`` float32, 1 = hole) of preset ``mode``, image ``i`` seeded by
-    ``(seed, stable_hash(mode), i)``; LaMa presets reject masks covering more than 50 % (LaMa's eval rule)."""
+    ``(seed, stable_hash(mode), i)``; LaMa presets reject masks covering more than 50 % (LaMa's eval rule).
+
+    Presets draw at their native size and are resized to ``size`` (``ldm.data.masks.NativeSize``), so the
+    coverage of a preset is the same at every evaluation size."""
     gen = get_mask_generator(mode)
-    if mode.startswith("lama-") and mode != "lama-train":
+    if preset_name(mode).startswith("lama-") and preset_name(mode) != "lama-train":
         gen = MaxCoverage(gen, 0.5)
-    return [gen(np.random.default_rng([seed, stable_hash(mode), i]), size, size).astype(np.float32)
-            for i in range(count)]
+    try:
+        return [gen(np.random.default_rng([seed, stable_hash(mode), i]), size, size).astype(np.float32)
+                for i in range(count)]
+    except MaskCoverageError as e:
+        raise MaskCoverageError(f"mask preset {mode!r} at {size} px: {e}") from None

@@ -1,7 +1,9 @@
 """Metrics that need pretrained networks -- FID, LPIPS, CLIP score -- from library code and local weight files.
 
 Nothing here downloads. Each network is built from a file path the user gives (docs/EVALUATION.md lists the files
-and where to get them); a missing path raises :class:`MissingWeightsError` naming the flag.
+and where to get them); a missing path raises :class:`MissingWeightsError` naming the flag, a file that does not
+hold the expected network (another network's weights, a model checkpoint) :class:`WeightsFileError` naming flag,
+file and the expected network.
 
 * :class:`InceptionFeatures` -- the FID network: the TensorFlow Inception-v3 graph of 2015-12-05 ported to PyTorch,
   the one pytorch-fid, torch-fidelity, clean-fid and torchmetrics share. The module is torchmetrics'
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +50,33 @@ class MissingWeightsError(ValueError):
     """A metric was requested without its weight file."""
 
 
-def _require(path: str | Path | None, what: str, flag: str) -> Path:
+class WeightsFileError(ValueError):
+    """A weight file exists but does not hold the network its flag asks for."""
+
+
+def require_weights(path: str | Path | None, what: str, flag: str) -> Path:
+    """``path`` as a Path if it is a file, else :class:`MissingWeightsError` naming ``flag`` (nothing downloads)."""
     if path is None or not Path(path).is_file():
         raise MissingWeightsError(
             f"{what} needs a local weight file ({flag}); {'not given' if path is None else f'{path} not found'}. "
             f"Nothing is downloaded: see {DOC} for the file and where to put it."
         )
     return Path(path)
+
+
+@contextmanager
+def _loading(flag: str, path: Path, expected: str) -> Iterator[None]:
+    """Turn any failure of reading ``path`` into the network (a checkpoint, a safetensors file, another
+    network's weights, a truncated download) into one :class:`WeightsFileError` line naming flag, file and what
+    was expected."""
+    try:
+        yield
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # torch.load, safetensors and load_state_dict fail in many types; all mean the same
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise WeightsFileError(f"{flag} {path}: not {expected} ({type(e).__name__}: {first[:200]}); see {DOC}"
+                               ) from None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -86,9 +110,11 @@ class InceptionFeatures(nn.Module):
 
         if dims not in FID_DIMS:
             raise ValueError(f"FID feature size {dims}: expected one of {FID_DIMS}")
-        path = _require(weights, "FID", "--inception")
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(dims)],
-                                      feature_extractor_weights_path=str(path), antialias=False).to(device)
+        path = require_weights(weights, "FID", "--inception")
+        with _loading("--inception", path, "the FID Inception-v3 weights (torch-fidelity's layout, "
+                      "weights-inception-2015-12-05-6726825d.pth)"):
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(dims)],
+                                          feature_extractor_weights_path=str(path), antialias=False).to(device)
         self.device = torch.device(device)
         self.column = "fid" if dims == 2048 else f"fid_{dims}d"
         self.sha256 = file_sha256(path)
@@ -115,9 +141,11 @@ class TorchvisionInceptionFeatures(nn.Module):
         super().__init__()
         from torchvision.models import inception_v3
 
-        path = _require(weights, "FID (torchvision variant)", "--fid-torchvision")
+        path = require_weights(weights, "FID (torchvision variant)", "--fid-torchvision")
         net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        with _loading("--fid-torchvision", path, "torchvision's Inception-v3 state dict "
+                      "(inception_v3_google-0cc3c7bd.pth)"):
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         net.fc = nn.Identity()  # pool features instead of logits
         self.net = net.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
@@ -165,10 +193,11 @@ class LPIPS(nn.Module):
         from torchmetrics.functional.image.lpips import _NoTrainLpips
         from torchvision.models import alexnet
 
-        path = _require(backbone, "LPIPS", "--lpips-alexnet")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        path = require_weights(backbone, "LPIPS", "--lpips-alexnet")
         features = alexnet(weights=None).features
-        features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
+        with _loading("--lpips-alexnet", path, "torchvision's AlexNet state dict (alexnet-owt-7be5be79.pth)"):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
         # pnet_rand: build the backbone without torchvision's download; the heads still come from the wheel
         self.net = _NoTrainLpips(net="alex", pnet_rand=True)
         features = features.state_dict()  # "3.weight" -> stage 2 (indices 2..4) -> "slice2.3.weight"
@@ -184,6 +213,23 @@ class LPIPS(nn.Module):
         return self.net(xa, xb, normalize=True).reshape(-1).double().cpu().numpy()
 
 
+def clip_arch(arch: str) -> str:
+    """The open_clip model name of ``--clip-arch``: a known name, or a model-config ``.json`` (registered under
+    its file stem); anything else is a ValueError naming the flag (open_clip would try to download it)."""
+    import open_clip
+
+    if arch.endswith(".json"):
+        if not Path(arch).is_file():
+            raise ValueError(f"--clip-arch {arch}: file not found")
+        with _loading("--clip-arch", Path(arch), "an open_clip model-config .json"):
+            open_clip.add_model_config(arch)
+        arch = Path(arch).stem
+    if arch not in open_clip.list_models():
+        raise ValueError(f"--clip-arch {arch}: not an open_clip architecture (e.g. ViT-H-14, ViT-B-32) nor a "
+                         "model-config .json")
+    return arch
+
+
 class ClipScore:
     """CLIP score with an open_clip model loaded from a local file.
 
@@ -197,13 +243,10 @@ class ClipScore:
     def __init__(self, arch: str, weights: str | Path | None, device: str | torch.device = "cpu") -> None:
         import open_clip
 
-        path = _require(weights, "CLIP score", "--clip-weights")
-        if arch.endswith(".json"):
-            if not Path(arch).is_file():
-                raise ValueError(f"--clip-arch {arch}: file not found")
-            open_clip.add_model_config(arch)
-            arch = Path(arch).stem
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), device=device)
+        path = require_weights(weights, "CLIP score", "--clip-weights")
+        arch = clip_arch(arch)
+        with _loading("--clip-weights", path, f"open_clip weights of --clip-arch {arch}"):
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), device=device)
         self.model, self.preprocess = model.eval(), preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.device = torch.device(device)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.eval.data import DEFAULT_MASK_MODES, SkipLog, fixed_masks, load_shards
+from ldm.eval.data import DEFAULT_MASK_MODES, SkipLog, fixed_masks, load_shards, require_count
 from ldm.eval.feature_metrics import file_sha256
 from ldm.eval.run import atomic_png, sample_seed
 from ldm.image_io import load_mask, load_rgb
@@ -89,8 +89,12 @@ def build_fixed_set(shards: str | Sequence[str], root: str | Path, num_images: i
         raise ConfigError(f"{root / SET_FILE} exists; a held-out set is never overwritten (remove it or pick a "
                          "new folder)")
     skips = SkipLog()
-    images = load_shards(shards, size, num_images, skips)
-    masks = {mode: fixed_masks(mode, len(images), size, seed) for mode in modes}
+    try:  # a set never holds fewer images than its config says: it would be another set under the same name
+        images = load_shards(shards, size, num_images, skips)
+        require_count(images, num_images, skips, f"shards {shards}")
+        masks = {mode: fixed_masks(mode, len(images), size, seed) for mode in modes}
+    except ValueError as e:
+        raise ConfigError(f"cannot build the held-out set {root}: {e}") from None
     items = []
     for i, im in enumerate(images):
         mode = modes[i % len(modes)]

@@ -5,7 +5,7 @@
   and how many were skipped while reading, by reason, naming the first of them (the results' ``input_skips``).
 * ``curves/fid_vs_clip_PRESET.png``: FID against CLIP score, one line per checkpoint, each point labelled with its
   guidance scale -- the model card's plot, per mask preset.
-* ``grids/KEY_PRESET.png``: one row per checkpoint, columns ``input | mask | masked input | scale S (seed N) ...``,
+* ``grids/KEY_PRESET.png``: one row per checkpoint, columns ``input | mask | masked input | s=S seed N ...``,
   read back from the PNGs the run wrote.
 """
 
@@ -29,8 +29,8 @@ from ldm.image_io import load_mask, load_rgb, save_png
 log = logging.getLogger(__name__)
 
 #: preferred column order; other metrics follow alphabetically
-COLUMNS = ("n", "fid", "lpips", "clip_score", "psnr_hole", "ssim_hole", "l1_hole", "psnr_known", "ssim_known",
-           "l1_known", "known_changed", "psnr", "ssim", "hole_fraction", "fid_torchvision")
+COLUMNS = ("n", "n_requested", "fid", "lpips", "clip_score", "psnr_hole", "ssim_hole", "l1_hole", "psnr_known",
+           "ssim_known", "l1_known", "known_changed", "psnr", "ssim", "hole_fraction", "fid_torchvision")
 KEYS = ("mask", "checkpoint", "scale")
 
 
@@ -157,7 +157,7 @@ def write_grids(results: Sequence[dict[str, Any]], keys: Sequence[str], modes: S
             rows = [[*((image, mask, masked) if j == 0 else (blank,) * 3),
                      *(load_rgb(sample_path(out_dir, r["run"], scale, mode, key, s)) for scale in r["scales"])]
                     for j, r in enumerate(results)]
-            headers = ["input", "mask", "masked input", *(f"scale {x:g} (seed {s})" for x in results[0]["scales"])]
+            headers = ["input", "mask", "masked input", *(f"s={x:g} seed {s}" for x in results[0]["scales"])]
             grid = labelled_grid(rows, headers=headers, row_labels=[r["name"] for r in results])
             paths.append(save_png(grid, out_dir / "grids" / f"{key}_{mode}.png"))
     return paths

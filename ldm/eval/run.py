@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from ldm.data.masks import binarize_mask
 from ldm.data.rng import stable_hash
+from ldm.defaults import GUIDANCE_SCALE
 from ldm.eval.data import EvalImage, SkipLog
 from ldm.eval.feature_metrics import (
     LPIPS,
@@ -45,7 +47,8 @@ from ldm.eval.feature_metrics import (
 from ldm.eval.metrics import region_metrics
 from ldm.eval.shard import Shard
 from ldm.image_io import load_mask, load_rgb
-from ldm.inference import SamplingOptions, inpaint, load_model
+from ldm.inference import SamplingOptions, inpaint, load_model, schedule_length
+from ldm.models.diffusion.sampling import get_sampler
 from ldm.util import load_config
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,7 @@ class Protocol:
         seed: seeds masks and sampling.
     """
 
-    scales: tuple[float, ...] = (7.5,)
+    scales: tuple[float, ...] = (GUIDANCE_SCALE,)
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
@@ -147,26 +150,52 @@ def atomic_png(image: np.ndarray, path: Path) -> None:
 
 
 def _atomic_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
+#: a file changed less than this long before it is hashed is hashed again next time (see checkpoint_sha256)
+RECENT_CHANGE_NS = 2_000_000_000
+
+
+def _file_key(st: os.stat_result) -> dict[str, int]:
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
 def checkpoint_sha256(path: str | Path, cache_file: Path) -> str:
-    """SHA-256 of a checkpoint, cached in ``cache_file`` by (path, size, modification time)."""
+    """SHA-256 of a checkpoint, cached in ``cache_file`` under the file's identity and last change.
+
+    The key is (device, inode, size, mtime, ctime). Size and mtime alone let a replaced checkpoint reuse the old
+    one's samples: ``cp -p``, ``rsync -t`` or ``touch -d`` give a new file the old size and mtime. They cannot
+    give it the old ctime: the kernel sets ctime on every write, rename onto the file and chmod, and no system
+    call sets it back; a file renamed over the old one also has another inode. A file changed less than
+    :data:`RECENT_CHANGE_NS` before hashing is not cached (a rewrite within the same clock tick would keep its
+    ctime; git's "racy clean" rule), and one that changes while it is hashed is an error. Hashing is kept cached
+    because it is the only read of a checkpoint when its samples exist (re-scoring): 8-9 s per 5 GB on one core of
+    the CPU in docs/BENCHMARKS.md ("Checkpoint hashing"), more from a network file system.
+    """
     p = Path(path).resolve()
     if not p.is_file():
         raise ValueError(f"--ckpt {path}: file not found")
-    st = p.stat()
+    key = _file_key(p.stat())
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     hit = cache.get(str(p), {})
-    if hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+    if hit.get("key") == key:
         return hit["sha256"]
-    log.info("hashing %s (%.2f GB) to key its samples", p, st.st_size / 1e9)
-    cache[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(p)}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_text(json.dumps(cache, indent=1), cache_file)
-    return cache[str(p)]["sha256"]
+    log.info("hashing %s (%.2f GB) to key its samples", p, key["size"] / 1e9)
+    started = time.time_ns()
+    sha = file_sha256(p)
+    if _file_key(p.stat()) != key:
+        raise ValueError(f"--ckpt {path} changed while it was being hashed (is it still being written?); run again "
+                         "once it is complete")
+    if started - key["ctime_ns"] >= RECENT_CHANGE_NS:
+        cache[str(p)] = {"key": key, "sha256": sha}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_text(json.dumps(cache, indent=1), cache_file)
+    return sha
 
 
 def run_identity(spec: CheckpointSpec, protocol: Protocol, ckpt_sha256: str) -> tuple[str, dict[str, Any]]:
@@ -241,12 +270,16 @@ def evaluate_checkpoint(
     shard: Shard | None = None,
     feats: FeatureMetrics | None = None,
     real: dict[str, np.ndarray] | None = None,
+    requested: int | None = None,
 ) -> dict[str, Any] | None:
     """Sample (or reuse) and score every (scale, preset, image) of one checkpoint on this rank's images.
 
     Returns the JSON-ready result on rank 0 (None on the others): settings, one summary per (scale, preset)
-    under ``groups`` and every sample's metrics under ``samples``.
+    under ``groups`` and every sample's metrics under ``samples``. ``requested`` is the number of images the
+    user asked for (recorded next to the number evaluated: ``n_requested`` per group, ``num_images_requested``).
     """
+    if not images:
+        raise ValueError("no held-out images to evaluate")
     shard, feats, real = shard or Shard(), feats or FeatureMetrics(), real or {}
     sha = on_main(shard, lambda: checkpoint_sha256(spec.ckpt, out_dir / "checkpoint_sha256.json"))
     run, identity = run_identity(spec, protocol, sha)
@@ -277,7 +310,10 @@ def evaluate_checkpoint(
             if shard.is_main and gathered:
                 rows = [row for row, _ in gathered]
                 samples += rows
-                groups.append({"scale": scale, "mask": mode, **summarise(rows, [f for _, f in gathered], real)})
+                summary = summarise(rows, [f for _, f in gathered], real)
+                if requested is not None:
+                    summary["n_requested"] = requested
+                groups.append({"scale": scale, "mask": mode, **summary})
     bar.close()
     model_info = shard.gather([(shard.rank, None if loaded is None else
                                 {"used_ema": loaded.used_ema, "parameterization": loaded.parameterization,
@@ -298,10 +334,13 @@ def evaluate_checkpoint(
         "config": spec.config,
         "run": run,
         **(model or {"used_ema": None, "parameterization": None, "global_step": None}),
-        "sampling": protocol.sampling(),
+        # besides the count asked for, the steps the sampler really runs (DDIM's grid: 45 asked -> 46)
+        "sampling": {**protocol.sampling(), "steps_run": get_sampler(protocol.sampler).steps_run(
+            protocol.steps, schedule_length(spec.config))},
         "scales": list(protocol.scales),
         "seed": protocol.seed,
         "num_images": len(images),
+        "num_images_requested": requested,
         "fid_weights_sha256": feats.inception.sha256 if feats.inception is not None else None,
         "samples_drawn": sampled,
         "samples_reused": reused,
@@ -321,6 +360,7 @@ class Evaluation:
         out_dir: output folder.
         feats: optional feature metrics.
         shard: this process's share.
+        requested: the number of images asked for (None: all); recorded next to the number evaluated.
         skips: what reading the held-out set skipped; its :meth:`SkipLog.report` goes into every result as
             ``input_skips`` (and under the tables), so the numbers say how many images were dropped and why.
     """
@@ -332,12 +372,13 @@ class Evaluation:
     feats: FeatureMetrics = field(default_factory=FeatureMetrics)
     shard: Shard = field(default_factory=Shard)
     skips: SkipLog | None = None
+    requested: int | None = None
 
     def run(self, specs: Sequence[CheckpointSpec]) -> list[dict[str, Any]]:
         """Write (or check) the inputs, then evaluate every checkpoint; results on rank 0, [] elsewhere."""
         on_main(self.shard, lambda: write_inputs(self.images, self.masks, self.out_dir))
         real = real_features(self.images, self.feats, self.shard)
         results = [evaluate_checkpoint(spec, self.images, self.masks, self.protocol, self.out_dir, self.shard,
-                                       self.feats, real) for spec in specs]
+                                       self.feats, real, self.requested) for spec in specs]
         skips = (self.skips or SkipLog()).report()
         return [{**r, "input_skips": skips} for r in results if r is not None]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -315,18 +316,38 @@ def export_diffusers(
     Args:
         sd: LatentDiffusion state dict in the official layout (see ``ldm_format.select_weights``).
         model_config: the ``model`` section of the ldm config (``target``/``params``).
-        out_dir: folder to create (existing files are overwritten).
+        out_dir: folder to create. It is written as a sibling temp folder and renamed into place when complete; an
+            existing export there is replaced whole (any other non-empty folder is refused; whether replacing is
+            allowed at all is the caller's choice: ``ldm.paths.export_folder``). A full disk or an
+            unwritable location is one line naming the folder (:mod:`ldm.atomic`).
         dtype: optional floating-point cast of the network weights (the scheduler is JSON, computed by diffusers).
         pad_token: tokenizer pad token (see :func:`write_tokenizer`).
         scale_factor: the VAE ``scaling_factor``; None takes ``sd["scale_factor"]`` (the learned buffer of a
             ``scale_by_std`` run) when present, else the config's.
         provenance: record stored in every weight file's metadata (:mod:`ldm.provenance`).
     """
+    from ldm.atomic import atomic_directory
+    from ldm.interop.ldm_format import EXPORT_HINT
+
+    final = Path(os.path.abspath(out_dir))  # "." has no name to put a sibling temp folder beside
+    if final.is_dir() and any(final.iterdir()) and not (final / "model_index.json").is_file():
+        raise ValueError(f"--diffusers {out_dir}: that folder exists and is not a diffusers pipeline (no "
+                         "model_index.json); an export replaces its folder whole, so choose a new or empty folder")
+    with atomic_directory(final, hint=EXPORT_HINT) as tmp:  # a failure never leaves a half-written pipeline
+        prediction_type = _write_pipeline(sd, model_config, tmp, dtype, pad_token, scale_factor, provenance)
+    log.info("wrote diffusers folder %s (prediction_type %s)", final, prediction_type)
+    return final
+
+
+def _write_pipeline(
+    sd: Mapping[str, torch.Tensor], model_config: Mapping[str, Any], out: Path, dtype: torch.dtype | None,
+    pad_token: str, scale_factor: float | None, provenance: Mapping[str, Any] | None,
+) -> str:
+    """Write the pipeline's files into ``out``; returns the scheduler's prediction type."""
     from safetensors.torch import save_file
 
     from ldm import provenance as prov
 
-    out = Path(out_dir)
     if scale_factor is None and "scale_factor" in sd:
         scale_factor = float(sd["scale_factor"])
     configs = diffusers_configs(model_config, scale_factor)
@@ -346,6 +367,4 @@ def export_diffusers(
         save_file(tensors, str(out / rel), metadata=meta)
     write_tokenizer(out / "tokenizer", pad_token=pad_token,
                     max_length=int(configs["text_encoder/config.json"]["max_position_embeddings"]))
-    log.info("wrote diffusers folder %s (prediction_type %s)", out,
-             configs["scheduler/scheduler_config.json"]["prediction_type"])
-    return out
+    return configs["scheduler/scheduler_config.json"]["prediction_type"]

@@ -4,10 +4,11 @@
   of the released SD2 files: the chosen UNet weights under ``model.diffusion_model.*`` and no ``model_ema.*``.
   Sampling (:mod:`ldm.inference`) and export (``scripts/export.py``) both go through it, so "which weights"
   means the same thing everywhere.
-* :func:`save_ldm_checkpoint` writes that state dict as ``.safetensors`` (with the parameterization and provenance
-  in the metadata) or as a plain ``{"state_dict": ...}`` ``.ckpt`` that ``torch.load(weights_only=True)`` reads,
-  i.e. what the official scripts, ``diffusers``' ``from_single_file`` and :mod:`ldm.checkpoint` all accept. A
-  reduced-precision export casts the network weights only; the noise schedule and ``scale_factor`` stay float32.
+* :func:`save_ldm_checkpoint` writes that state dict atomically (temp file, then rename; :mod:`ldm.atomic`) as
+  ``.safetensors`` (with the parameterization and provenance in the metadata) or as a plain ``{"state_dict": ...}``
+  ``.ckpt`` that ``torch.load(weights_only=True)`` reads, i.e. what the official scripts, ``diffusers``'
+  ``from_single_file`` and :mod:`ldm.checkpoint` all accept. A reduced-precision export casts the network weights
+  only; the noise schedule and ``scale_factor`` stay float32.
 * :func:`read_parameterization` reads the recorded parameterization back (None when the file has none).
 
 Left out: optimizer / Lightning state (use the training checkpoint for resuming), and fp16 pruning tricks beyond a
@@ -23,15 +24,20 @@ from pathlib import Path
 import torch
 
 from ldm import provenance as prov
-from ldm.checkpoint import CheckpointError, atomic_torch_save
+from ldm.atomic import atomic_safetensors_save, atomic_torch_save
+from ldm.checkpoint import CheckpointError
 from ldm.compat import ema_buffer_name
 from ldm.provenance import PARAMETERIZATION_KEY, PROVENANCE_KEY
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
+#: provenance key of exports: which UNet weights the file holds ("ema" or "raw"), since it has no model_ema.*
+UNET_WEIGHTS_KEY = "unet_weights"
 EMA_PREFIX = "model_ema."
 EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
+#: the end of an export's full-disk message
+EXPORT_HINT = "Free space there or export to another location."
 #: the networks (UNet, VAE, text encoder): the only tensors a reduced-precision export casts
 NETWORK_PREFIXES = ("model.", "first_stage_model.", "cond_stage_model.")
 
@@ -39,6 +45,7 @@ __all__ = [
     "NETWORK_PREFIXES",
     "PARAMETERIZATION_KEY",
     "PROVENANCE_KEY",
+    "UNET_WEIGHTS_KEY",
     "ema_key",
     "has_ema",
     "read_parameterization",
@@ -58,22 +65,27 @@ def has_ema(sd: Mapping[str, torch.Tensor]) -> bool:
 
 
 def select_weights(
-    sd: Mapping[str, torch.Tensor], use_ema: bool | None = None, source: str = "checkpoint"
-) -> tuple[dict[str, torch.Tensor], bool]:
-    """Return ``(state dict in the official inference layout, whether EMA weights were used)``.
+    sd: Mapping[str, torch.Tensor], use_ema: bool | None = None, source: str = "checkpoint",
+    stored: str | None = None,
+) -> tuple[dict[str, torch.Tensor], bool | None]:
+    """Return ``(state dict in the official inference layout, whether the UNet holds EMA weights)``.
 
     Args:
         sd: a full LatentDiffusion state dict, with or without ``model_ema.*``.
-        use_ema: True = EMA weights (error if absent), False = raw weights, None = EMA when present.
-        source: name used in error messages.
+        use_ema: True = EMA weights, False = raw weights, None = EMA when available.
+        source: name used in messages.
+        stored: for a file without ``model_ema.*``, what its UNet weights are by its record (:data:`UNET_WEIGHTS_KEY`
+            of an export: "ema" or "raw"); None when it does not say (e.g. the released SD2 files).
+
+    Returns:
+        The state dict, and True (EMA) / False (raw) / None (as stored, not recorded which).
 
     Raises:
-        CheckpointError: EMA asked for but absent, or an EMA copy that misses some UNet weights.
+        CheckpointError: weights asked for that the file does not hold, or an EMA copy that misses some UNet weights.
     """
-    ema_present = has_ema(sd)
-    if use_ema and not ema_present:
-        raise CheckpointError(f"{source} has no model_ema.* weights; use the raw weights (--no-ema)")
-    take_ema = ema_present if use_ema is None else use_ema
+    if not has_ema(sd):
+        return dict(sd), _stored_weights(use_ema, source, stored)
+    take_ema = True if use_ema is None else use_ema
     out = {k: v for k, v in sd.items() if not k.startswith(EMA_PREFIX)}
     if take_ema:
         unet_keys = [k for k in out if k.startswith(UNET_PREFIX)]
@@ -89,6 +101,28 @@ def select_weights(
     return out, take_ema
 
 
+def _stored_weights(use_ema: bool | None, source: str, stored: str | None) -> bool | None:
+    """The UNet weights of a file without an EMA copy, checked against what was asked for."""
+    if stored == "ema":
+        if use_ema is False:
+            raise CheckpointError(f"{source} holds only the EMA UNet weights (it records unet_weights: ema); the raw "
+                                  "ones are in the training checkpoint it was exported from. Drop --no-ema.")
+        log.info("%s: its UNet weights are the EMA weights already (an export of the EMA)", source)
+        return True
+    if stored == "raw":
+        if use_ema:
+            raise CheckpointError(f"{source} holds only the raw (non-EMA) UNet weights (it records unet_weights: raw);"
+                                  " export the EMA from the training checkpoint, or drop --ema.")
+        log.info("%s: using its raw (non-EMA) UNet weights (it has no EMA copy)", source)
+        return False
+    if use_ema:
+        raise CheckpointError(f"{source} has no model_ema.* weights and does not record whether its UNet weights "
+                              "are the EMA; drop --ema to use them as stored")
+    log.info("%s: using the UNet weights as stored (no model_ema.* copy; the file does not record whether they "
+             "are the EMA)", source)
+    return None
+
+
 def save_ldm_checkpoint(
     sd: Mapping[str, torch.Tensor],
     path: str | Path,
@@ -96,6 +130,7 @@ def save_ldm_checkpoint(
     dtype: torch.dtype | None = None,
     global_step: int | None = None,
     provenance: Mapping[str, object] | None = None,
+    ema: bool | None = None,
 ) -> Path:
     """Write ``sd`` as ``.safetensors`` or a plain ``{"state_dict": ...}`` ``.ckpt`` (chosen by the suffix).
 
@@ -108,6 +143,10 @@ def save_ldm_checkpoint(
         global_step: optional training step, stored as ldm's ``global_step``.
         provenance: the source checkpoint's record (:mod:`ldm.provenance`); its parameterization is replaced by
             ``parameterization``. None: a record with this parameterization and ``sd``'s scale factor.
+        ema: whether the UNet weights in ``sd`` are the EMA (True) or the raw weights (False); recorded as
+            :data:`UNET_WEIGHTS_KEY` so loaders can say which they are. None: not recorded.
+
+    The file is written atomically (a temp file renamed over ``path``): a crash leaves the old file or the new one.
     """
     path = Path(path)
 
@@ -120,20 +159,21 @@ def save_ldm_checkpoint(
     scale = float(sd["scale_factor"]) if "scale_factor" in sd else None
     record = dict(provenance or prov.record(parameterization, scale, None))
     record["parameterization"] = parameterization
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if ema is not None:
+        record[UNET_WEIGHTS_KEY] = "ema" if ema else "raw"
+    if global_step is not None:
+        record["global_step"] = int(global_step)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         meta = {"format": "pt", **prov.to_metadata(record)}
         if global_step is not None:
             meta["global_step"] = str(global_step)
-        save_file(tensors, str(path), metadata=meta)
+        atomic_safetensors_save(tensors, path, meta, hint=EXPORT_HINT)
     elif path.suffix in (".ckpt", ".pt"):
         obj: dict[str, object] = {"state_dict": tensors, PARAMETERIZATION_KEY: parameterization,
                                   PROVENANCE_KEY: record}
         if global_step is not None:
             obj["global_step"] = int(global_step)
-        atomic_torch_save(obj, path)
+        atomic_torch_save(obj, path, hint=EXPORT_HINT)
     else:
         raise ValueError(f"output file {path}: use a .safetensors or .ckpt suffix")
     log.info("wrote %d tensors (%s network weights, parameterization %s) to %s", len(tensors),

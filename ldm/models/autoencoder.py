@@ -22,6 +22,7 @@ from torch import nn
 
 from ldm import compat
 from ldm.checkpoint import drop_prefixes, load_into, load_state_dict_file
+from ldm.config_schema import PositiveInt, Probability
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.random_weights import mark_loaded, note_random, reports_random_weights
@@ -64,14 +65,14 @@ class AutoencoderKL(pl.LightningModule):
         self,
         ddconfig: Mapping[str, Any],
         lossconfig: Mapping[str, Any],
-        embed_dim: int,
+        embed_dim: PositiveInt,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
         allow_missing_prefixes: Sequence[str] = (),
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
-        ema_decay: float | None = None,
+        ema_decay: Probability | None = None,
         learn_logvar: bool = False,
     ) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ldm.config_schema import NonNegativeFloat
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
@@ -30,7 +31,8 @@ class ReconstructionKLLoss(nn.Module):
         logvar_init: initial value of the scalar log-variance that scales the reconstruction term.
     """
 
-    def __init__(self, kl_weight: float = 1e-6, rec_loss: Literal["l1", "l2"] = "l1", logvar_init: float = 0.0):
+    def __init__(self, kl_weight: NonNegativeFloat = 1e-6, rec_loss: Literal["l1", "l2"] = "l1",
+                 logvar_init: float = 0.0):
         super().__init__()
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"lossconfig.params.rec_loss must be 'l1' or 'l2', got {rec_loss!r}")

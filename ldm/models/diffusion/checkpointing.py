@@ -12,7 +12,9 @@
 * :meth:`CheckpointMixin.on_save_checkpoint` records the parameterization and provenance (:mod:`ldm.provenance`)
   and refuses to write non-finite weights.
 * On resume, :meth:`CheckpointMixin.on_load_checkpoint` refuses a config whose parameterization or fixed scale
-  factor differs from the checkpoint's, and :meth:`CheckpointMixin.on_train_start` applies optimizer settings
+  factor differs from the checkpoint's, reconciles settings that change the state's layout (``use_ema``,
+  ``scale_by_std``, the noise schedule, trainable parameters, the LR schedule, the architecture:
+  :mod:`ldm.models.diffusion.resume_layout`), and :meth:`CheckpointMixin.on_train_start` applies optimizer settings
   that the config changed (learning rate, LR schedule, AdamW weight decay/betas/eps) to the restored optimizer,
   logging each change; without changes the restored state is left bit-identical.
 """
@@ -35,6 +37,7 @@ from ldm.checkpoint import (
     non_finite_tensors,
     widen_input_channels,
 )
+from ldm.models.diffusion import resume_layout
 from ldm.models.diffusion.schedule import NoiseSchedule
 from ldm.modules.random_weights import mark_loaded
 
@@ -143,6 +146,8 @@ class CheckpointMixin:
         checkpoint[provenance.PARAMETERIZATION_KEY] = self.parameterization
         checkpoint[provenance.PROVENANCE_KEY] = provenance.record(self.parameterization, float(self.scale_factor),
                                                                   self.run_config)
+        # model.diffusion_model.* of a training checkpoint are the trained weights; an EMA copy is model_ema.*
+        checkpoint[provenance.PROVENANCE_KEY]["unet_weights"] = "raw"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume: check that the checkpoint was trained like this config says, and let the config's EMA decay win."""
@@ -160,6 +165,7 @@ class CheckpointMixin:
                 f"the resume checkpoint was trained with scale_factor {recorded['scale_factor']} but the config says "
                 f"{float(self.scale_factor)}; set model.params.scale_factor={recorded['scale_factor']}."
             )
+        resume_layout.reconcile(self, checkpoint)  # settings that change the state's layout (use_ema, ...)
         if self.scale_by_std and "scale_factor" in sd:
             self._std_done = True
         if self.use_ema and "model_ema.decay" in sd and float(sd["model_ema.decay"]) != float(self.model_ema.decay):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ldm import compat
+from ldm.config_schema import ConfigError, NonNegativeInt
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 
 
@@ -40,25 +41,34 @@ class LatentInpaintDiffusion(LatentDiffusion):
         concat_keys: Sequence[str] = ("mask", "masked_image"),
         masked_image_key: str = "masked_image",
         finetune_keys: Sequence[str] | None = compat.INPAINT_FINETUNE_KEYS,
-        keep_finetune_dims: int = 4,
-        c_concat_log_start: int | None = None,
-        c_concat_log_end: int | None = None,
+        keep_finetune_dims: NonNegativeInt = 4,
+        c_concat_log_start: NonNegativeInt | None = None,
+        c_concat_log_end: NonNegativeInt | None = None,
         **kwargs: Any,
     ) -> None:
         self.finetune_keys = tuple(finetune_keys or ())
         self.keep_finetune_dims = keep_finetune_dims
-        super().__init__(*args, **kwargs)
-        self.concat_keys = tuple(concat_keys)
+        self.concat_keys = tuple(concat_keys)  # before LatentDiffusion's channel check, which reads them
         self.masked_image_key = masked_image_key
+        self.mask_key  # noqa: B018 - one mask key plus the masked image, checked at start-up
+        super().__init__(*args, **kwargs)
         self.c_concat_log_start, self.c_concat_log_end = c_concat_log_start, c_concat_log_end
+
+    required_conditioning_key = "hybrid"
+    required_conditioning_why = "mask and masked-image latent concatenated to the input, text by cross-attention"
+
+    def concat_channels(self, latent_channels: int) -> list[tuple[str, int]]:
+        """The mask (1 channel) and the masked image's VAE latent (``latent_channels``), in ``concat_keys`` order."""
+        return [(f"masked-image latent '{k}'", latent_channels) if k == self.masked_image_key else (f"mask '{k}'", 1)
+                for k in self.concat_keys]
 
     @property
     def mask_key(self) -> str:
         """The concat key that holds the mask: the one key of ``concat_keys`` besides ``masked_image_key``."""
         others = [k for k in self.concat_keys if k != self.masked_image_key]
         if len(others) != 1:
-            raise ValueError(f"concat_keys={list(self.concat_keys)} must be one mask key plus masked_image_key="
-                             f"{self.masked_image_key!r} to condition on a mask and a masked image")
+            raise ConfigError(f"{list(self.concat_keys)} must be one mask key plus masked_image_key="
+                              f"{self.masked_image_key!r} to condition on a mask and a masked image", key="concat_keys")
         return others[0]
 
     def inpaint_conditioning(self, mask: torch.Tensor, masked_image: torch.Tensor, text: torch.Tensor,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -31,19 +31,25 @@ import torch
 from einops import rearrange
 
 from ldm import compat
-from ldm.models.diffusion import losses, parameterization
+from ldm.config_schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Range
+from ldm.models.diffusion import losses, parameterization, wiring
 from ldm.models.diffusion.checkpointing import CheckpointMixin
-from ldm.models.diffusion.conditioning import CaptionDropout, drop_captions
+from ldm.models.diffusion.conditioning import CaptionDropout, check_caption_dropout, drop_captions
 from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
 from ldm.models.diffusion.wrapper import DiffusionWrapper
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.random_weights import note_random, reports_random_weights
-from ldm.util import ConfigError, check_params, instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LatentDiffusion", "disabled_train"]
+
+#: a beta of the linear schedules: in (0, 1)
+Beta = Annotated[float, Range(0, 1, lo_open=True, hi_open=True)]
+#: an AdamW beta: in [0, 1), torch's rule
+AdamBeta = Annotated[float, Range(0, 1, hi_open=True)]
 
 
 def disabled_train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:  # noqa: ARG001
@@ -109,6 +115,8 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         channels_last: keep the UNet weights and inputs in channels-last memory format (faster convs on GPUs).
         compile_unet: ``torch.compile`` the UNet in place (``nn.Module.compile``: state-dict keys unchanged);
             True for defaults or a dict of ``torch.compile`` keyword arguments.
+        compile_first_stage_encoder: the same for the frozen VAE encoder, which runs twice per training sample;
+            on an H200 it made the encode 2.6x faster (docs/BENCHMARKS.md, "GPU check").
         shard_optimizer_state: under multi-process DDP, shard the AdamW state across ranks (ZeRO-1 via
             ``torch.distributed.optim.ZeroRedundancyOptimizer``); plain AdamW on a single process.
         latent_moments_key: batch key of precomputed VAE posterior moments of the image (B x 8 x h x w, written
@@ -122,22 +130,22 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         unet_config: dict[str, Any],
         first_stage_config: dict[str, Any],
         cond_stage_config: dict[str, Any] | str,
-        timesteps: int = 1000,
+        timesteps: PositiveInt = 1000,
         beta_schedule: str = "linear",
-        linear_start: float = 1e-4,
-        linear_end: float = 2e-2,
-        cosine_s: float = 8e-3,
+        linear_start: Beta = 1e-4,
+        linear_end: Beta = 2e-2,
+        cosine_s: NonNegativeFloat = 8e-3,
         given_betas: Sequence[float] | None = None,
-        v_posterior: float = 0.0,
+        v_posterior: Probability = 0.0,
         parameterization: Literal["eps", "x0", "v"] = "eps",
         loss_type: Literal["l1", "l2"] = "l2",
-        l_simple_weight: float = 1.0,
-        original_elbo_weight: float = 0.0,
+        l_simple_weight: NonNegativeFloat = 1.0,
+        original_elbo_weight: NonNegativeFloat = 0.0,
         logvar_init: float = 0.0,
         learn_logvar: bool = False,
-        min_snr_gamma: float | None = None,
+        min_snr_gamma: PositiveFloat | None = None,
         use_ema: bool = True,
-        ema_decay: float = 0.9999,
+        ema_decay: Probability = 0.9999,
         ckpt_path: str | None = None,
         ignore_keys: Sequence[str] = (),
         allow_missing_prefixes: Sequence[str] = (),
@@ -151,17 +159,17 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         conditioning_key: str | None = None,
         concat_mode: bool = True,
         force_null_conditioning: bool = False,
-        num_timesteps_cond: int = 1,
-        scale_factor: float = 1.0,
+        num_timesteps_cond: PositiveInt = 1,
+        scale_factor: PositiveFloat = 1.0,
         scale_by_std: bool = False,
         image_size: int = 256,
-        channels: int = 3,
+        channels: PositiveInt = 3,
         ucg_training: Mapping[str, CaptionDropout | Mapping[str, Any]] | None = None,
-        ucg_seed: int = 0,
+        ucg_seed: NonNegativeInt = 0,
         scheduler_config: dict[str, Any] | None = None,
-        weight_decay: float = 0.01,
-        adam_betas: Sequence[float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
+        weight_decay: NonNegativeFloat = 0.01,
+        adam_betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.999),
+        adam_eps: NonNegativeFloat = 1e-8,
         monitor: str | None = "val/loss",
         log_every_t: int = 100,
         clip_denoised: bool = True,
@@ -169,6 +177,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         make_it_fit: bool = False,
         channels_last: bool = False,
         compile_unet: bool | Mapping[str, Any] = False,
+        compile_first_stage_encoder: bool | Mapping[str, Any] = False,
         latent_moments_key: str = "latent_moments",
         shard_optimizer_state: bool = False,
     ) -> None:
@@ -190,33 +199,40 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
             conditioning_key = None
         elif conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
+        required = self.required_conditioning_key
+        if required is not None and conditioning_key != required:
+            raise ConfigError(f"{type(self).__name__} needs {required!r} ({self.required_conditioning_why}), got "
+                              f"{conditioning_key!r}; set conditioning_key: {required}", key="conditioning_key")
         self.conditioning_key = conditioning_key
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
         self.channels = channels
         self.scheduler_config = scheduler_config
+        if scheduler_config is not None:  # built for real in configure_optimizers: fail here, not after start-up
+            instantiate_from_config(scheduler_config)
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
         self.shard_optimizer_state = shard_optimizer_state
-        self.ucg_training = {k: vars(v).copy() if isinstance(v, CaptionDropout) else dict(v)
-                             for k, v in (ucg_training or {}).items()}
-        for k, v in self.ucg_training.items():
-            check_params(CaptionDropout, v, f"ucg_training.{k}")  # built without a config: the same check
+        self.ucg_training = check_caption_dropout(ucg_training, cond_stage_key)
         self.ucg_seed = ucg_seed
         self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
 
+        wiring.check_channels(unet_config, first_stage_config, channels, conditioning_key,
+                              self.concat_channels(channels))  # before the (large) UNet is built
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         note_random(self.model, "no model.params.ckpt_path")
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if compile_unet:
-            self.model.diffusion_model.compile(**(dict(compile_unet) if isinstance(compile_unet, Mapping) else {}))
+        wiring.compile_in_place(self.model.diffusion_model, compile_unet)
         self.latent_moments_key = latent_moments_key
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
         self.first_stage_model = self._frozen(instantiate_from_config(first_stage_config))
+        wiring.compile_in_place(getattr(self.first_stage_model, "encoder", None), compile_first_stage_encoder,
+                                "model.params.compile_first_stage_encoder")
         self.cond_stage_model = self._build_cond_stage(cond_stage_config)
+        wiring.check_context_dim(unet_config, self.cond_stage_model, conditioning_key)
 
         self.scale_by_std = scale_by_std
         if scale_by_std:
@@ -236,6 +252,15 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
                                 allow_missing_prefixes=allow_missing_prefixes)
 
     # ----------------------------------------------------------------------------------------- construction
+    #: the conditioning key this model works with (None: any); subclasses that build ``c_concat`` set it
+    required_conditioning_key: str | None = None
+    required_conditioning_why = ""
+
+    def concat_channels(self, latent_channels: int) -> list[tuple[str, int]] | None:  # noqa: ARG002
+        """``(description, channels)`` of each tensor that a concat-type ``conditioning_key`` stacks after the noisy
+        latent, for the start-up channel check (:mod:`ldm.models.diffusion.wiring`); None: not known here."""
+        return None
+
     @staticmethod
     def _frozen(model: torch.nn.Module) -> torch.nn.Module:
         model.eval()
@@ -452,6 +477,12 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         from ldm.models.diffusion.visualize import log_images
 
         return log_images(self, batch, **kwargs)
+
+    def check_log_images_kwargs(self, kwargs: Mapping[str, Any]) -> None:
+        """Raise ``ConfigError`` (keyed ``log_images_kwargs.<option>``) unless :meth:`log_images` accepts ``kwargs``."""
+        from ldm.models.diffusion.visualize import check_log_images_kwargs
+
+        check_log_images_kwargs(kwargs, self.num_timesteps)
 
     def training_target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model regresses on at ``t`` for the configured parameterization (eps, x0 or v)."""

@@ -22,6 +22,7 @@ decorate it with :func:`register_sampler`, and test it; every caller then accept
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ from ldm.models.diffusion.dpm_solver import dpm_solver_pp_2m
 from ldm.models.diffusion.guidance import ModelFn, guided_model_fn
 from ldm.models.diffusion.sampling_utils import StepCallback, check_conditioning_batch, check_eta
 from ldm.models.diffusion.schedule import ddim_timesteps
+
+log = logging.getLogger(__name__)
 
 
 class SamplerFn(Protocol):
@@ -58,10 +61,18 @@ class Sampler:
     fn: SamplerFn
     label: str
     stochastic: bool
+    step_count: StepCount | None = None
 
     def check(self, eta: float) -> None:
         """Raise unless ``eta`` is valid for this sampler (the eta rule of ``sampling_utils.check_eta``)."""
         check_eta(self.label, eta, self.stochastic)
+
+    def steps_run(self, steps: int, num_train_steps: int) -> int:
+        """The number of steps (model evaluations per sample, before guidance doubling) that ``steps`` requested
+        steps really take on a ``num_train_steps`` schedule; ``ValueError`` if the sampler cannot take them."""
+        if not 1 <= steps <= num_train_steps:
+            raise ValueError(f"steps must be between 1 and {num_train_steps} (the training schedule), got {steps}")
+        return steps if self.step_count is None else self.step_count(steps, num_train_steps)
 
     def __call__(self, model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
                  parameterization: str, *, eta: float = 0.0, generator: torch.Generator | None = None,
@@ -71,17 +82,25 @@ class Sampler:
                        callback=callback, verbose=verbose)
 
 
+#: ``(requested steps, schedule length) -> steps really run``; raises ValueError for counts the sampler refuses
+StepCount = Callable[[int, int], int]
+
 #: name -> sampler; filled by :func:`register_sampler` below.
 SAMPLERS: dict[str, Sampler] = {}
 
 
-def register_sampler(name: str, *, label: str, stochastic: bool) -> Callable[[SamplerFn], SamplerFn]:
-    """Decorator adding a sampler function to :data:`SAMPLERS` under ``name``."""
+def register_sampler(name: str, *, label: str, stochastic: bool,
+                     step_count: StepCount | None = None) -> Callable[[SamplerFn], SamplerFn]:
+    """Decorator adding a sampler function to :data:`SAMPLERS` under ``name``.
+
+    ``step_count``: for samplers whose step grid does not take every count as asked (see :data:`StepCount`);
+    None means every count from 1 to the schedule length runs as asked.
+    """
 
     def add(fn: SamplerFn) -> SamplerFn:
         if name in SAMPLERS:
             raise ValueError(f"a sampler named {name!r} is already registered")
-        SAMPLERS[name] = Sampler(name, fn, label, stochastic)
+        SAMPLERS[name] = Sampler(name, fn, label, stochastic, step_count)
         return fn
 
     return add
@@ -95,8 +114,53 @@ def get_sampler(name: str) -> Sampler:
         raise ValueError(f"sampler {name!r} is unknown; use one of {', '.join(SAMPLERS)}") from None
 
 
+def check_steps(sampler: str, steps: int, num_train_steps: int) -> int:
+    """Validate a step count before any model is loaded and return the steps ``sampler`` really runs.
+
+    Every script that samples (inpainting, evaluation) calls this once with the schedule length of its config
+    (``ldm.inference.schedule_length``). A count the sampler's grid cannot take (DDIM: 3, 9, 27, ... of 1000)
+    raises ``ValueError`` naming the nearest counts that work; a count that runs differently (DDIM: 45 -> 46) is
+    logged once as a warning, and callers record the returned count.
+    """
+    chosen = get_sampler(sampler)
+    try:
+        run = chosen.steps_run(steps, num_train_steps)
+    except ValueError as e:
+        below = next((s for s in range(min(steps, num_train_steps + 1) - 1, 0, -1)
+                      if _runs(chosen, s, num_train_steps)), None)
+        above = next((s for s in range(max(steps, 0) + 1, num_train_steps + 1) if _runs(chosen, s, num_train_steps)),
+                     None)
+        ok = [s for s in (below, above) if s is not None]
+        hint = f"; the nearest counts that work: {' or '.join(map(str, ok))}" if ok else ""
+        raise ValueError(f"--steps {steps} does not work with the {chosen.label} sampler: {e}{hint}") from None
+    if run != steps:
+        log.warning("%s: --steps %d runs %d steps (%s); outputs record %d", chosen.label, steps, run,
+                    _GRID_NOTES[chosen.name](steps, num_train_steps) if chosen.name in _GRID_NOTES else "its grid", run)
+    return run
+
+
+def _runs(sampler: Sampler, steps: int, num_train_steps: int) -> bool:
+    try:
+        sampler.steps_run(steps, num_train_steps)
+    except ValueError:
+        return False
+    return True
+
+
+def ddim_step_count(steps: int, num_train_steps: int) -> int:
+    """DDIM's steps on ldm's uniform grid: stride ``T // steps``, so ``ceil(T / stride)`` steps (45 of 1000 -> 46);
+    counts whose last timestep passes the schedule after ldm's +1 offset raise (``schedule.ddim_timesteps``)."""
+    return len(ddim_timesteps(steps, num_train_steps))
+
+
 # ------------------------------------------------------------------------------------------------- samplers
-@register_sampler("ddim", label="DDIM", stochastic=True)
+#: why a sampler runs another number of steps than asked: name -> (steps, schedule length) -> explanation
+_GRID_NOTES: dict[str, Callable[[int, int], str]] = {
+    "ddim": lambda s, t: f"ldm's uniform DDIM grid: stride {t} // {s} = {t // s}, so ceil({t} / {t // s}) steps",
+}
+
+
+@register_sampler("ddim", label="DDIM", stochastic=True, step_count=ddim_step_count)
 def sample_ddim(model_fn: ModelFn, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
                 parameterization: str, *, eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: StepCallback | None = None, verbose: bool = False) -> torch.Tensor:
@@ -157,5 +221,5 @@ def sample_latents(
                   generator=generator, verbose=verbose)
 
 
-__all__ = ["SAMPLERS", "Sampler", "get_sampler", "register_sampler", "sample_ddim", "sample_dpmpp_2m",
-           "sample_latents"]
+__all__ = ["SAMPLERS", "Sampler", "StepCount", "check_steps", "ddim_step_count", "get_sampler", "register_sampler",
+           "sample_ddim", "sample_dpmpp_2m", "sample_latents"]

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.config_schema import PositiveInt, Range
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
@@ -261,28 +262,28 @@ class UNetModel(nn.Module):
     def __init__(
         self,
         *,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int | Sequence[int],
-        attention_resolutions: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        in_channels: PositiveInt,
+        model_channels: PositiveInt,
+        out_channels: PositiveInt,
+        num_res_blocks: PositiveInt | Sequence[PositiveInt],
+        attention_resolutions: Sequence[PositiveInt],
+        dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.0,
+        channel_mult: Sequence[PositiveInt] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
         num_classes: int | str | None = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         use_bf16: bool = False,
-        num_heads: int = -1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
+        num_heads: Literal[-1] | PositiveInt = -1,
+        num_head_channels: Literal[-1] | PositiveInt = -1,
+        num_heads_upsample: Literal[-1] | PositiveInt = -1,
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
-        context_dim: int | None = None,
+        transformer_depth: PositiveInt = 1,
+        context_dim: PositiveInt | None = None,
         n_embed: int | None = None,
         legacy: bool = True,
         disable_self_attentions: Sequence[bool] | None = None,

@@ -22,6 +22,7 @@ from torch import nn
 
 from ldm import compat
 from ldm.checkpoint import load_state_dict_file
+from ldm.config_schema import PositiveInt
 from ldm.modules.random_weights import note_random, reports_random_weights
 from ldm.util import ConfigError
 
@@ -92,6 +93,11 @@ def _cached_pretrained_file(arch: str, tag: str) -> str | None:
 
 
 def _download_hint(arch: str, tag: str | None) -> str:
+    """What to do about missing text-encoder weights: where to get them, or why there are none to get."""
+    if arch.endswith(".json"):  # a local architecture file (load_text_config): nobody released weights for it
+        return (f"arch={arch!r} is a local architecture file (a test/demo architecture): it has no released "
+                "weights, so random weights are expected in tiny and demo runs. "
+                "For a real model use an open_clip model name such as 'ViT-H-14' with its weights.")
     cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
     if cfg.get("hf_hub"):
         parts = cfg["hf_hub"].split("/")
@@ -99,7 +105,9 @@ def _download_hint(arch: str, tag: str | None) -> str:
     elif cfg.get("url"):
         what = cfg["url"]
     else:
-        what = f"an open_clip state dict (.bin/.pt/.safetensors) matching arch={arch!r}"
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        released = f" (open_clip's released tags for it: {', '.join(tags)})" if tags else ""
+        what = f"an open_clip state dict (.bin/.pt/.safetensors) matching arch={arch!r}{released}"
     return f"Download {what} and set cond_stage_config.params.version to the local file path."
 
 
@@ -133,7 +141,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         arch: str = "ViT-H-14",
         version: str | None = "laion2b_s32b_b79k",
         device: str = "cuda",
-        max_length: int = 77,
+        max_length: PositiveInt = 77,
         freeze: bool = True,
         layer: Literal["last", "penultimate"] = "last",
     ) -> None:
@@ -202,6 +210,11 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             raise ValueError(f"version={str(path)!r} does not fit arch's text tower: {e}") from e
         log.info("FrozenOpenCLIPEmbedder: loaded %d text tensors from %s (%d other keys dropped)",
                  len(text_sd), path, len(sd) - len(text_sd))
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the returned token states (1024 for ViT-H-14): what the UNet's ``context_dim`` must be."""
+        return int(self.model.ln_final.weight.shape[0])
 
     def freeze(self) -> None:
         """Eval mode and no gradients; sticky across later ``train()`` calls."""
