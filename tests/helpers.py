@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,22 @@ def damage(path, at: float = 0.5) -> None:
     start = data.index(head, info.header_offset)
     data[start + int(info.compress_size * at)] ^= 0x40
     path.write_bytes(bytes(data))
+
+
+def record_saves(monkeypatch) -> list[tuple[str, int | None, int | None]]:
+    """Record every checkpoint this process writes through ``ldm.atomic.atomic_torch_save`` as ``(file name,
+    global step, processed micro-batches)``; the file is still written."""
+    import ldm.atomic
+
+    saves: list[tuple[str, int | None, int | None]] = []
+    real = ldm.atomic.atomic_torch_save
+
+    def recording(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and "global_step" in obj:
+            loops = obj.get("loops") or {}
+            progress = loops.get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("total", {})
+            saves.append((os.path.basename(str(path)), obj["global_step"], progress.get("processed")))
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ldm.atomic, "atomic_torch_save", recording)
+    return saves

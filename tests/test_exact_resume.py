@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import main
-from tests.helpers import damage
+from tests.helpers import damage, record_saves
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
@@ -262,3 +262,27 @@ def test_lr_and_schedule_changed_on_resume_take_effect(runs):
     assert group["initial_lr"] == 5e-4 and group["lr"] == pytest.approx(5e-4 * f(2 * N), rel=1e-9)
     assert group["weight_decay"] == 0.02 and float(last["state_dict"]["model_ema.decay"]) == pytest.approx(0.99)
     assert logged[N - 1] == pytest.approx(1e-3 * (1e-6 + (1 - 1e-6) * (N - 1) / 10), rel=1e-6)  # before: old settings
+
+
+def test_sigterm_inside_an_accumulation_saves_at_the_step_end_and_resumes_exactly(runs, monkeypatch, caplog):
+    """SIGTERM after the first of the two micro-batches of step N+1: the step is finished, then saved and the run
+    stops; the resume gives the straight run's state. Every file is written once per step, at a step boundary, and
+    never as a Lightning "-v1" duplicate (also not by the first micro-batch after the resume)."""
+    caplog.set_level(logging.INFO)
+    logs = runs["root"] / "term"
+    saves = record_saves(monkeypatch)
+    assert main.main(["--base", TINY, "--train", "-s", SEED, "-l", str(logs), *COMMON,
+                      "lightning.callbacks.kill.target=tests.helpers.SignalAtBatch",
+                      f"lightning.callbacks.kill.params.batch={2 * N + 1}"]) == 0
+    run = only_dir(logs)
+    last = run / "checkpoints" / "last.ckpt"
+    assert assert_ema_count_matches_step(last) == N + 1
+    assert ("last.ckpt", N + 1, 2 * (N + 1)) in saves and saves.count(("last.ckpt", N + 1, 2 * (N + 1))) == 1
+    assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null"]) == 0
+    assert f"from {last} (step {N + 1})" in caplog.text
+    assert_same_training_state(runs["a"] / "checkpoints" / "last.ckpt", last)
+    assert all(processed == 2 * step for _, step, processed in saves), saves
+    assert len(saves) == len(set(saves)), saves  # no file written twice for one step
+    names = [p.name for p in run.rglob("*.ckpt")]
+    assert not [n for n in names if "-v" in n], names
+    assert sorted(n for n in names if n.startswith("step=")) == [f"step={N:09d}.ckpt", f"step={2 * N:09d}.ckpt"]
