@@ -5,9 +5,9 @@ each record's CRC-32 in the zip directory, but ``torch.load`` never checks them:
 as a silently wrong weight, and damage that leaves the zip directory intact passes a memory-mapped probe. This
 module recomputes every record's CRC-32 and compares it with the recorded one.
 
-Cost: it reads the whole file once. zlib's CRC-32 runs at several GB/s per core and releases the GIL, so records
-are checked on a few threads and the check is bound by the read bandwidth (``docs/BENCHMARKS.md``, "Checkpoint
-integrity check", measured on a full-size 15.6 GB training checkpoint). Files in torch's legacy (non-zip) format
+Cost: it reads the whole file once, in 16 MiB chunks (no record is held in memory whole). zlib's CRC-32 releases
+the GIL, so records are checked on a few threads and the check is bound by the read bandwidth (not benchmarked
+here yet). Files in torch's legacy (non-zip) format
 and ``.safetensors`` files carry no checksum; they are reported as not verifiable, never as damaged.
 """
 

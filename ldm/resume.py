@@ -142,6 +142,9 @@ def pick(logdir: Path, verify: bool = True) -> tuple[Path, int]:
         if skipped:
             log.warning("resume: using %s (step %d) after skipping %d file(s)%s", cand.path, cand.step, len(skipped),
                         f"; with a higher step: {', '.join(higher)}" if higher else "")
+        others = ", ".join(f"{c.path.name} (step {c.step})" for c in ranked if c is not cand)
+        log.info("resume: chose %s: step %d, the highest global step recorded in the run's checkpoints (file times "
+                 "are not used)%s", cand.path, cand.step, f"; the others: {others}" if others else "")
         return cand.path, cand.step
     if not skipped:
         raise CheckpointError(f"--resume {logdir}: no checkpoints/last.ckpt, checkpoints/*.ckpt or hpc_ckpt_*.ckpt "

@@ -36,8 +36,11 @@ def make_run(tmp_path):
     return run
 
 
-def test_resume_picks_the_highest_recorded_step_whatever_the_file_times(tmp_path):
+def test_resume_picks_the_highest_recorded_step_whatever_the_file_times(tmp_path, caplog):
     """A copy without preserved times (cp -r, rsync without -t, an object-store sync) makes any file the newest."""
+    import logging
+
+    caplog.set_level(logging.INFO)
     run = make_run(tmp_path)
     last, hpc = run / "checkpoints" / "last.ckpt", run / "hpc_ckpt_1.ckpt"
     step = run / "checkpoints" / "step=000000005.ckpt"
@@ -50,6 +53,8 @@ def test_resume_picks_the_highest_recorded_step_whatever_the_file_times(tmp_path
             os.utime(f, (now + i, now + i))
         d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(run))
         assert (d.resume_ckpt, d.resume_step) == (hpc, 12)
+        assert f"chose {hpc}: step 12, the highest global step" in caplog.text
+        assert "last.ckpt (step 10), step=000000005.ckpt (step 5)" in caplog.text
         assert d.logdir == run and d.resume_configs == [run / "configs" / "a-project.yaml"]
     # the same step: the later recorded save wins, not the later file time
     torch.save(full_state(12, saved_at=300.0), last)
