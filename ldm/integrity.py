@@ -7,8 +7,8 @@ module recomputes every record's CRC-32 and compares it with the recorded one.
 
 Cost: it reads the whole file once, in 16 MiB chunks (no record is held in memory whole). zlib's CRC-32 releases
 the GIL, so records are checked on a few threads and the check is bound by the read bandwidth (not benchmarked
-here yet). Files in torch's legacy (non-zip) format
-and ``.safetensors`` files carry no checksum; they are reported as not verifiable, never as damaged.
+here yet). Files in torch's legacy (non-zip) format and ``.safetensors`` files carry no checksum; they are reported
+as not verifiable, never as damaged.
 """
 
 from __future__ import annotations

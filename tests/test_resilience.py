@@ -12,6 +12,7 @@ import torch
 import main
 from ldm.atomic import atomic_torch_save
 from ldm.callbacks import FiniteLossGuard
+from tests.helpers import record_saves
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
@@ -90,6 +91,21 @@ def test_keep_last_n_retention(tmp_path):
     snaps = sorted(p.name.split("step=")[1] for p in (ckpts / "trainstep_checkpoints").glob("*.ckpt"))
     assert snaps == ["000000004.ckpt", "000000006.ckpt", "000000008.ckpt"]
 
+
+
+def test_final_steps_are_saved_when_max_steps_is_not_a_multiple_of_the_interval(tmp_path, monkeypatch):
+    """max_steps=5, every 2 steps: last.ckpt holds step 5, written once (with accumulation 2, at the step end)."""
+    saves = record_saves(monkeypatch)
+    assert main.main(["--base", TINY, "--train", "-l", str(tmp_path), "lightning.trainer.max_steps=5",
+                      "lightning.trainer.accumulate_grad_batches=2",
+                      "lightning.callbacks.image_logger.params.disabled=true",
+                      "lightning.modelcheckpoint.params.every_n_train_steps=2"]) == 0
+    ckpts = next(tmp_path.iterdir()) / "checkpoints"
+    ck = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert ck["global_step"] == 5 and int(ck["state_dict"]["model_ema.num_updates"]) == 5
+    assert sorted(p.name for p in ckpts.glob("step=*.ckpt")) == ["step=000000002.ckpt", "step=000000004.ckpt"]
+    assert [s for s in saves if s[0] == "last.ckpt" and s[1] == 5] == [("last.ckpt", 5, 10)], saves
+    assert len(saves) == len(set(saves)), saves
 
 @pytest.fixture
 def small_disk(tmp_path, monkeypatch):
