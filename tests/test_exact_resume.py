@@ -286,3 +286,19 @@ def test_sigterm_inside_an_accumulation_saves_at_the_step_end_and_resumes_exactl
     names = [p.name for p in run.rglob("*.ckpt")]
     assert not [n for n in names if "-v" in n], names
     assert sorted(n for n in names if n.startswith("step=")) == [f"step={N:09d}.ckpt", f"step={2 * N:09d}.ckpt"]
+
+
+def test_a_new_run_from_our_checkpoint_restarts_the_ema_count_and_a_resume_keeps_it(runs, caplog):
+    """model.params.ckpt_path=<step N full state>: the EMA weights are loaded, its num_updates (N) is reset and
+    logged, so the new run's checkpoints hold num_updates == global_step; resuming that run keeps its count."""
+    caplog.set_level(logging.INFO)
+    source = runs["a"] / "checkpoints" / f"step={N:09d}.ckpt"
+    logs = runs["root"] / "from_ckpt"
+    quick = ["lightning.callbacks.image_logger.params.disabled=true", "lightning.callbacks.kill=null",
+             "lightning.modelcheckpoint.params.every_n_train_steps=2", f"model.params.ckpt_path={source}"]
+    assert main.main(["--base", TINY, "--train", "-l", str(logs), "lightning.trainer.max_steps=2", *quick]) == 0
+    assert f"{source} carried num_updates={N}; reset to 0 for this new run" in caplog.text
+    run = only_dir(logs)
+    assert assert_ema_count_matches_step(run / "checkpoints" / "last.ckpt") == 2
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3"]) == 0
+    assert assert_ema_count_matches_step(run / "checkpoints" / "last.ckpt") == 3
