@@ -108,6 +108,36 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_moves_the_abandoned_att
     assert not (run / "run.lock").exists()  # released on the error
 
 
+
+def test_a_run_directory_in_use_by_a_live_process_is_one_line_and_exit_2(tmp_path, caplog):
+    """A second process holds run.lock (alive, same host): -r into that directory stops with one line and rc 2.
+    Once that process is dead, the stale lock is taken over (logged) and released at the end."""
+    import logging
+    import subprocess
+
+    import main
+
+    run = make_run(tmp_path)
+    torch.save(full_state(4), run / "checkpoints" / "last.ckpt")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ldm.runlock import RunLock; "
+                               "RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main.main(["-r", str(run), "--train"]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and f"in use by pid {holder.pid} on" in errors[0] and "--break-lock" in errors[0]
+        assert "\n" not in errors[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    caplog.clear()
+    d = resolve_run_dirs("t", str(tmp_path), None, "", [], str(run), owner=True)
+    assert f"process {holder.pid} is no longer running" in caplog.text and (run / "run.lock").is_file()
+    d.lock.release()
+    assert not (run / "run.lock").exists()
+
 def test_effective_lr_formula():
     assert effective_lr(1e-4, 8, 8, 32, 1, scale_lr=False)[0] == pytest.approx(1e-4)
     lr, text = effective_lr(1e-4, 8, 8, 32, 2, scale_lr=True)
