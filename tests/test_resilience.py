@@ -231,3 +231,39 @@ def test_grad_norm_guard_leaves_fp16_overflow_to_the_grad_scaler():
     for trainer in (plain, scaled):
         with pytest.raises(FloatingPointError, match="gradient norm 500 exceeds max_grad_norm=100"):
             guard.on_before_optimizer_step(trainer, module, opt)
+
+
+def test_keep_last_n_counts_the_files_on_disk_after_the_run_directory_moved(tmp_path, caplog):
+    """A run saved under one path, moved, then resumed: retention ranks the files in the new checkpoints/ and the
+    run's hpc_ckpt_* by recorded step (not Lightning's remembered paths), so the old step files are pruned too."""
+    caplog.set_level(logging.INFO)
+    common = ["lightning.callbacks.image_logger.params.disabled=true",
+              "lightning.modelcheckpoint.params.every_n_train_steps=2",
+              "lightning.modelcheckpoint.params.keep_last_n=2"]
+    assert main.main(["--base", TINY, "--train", "-l", str(tmp_path / "old"), "lightning.trainer.max_steps=4",
+                      *common]) == 0
+    moved = tmp_path / "new" / "run"
+    moved.parent.mkdir()
+    next((tmp_path / "old").iterdir()).rename(moved)
+    ckpts = moved / "checkpoints"
+    (moved / "hpc_ckpt_1.ckpt").write_bytes((ckpts / "step=000000002.ckpt").read_bytes())  # an old requeue save
+    assert main.main(["-r", str(moved), "--train", "lightning.trainer.max_steps=8", *common]) == 0
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=000000006.ckpt", "step=000000008.ckpt"]
+    assert not (moved / "hpc_ckpt_1.ckpt").exists()
+    assert f"removed {ckpts / 'step=000000004.ckpt'} (step 4)" in caplog.text
+
+
+def test_a_requeue_save_removes_the_older_hpc_checkpoints(tmp_path, caplog):
+    from ldm.callbacks import GracefulStop
+    from ldm.callbacks.resilience import remove_older_hpc
+
+    caplog.set_level(logging.INFO)
+    for n in (1, 2, 3):
+        torch.save({"global_step": n}, tmp_path / f"hpc_ckpt_{n}.ckpt")
+    stop = GracefulStop(str(tmp_path / "checkpoints" / "last.ckpt"), hpc_dir=str(tmp_path))
+    newest = tmp_path / "hpc_ckpt_3.ckpt"
+    assert stop.hpc_path(None) == tmp_path / "hpc_ckpt_4.ckpt"
+    assert sorted(remove_older_hpc(newest)) == [tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_3.ckpt"]
+    assert torch.load(newest, weights_only=True)["global_step"] == 3
+    assert f"removed {tmp_path / 'hpc_ckpt_1.ckpt'}: superseded by hpc_ckpt_3.ckpt" in caplog.text

@@ -35,9 +35,10 @@ class GracefulStop(pl.Callback):
       (after every ``setup`` hook), so :meth:`on_train_start` installs ours over it with ``signal.signal``; a
       SIGTERM that arrives in between is carried over. Lightning restores the previous handlers when fit ends.
     * Under SLURM (``SLURMEnvironment.detect()``), SIGUSR1 is the scheduler's "time is nearly up" signal
-      (``#SBATCH --signal=SIGUSR1@120``): the checkpoint is ``<hpc_dir>/hpc_ckpt_<n+1>.ckpt`` and rank 0 then runs
-      ``scontrol requeue <job>``. Lightning's own SLURM handler would save from inside the signal handler, i.e.
-      at any point of a step; installing ours first makes Lightning skip its handler.
+      (``#SBATCH --signal=SIGUSR1@120``): the checkpoint is ``<hpc_dir>/hpc_ckpt_<n+1>.ckpt``; rank 0 then removes
+      the older ``hpc_ckpt_*`` (:func:`remove_older_hpc`) and runs ``scontrol requeue <job>``. Lightning's own
+      SLURM handler would save from inside the signal handler, i.e. at any point of a step; installing ours first
+      makes Lightning skip its handler.
 
     A second signal changes nothing (the save is already due at the end of the step); SIGKILL stops at once.
 
@@ -114,6 +115,7 @@ class GracefulStop(pl.Callback):
             path = trainer.strategy.broadcast(str(self.hpc_path(trainer)))  # every rank names the same file
             self._save_and_stop(trainer, "SLURM requeue signal", path)
             if trainer.is_global_zero:
+                remove_older_hpc(Path(path))
                 requeue()
         else:
             self._save_and_stop(trainer, "stop requested by signal", self.ckpt_path)
@@ -127,6 +129,22 @@ class GracefulStop(pl.Callback):
             # micro-batch: no optimizer step has completed since the checkpoint this attempt started from.
             log.warning("SIGTERM before the first optimizer step of this attempt (step %d): nothing new to save",
                         trainer.global_step)
+
+
+def remove_older_hpc(newest: Path) -> list[Path]:
+    """Delete the ``hpc_ckpt_*.ckpt`` beside ``newest`` (just written, complete) that it supersedes.
+
+    Every requeue writes a new file (Lightning's naming, which ``-r`` and Lightning's SLURM resume both read), so
+    without this a job requeued every few hours accumulated one full training state per requeue. The newest one
+    is all a resume needs; the periodic ``step=<n>.ckpt`` files are the history.
+    """
+    removed = []
+    for old in newest.parent.glob("hpc_ckpt_*.ckpt"):
+        if old != newest and old.is_file():
+            old.unlink(missing_ok=True)
+            removed.append(old)
+            log.info("removed %s: superseded by %s", old, newest.name)
+    return removed
 
 
 def requeue() -> None:
