@@ -216,3 +216,20 @@ def record_saves(monkeypatch) -> list[tuple[str, int | None, int | None]]:
 
     monkeypatch.setattr(ldm.atomic, "atomic_torch_save", recording)
     return saves
+
+
+class RecordRunDir:
+    """Callback (config target ``tests.helpers.RecordRunDir``) writing, when training starts, the run directory
+    and checkpoint directory this rank uses to ``<out_dir>/rundir<global_rank>.txt``."""
+
+    def __new__(cls, out_dir: str):
+        import pytorch_lightning as pl
+
+        class _Recorder(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                setup = next(c for c in trainer.callbacks if type(c).__name__ == "SetupCallback")
+                path = Path(out_dir) / f"rundir{trainer.global_rank}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"{setup.logdir}\n{trainer.checkpoint_callback.dirpath}\n")
+
+        return _Recorder()
