@@ -92,6 +92,26 @@ def test_gpu_check_dry_run_prints_one_complete_table(monkeypatch, capsys):
     assert "Compiled sampling skipped" in final  # --budget-s 0
 
 
+@pytest.mark.slow
+def test_gpu_profile_dry_run_splits_the_step_and_compares_encoder_variants(monkeypatch, tmp_path, capsys):
+    import gpu_profile
+
+    monkeypatch.chdir(REPO)
+    assert gpu_profile.main(["--dry-run", "--batches", "2", "--rounds", "1", "--top", "5",
+                             "--out", str(tmp_path / "p.txt")]) == 0
+    text = (tmp_path / "p.txt").read_text()
+    phases = {r[0]: r for r in _rows(text) if r[0] not in ("phase (batch 8)", "sum", "batch")}
+    names = ["encoders (VAE x2 + text)", "UNet forward + loss", "backward", "AdamW (fused)", "EMA (foreach)"]
+    assert set(names) <= phases.keys()
+    ms = [float(phases[n][1]) for n in names]
+    assert all(m > 0 for m in ms) and abs(sum(int(phases[n][2].rstrip("%")) for n in names) - 100) <= 3
+    assert "Self CPU time total" in capsys.readouterr().out  # the profiler's table
+    assert gpu_profile.main(["--dry-run", "--encoders", "--rounds", "1"]) == 0
+    rows = {r[0]: r for r in _rows(capsys.readouterr().out)}
+    assert rows["as configured (NCHW, fp32 weights, autocast)"][2] == "1.00x"
+    assert float(rows["channels_last"][3]) < 0.1  # the same latents within bf16 noise
+
+
 # --------------------------------------------------------------------------------------- reference step
 def test_profile_split_sorts_operators_into_compute_and_the_rest():
     raw = {"step_ms": 30.0, "self_ms": {

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -52,9 +55,15 @@ def demo():
 
 @pytest.fixture(scope="module")
 def demo_out(demo, tmp_path_factory) -> Path:
+    """The demo run as `make demo` starts it: its own process from the repository root, with nothing on
+    PYTHONPATH (the installed package must provide `ldm` and `main`)."""
     out = tmp_path_factory.mktemp("demo")
-    status = demo.main(["--out", str(out), "--fast"])  # one torch thread, the demo's default
-    assert status == 0, f"demo exited with {status}; see {out / 'report.md'}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as f:  # one torch thread, the demo's default
+        status = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--fast"], cwd=REPO, env=env,
+                                stdout=f, stderr=subprocess.STDOUT).returncode
+    assert status == 0, f"demo exited with {status}; see {log} and {out / 'report.md'}:\n{log.read_text()[-3000:]}"
     return out
 
 
