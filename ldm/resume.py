@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.checkpoint import CheckpointError, load_checkpoint_file, orphan_temp_files, verify_file
+from ldm.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,30 @@ def pick(logdir: Path, verify: bool = True) -> tuple[Path, int]:
                               "in that directory; pass a checkpoint file instead")
     raise CheckpointError(f"--resume {logdir}: no checkpoint there can restore the run ({'; '.join(skipped)})")
 
+
+def resume_from(logdir: Path, path: Path, configs: Sequence[Path], stamp: str, owner: bool,
+                break_lock: bool) -> tuple[Path, int, RunLock | None]:
+    """The checkpoint (and its step) that ``-r <path>`` continues the run ``logdir`` from.
+
+    The owner (global rank 0 of a training launch) first takes the run lock (:mod:`ldm.runlock`; released again
+    if anything below fails), removes temp files of interrupted saves, verifies checksums and moves the abandoned
+    attempt's newer checkpoints aside (:func:`supersede`); other ranks only read, and restore rank 0's choice.
+    """
+    lock = RunLock(logdir, break_lock) if owner else None
+    try:
+        if owner:
+            remove_orphans(logdir)
+        if path.is_file():
+            ckpt, step = path, check_file(path, configs, verify=owner)
+        else:
+            ckpt, step = pick(logdir, verify=owner)
+        if owner:
+            supersede(logdir, ckpt, step, stamp)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return ckpt, step, lock
 
 def check_file(path: Path, configs: Sequence[Path], verify: bool = True) -> int:
     """The global step of the training checkpoint ``path``; a weights-only snapshot gets a how-to message."""

@@ -26,7 +26,7 @@ from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
 from ldm.callbacks.rundir import RESUMES
 from ldm.checkpoint import atomic_checkpoint_io
 from ldm.config_schema import PositiveFloat, PositiveInt, check_params, check_tree, check_value, suggest
-from ldm.resume import check_file, pick, remove_orphans, supersede
+from ldm.resume import resume_from
 from ldm.runlock import RunLock
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 
@@ -100,20 +100,7 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
             logdir = path
         configs, inherited = resume_configs(logdir / "configs")
         check_writable(logdir)
-        lock = RunLock(logdir, break_lock) if owner else None
-        try:
-            if owner:
-                remove_orphans(logdir)
-            if path.is_file():
-                ckpt, step = path, check_file(path, configs, verify=owner)
-            else:
-                ckpt, step = pick(logdir, verify=owner)
-            if owner:
-                supersede(logdir, ckpt, step, now)
-        except BaseException:
-            if lock is not None:
-                lock.release()
-            raise
+        ckpt, step, lock = resume_from(logdir, path, configs, now, owner, break_lock)
         log.info("resuming %s from %s (step %d)", logdir, ckpt, step)
         return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step, inherited,
                        lock)
