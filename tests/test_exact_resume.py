@@ -120,7 +120,7 @@ def test_every_checkpoint_of_the_straight_run_holds_step_ema_updates(runs):
     assert "optimizer_states" not in load(snapshots[0]) and "optimizer_states" in load(periodic[0])
 
 
-def test_resume_from_run_dir_is_exact_and_skips_broken_files(runs, caplog, capsys):
+def test_resume_from_run_dir_is_exact_and_skips_broken_files(runs, caplog, capsys, monkeypatch):
     """Also: the killed run's stale run.lock is taken over; a newer file with damaged tensor bytes is skipped (and
     moved aside, not overwritten); the step-N file the run resumed from is never written again, and no snapshot
     is written twice (accumulation 2: the first micro-batch after the resume is still at step N)."""
@@ -136,7 +136,11 @@ def test_resume_from_run_dir_is_exact_and_skips_broken_files(runs, caplog, capsy
     resumed_from = ckpts / f"step={N:09d}.ckpt"
     before = resumed_from.read_bytes()
     assert json.loads((run / "run.lock").read_text())["pid"] != os.getpid()  # left by the SIGKILLed process
+    saves = record_saves(monkeypatch)
     assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null"]) == 0
+    # each file once per step, at a step boundary, never step N again and never a "-v1" duplicate
+    assert len(saves) == len(set(saves)) and all(p == 2 * step for _, step, p in saves), saves
+    assert all(step > N for _, step, _ in saves) and not [p for p in run.rglob("*-v*.ckpt")], saves
     assert not orphan.exists() and f"removed {orphan}" in caplog.text
     assert f"skipping {broken}" in caplog.text and "empty (0 bytes)" in caplog.text
     assert f"skipping {damaged} (step {2 * N})" in caplog.text and "CRC-32" in caplog.text
