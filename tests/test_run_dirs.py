@@ -86,6 +86,9 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_moves_the_abandoned_att
     snap = run / "checkpoints" / "trainstep_checkpoints" / "epoch=000000-step=000000006.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 6}, snap)
     damage(last)
+    cut = run / "hpc_ckpt_1.ckpt"  # step 7, truncated inside its tensor data (a copy that stopped)
+    torch.save(full_state(7), cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     assert load_checkpoint_file(last, mmap=True)["global_step"] == 8  # the cheap probe cannot tell
     with pytest.raises(CheckpointError, match="CRC-32"):
         load_checkpoint_file(last)  # a full load verifies
@@ -94,6 +97,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_moves_the_abandoned_att
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"skipping {last} (step 8)" in w and "CRC-32" in w for w in warnings), warnings
     assert any("with a higher step: last.ckpt (step 8)" in w for w in warnings), warnings
+    assert any(f"skipping {cut}" in w for w in warnings), warnings
     d = resolve_run_dirs("2026-02-02T00-00-00", str(tmp_path), None, "", [], str(run), owner=True)
     assert (d.resume_ckpt, d.resume_step) == (four, 4) and (run / "run.lock").is_file()
     aside = run / "checkpoints" / "superseded" / "2026-02-02T00-00-00"
