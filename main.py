@@ -8,8 +8,9 @@ The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, t
 (e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run``, ``ldm.resume`` and
 ``ldm.callbacks``; the callback names are re-exported so ldm configs' ``main.ImageLogger`` & co. resolve.
 
-Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving), 2 bad input (config, checkpoint, full disk:
-one line), 3 too much bad data, 4 non-finite loss or exploded gradient norm (the step was not applied).
+Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 after saving at the end of the optimizer step), 2 bad input
+(config, checkpoint, full disk, a run directory in use by another job: one line), 3 too much bad data, 4 non-finite
+loss or exploded gradient norm (the step was not applied).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", "--logdir", default="logs", help="root directory of runs")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
                    help="scale base_learning_rate by accumulate * devices * nodes * batch size (default off)")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over the run directory's run.lock although its holder may be alive; only when you "
+                        "know that job is dead (its node crashed): two jobs on one run directory lose steps")
     return p
 
 
@@ -85,6 +89,7 @@ from ldm.data.stats import BadDataError  # noqa: E402
 from ldm.quiet import explain_eval_modules, silence_known_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
     DEFAULT_SEED,
+    RunDirs,
     build_trainer,
     check_overrides,
     check_sections,
@@ -95,6 +100,7 @@ from ldm.run import (  # noqa: E402
     resolve_run_dirs,
     resume_has_steps_left,
 )
+from ldm.runlock import RunLock, is_launch_rank_zero  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
 
 
@@ -112,8 +118,18 @@ def run(argv: list[str]) -> int:
         raise ConfigError(f"unknown argument(s) {bad}; overrides are written key.path=value (~key.path deletes)")
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot be used together (a resumed run keeps its name)")
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    dirs = resolve_run_dirs(now, opt.logdir, opt.name or None, opt.postfix, opt.base, opt.resume or None)
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")  # rank 0's is the run's (ldm.callbacks.rundir)
+    owner = bool(opt.train) and is_launch_rank_zero()  # locks, verifies and tidies the run directory
+    dirs = resolve_run_dirs(now, opt.logdir, opt.name or None, opt.postfix, opt.base, opt.resume or None,
+                            owner=owner, break_lock=opt.break_lock)
+    try:
+        return train(opt, unknown, dirs, now, owner)
+    finally:
+        if dirs.lock is not None:
+            dirs.lock.release()
+
+
+def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, owner: bool) -> int:
     cfg = load_config([*dirs.resume_configs, *opt.base], unknown)
     check_sections(cfg)
     check_overrides(cfg, unknown)
@@ -158,10 +174,12 @@ def run(argv: list[str]) -> int:
     log.info("run directory: %s", dirs.logdir)
     log.info("%s", formula)
     if opt.train:
+        if owner and dirs.lock is None:  # a new run: its directory is locked before anything is written there
+            dirs.lock = RunLock(dirs.logdir, opt.break_lock)
         ckpt = str(dirs.resume_ckpt) if dirs.resume_ckpt else None
         try:
             trainer.fit(model, datamodule=data, ckpt_path=ckpt)
-        except SIGTERMException:  # preempted: GracefulStop has saved last.ckpt
+        except SIGTERMException:  # a SIGTERM before GracefulStop took the signal over: nothing new to save
             log.warning("stopped by SIGTERM at step %d; resume with: python main.py -r %s", trainer.global_step,
                         dirs.logdir)
             return 0

@@ -23,6 +23,7 @@ save match :data:`TEMP_GLOB` and are removed when a run is resumed.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -63,6 +64,23 @@ def _unsafe_global(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def verify_file(path: str | Path) -> bool:
+    """Check a torch zip checkpoint's bytes against the CRC-32 of every record (:mod:`ldm.integrity`).
+
+    Returns False for formats without checksums (legacy torch files, safetensors).
+
+    Raises:
+        CheckpointError: the file is damaged; the message names the record.
+    """
+    from ldm.integrity import IntegrityError, verify_zip
+
+    try:
+        return verify_zip(path)
+    except IntegrityError as e:
+        raise CheckpointError(f"{e}. Its tensors would load with wrong values; use another checkpoint or copy "
+                              "this one again") from None
+
+
 def check_checkpoint_path(path: str | Path) -> Path:
     """``path`` if it is a file; else a :class:`CheckpointError` that says what the path is and what to pass.
 
@@ -86,19 +104,23 @@ def check_checkpoint_path(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint {path} is a directory; pass a .ckpt or .safetensors file")
 
 
-def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint_file(path: str | Path, mmap: bool = False, verify: bool | None = None) -> dict[str, Any]:
     """Read a checkpoint file into a dict without unpickling arbitrary objects.
 
     Args:
         path: ``.ckpt``/``.pt``/``.pth``/``.bin`` (torch zip or legacy format) or ``.safetensors``.
         mmap: map tensor storages lazily (torch zip files only); used to probe resume candidates cheaply.
+        verify: check every record's CRC-32 first (:func:`verify_file`; one extra read of the file, mostly from
+            the page cache the load then uses). Default: when not ``mmap``.
 
     Raises:
-        CheckpointError: missing, empty, truncated or foreign file, or one holding pickled Python objects.
+        CheckpointError: missing, empty, truncated, damaged or foreign file, or one holding pickled Python objects.
     """
     path = check_checkpoint_path(path)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or download? Replace it.")
+    if (not mmap if verify is None else verify) and path.suffix != ".safetensors":
+        verify_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -282,21 +304,47 @@ def orphan_temp_files(directories: Iterable[str | Path]) -> list[Path]:
 
 def atomic_checkpoint_io():
     """The Lightning ``CheckpointIO`` plugin of every run: atomic saves, and loads through
-    :func:`load_checkpoint_file`, so a ``-r`` resume never unpickles arbitrary objects either."""
+    :func:`load_checkpoint_file`, so a ``-r`` resume never unpickles arbitrary objects either.
+
+    It also remembers, on the rank that writes, which global step each file it wrote holds (``saved``), so that
+    callbacks can avoid writing the same state twice (:mod:`ldm.callbacks.checkpoints`). With several processes,
+    the file every rank restores is the one global rank 0 chose (broadcast when Lightning loads it): rank 0 alone
+    verified the candidates' checksums, and all ranks must start from the same state.
+    """
     from pytorch_lightning.plugins.io import TorchCheckpointIO
 
     from ldm.atomic import atomic_torch_save
 
     class AtomicCheckpointIO(TorchCheckpointIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.saved: dict[str, int | None] = {}
+
         def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
             if storage_options is not None:
                 raise TypeError("AtomicCheckpointIO does not take storage_options")
             atomic_torch_save(checkpoint, path)
+            self.saved[os.path.abspath(path)] = checkpoint.get("global_step")
 
         def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
             # map_location: tensors are always loaded on the CPU (Lightning's default); weights_only=False requests
-            # are refused by design: a resume needs tensors and plain containers only.
+            # are refused by design: a resume needs tensors and plain containers only. The choice of file was
+            # verified (checksums included) by ldm.resume on rank 0, so it is not read twice here.
             del map_location, weights_only
-            return load_checkpoint_file(path)
+            return load_checkpoint_file(rank_zero_choice(path), verify=False)
 
     return AtomicCheckpointIO()
+
+
+def rank_zero_choice(path: Any) -> Any:
+    """``path`` as global rank 0 has it (every rank calls this together while Lightning restores a checkpoint)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return path
+    chosen = [str(path)]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] != str(path):
+        log.warning("rank %d: restoring %s, the checkpoint rank 0 chose (this process had chosen %s)",
+                    dist.get_rank(), chosen[0], path)
+    return chosen[0]

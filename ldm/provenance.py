@@ -6,7 +6,9 @@ Lightning checkpoints, weights-only snapshots and exports carry:
   sampler never has to guess (a v model sampled as eps is silently wrong: about 35/255 off on average);
 * ``provenance``: a plain dict (loadable with ``weights_only=True``) with the parameterization, the latent scale
   factor in use, the resolved config (when the harness passed it), the package version and the git revision
-  of the code (``<sha>`` or ``<sha>-dirty``; None outside a git checkout). Safetensors store it as JSON text.
+  of the code (``<sha>`` or ``<sha>-dirty``; None outside a git checkout), and ``saved_at``, the Unix time of the
+  save (``-r`` orders checkpoints of the same step by it: it survives copies that reset file times). Safetensors
+  store it as JSON text.
 
 :func:`resolve_parameterization` is the one rule every loader follows: a config that states a parameterization
 must agree with the checkpoint's record (else :class:`~ldm.checkpoint.CheckpointError`); a config that does not
@@ -19,6 +21,7 @@ import functools
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -73,6 +76,7 @@ def record(parameterization: str, scale_factor: float | None, config: Mapping[st
         "config": dict(config) if config is not None else None,
         "package_version": package_version(),
         "git_revision": git_revision(),
+        "saved_at": time.time(),
     }
 
 

@@ -26,7 +26,8 @@ from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
 from ldm.callbacks.rundir import RESUMES
 from ldm.checkpoint import atomic_checkpoint_io
 from ldm.config_schema import PositiveFloat, PositiveInt, check_params, check_tree, check_value, suggest
-from ldm.resume import check_file, pick, remove_orphans
+from ldm.resume import resume_from
+from ldm.runlock import RunLock
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class RunDirs:
         resume_configs: the run's saved yaml files (a resume merges them first).
         resume_step: global step of ``resume_ckpt``.
         inherited: changes to the run's config made by earlier resumes and inherited by this one (for the log).
+        lock: the run-directory lock this process holds (global rank 0 of ``main.py``), else None.
     """
 
     logdir: Path
@@ -71,12 +73,22 @@ class RunDirs:
     resume_configs: list[Path]
     resume_step: int | None = None
     inherited: list[str] = field(default_factory=list)
+    lock: RunLock | None = None
 
 
 def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, base: list[str],
-                     resume: str | None) -> RunDirs:
-    """New run: ``<logroot>/<now>_<name or first config stem><postfix>``. Resume: a run dir (its newest checkpoint
-    that loads, see :mod:`ldm.resume`) or a checkpoint file."""
+                     resume: str | None, owner: bool = False, break_lock: bool = False) -> RunDirs:
+    """New run: ``<logroot>/<now>_<name or first config stem><postfix>``. Resume: a run dir (its checkpoint with the
+    highest step that loads, see :mod:`ldm.resume`) or a checkpoint file.
+
+    Args:
+        owner: this process owns the run directory (global rank 0 of a training launch). On resume it takes the
+            run lock (:mod:`ldm.runlock`) first, then verifies the resume checkpoint's checksums, removes temp files of
+            interrupted saves and moves the abandoned attempt's newer checkpoints aside. Other ranks only read.
+        break_lock: take over the run lock even when its holder may be alive (``--break-lock``).
+
+    A new run's directory is locked by ``main.py`` right before training starts (nothing exists before).
+    """
     if resume:
         path = Path(resume)
         if not path.exists():
@@ -88,13 +100,10 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
             logdir = path
         configs, inherited = resume_configs(logdir / "configs")
         check_writable(logdir)
-        remove_orphans(logdir)
-        if path.is_file():
-            ckpt, step = path, check_file(path, configs)
-        else:
-            ckpt, step = pick(logdir)
+        ckpt, step, lock = resume_from(logdir, path, configs, now, owner, break_lock)
         log.info("resuming %s from %s (step %d)", logdir, ckpt, step)
-        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step, inherited)
+        return RunDirs(logdir, logdir / "checkpoints", logdir / "configs", logdir.name, ckpt, configs, step, inherited,
+                       lock)
     stem = name or (Path(base[0]).stem if base else "run")
     nowname = f"{now}_{stem}{postfix}"
     logdir = Path(logroot) / nowname
@@ -434,15 +443,17 @@ def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: D
 def checkpoint_callbacks(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
     """Full-state checkpoints (resume) plus optional weights-only step snapshots (evaluation).
 
-    Both keep every file by default (``lightning.modelcheckpoint.params.keep_last_n`` / the snapshot callback's
-    ``params.keep_last_n`` keep only the newest n); ``last.ckpt`` is always kept, overwritten in place.
+    Both save at optimizer-step boundaries only and keep every file by default
+    (``lightning.modelcheckpoint.params.keep_last_n`` / the snapshot callback's ``params.keep_last_n`` keep only the
+    newest n on disk, :mod:`ldm.callbacks.checkpoints`); ``last.ckpt`` is always kept, overwritten in place, and
+    holds the final step when training ends.
     """
     params = {"dirpath": str(dirs.ckptdir), "filename": "{step:09}", "save_last": True, "save_top_k": -1,
               "enable_version_counter": False,  # last.ckpt is overwritten in place, also after a resume
               "verbose": True}
     user = OmegaConf.create(lightning_cfg.get("modelcheckpoint") or {})  # absent section: defaults only
     params.update(OmegaConf.to_container(user.get("params") or OmegaConf.create(), resolve=True))
-    callbacks = [full_state_checkpoint(**params)]
+    callbacks = [full_state_checkpoint(hpc_dir=str(dirs.logdir), **params)]
     extra = (lightning_cfg.get("callbacks") or {}).get("metrics_over_trainsteps_checkpoint")
     if extra is not None:
         snap = {"dirpath": str(dirs.ckptdir / "trainstep_checkpoints"), "filename": "{epoch:06}-{step:09}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,75 @@ class KillBeforeStep:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         return _Killer()
+
+
+class SignalAtBatch:
+    """Callback (config target ``tests.helpers.SignalAtBatch``) that sends a real signal to its own process at the
+    end of this process's ``batch``-th training micro-batch (1-based): with gradient accumulation, a signal that
+    lands inside an optimizer step, as most preemptions do."""
+
+    def __new__(cls, batch: int, signal_name: str = "SIGTERM"):
+        import os
+        import signal
+
+        import pytorch_lightning as pl
+
+        class _Sender(pl.Callback):
+            seen = 0
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
+                self.seen += 1
+                if self.seen == batch:
+                    os.kill(os.getpid(), getattr(signal, signal_name))
+
+        return _Sender()
+
+
+def damage(path, at: float = 0.5) -> None:
+    """Flip one byte inside the tensor data of a torch zip file: the zip directory and the pickle stay intact."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.compress_size)
+        with zf.open(info) as f:
+            head = f.read(16)
+    data = bytearray(path.read_bytes())
+    start = data.index(head, info.header_offset)
+    data[start + int(info.compress_size * at)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def record_saves(monkeypatch) -> list[tuple[str, int | None, int | None]]:
+    """Record every checkpoint this process writes through ``ldm.atomic.atomic_torch_save`` as ``(file name,
+    global step, processed micro-batches)``; the file is still written."""
+    import ldm.atomic
+
+    saves: list[tuple[str, int | None, int | None]] = []
+    real = ldm.atomic.atomic_torch_save
+
+    def recording(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and "global_step" in obj:
+            loops = obj.get("loops") or {}
+            progress = loops.get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("total", {})
+            saves.append((os.path.basename(str(path)), obj["global_step"], progress.get("processed")))
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ldm.atomic, "atomic_torch_save", recording)
+    return saves
+
+
+class RecordRunDir:
+    """Callback (config target ``tests.helpers.RecordRunDir``) writing, when training starts, the run directory
+    and checkpoint directory this rank uses to ``<out_dir>/rundir<global_rank>.txt``."""
+
+    def __new__(cls, out_dir: str):
+        import pytorch_lightning as pl
+
+        class _Recorder(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                setup = next(c for c in trainer.callbacks if type(c).__name__ == "SetupCallback")
+                path = Path(out_dir) / f"rundir{trainer.global_rank}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"{setup.logdir}\n{trainer.checkpoint_callback.dirpath}\n")
+
+        return _Recorder()

@@ -17,6 +17,7 @@ same CSV and TensorBoard version directory, with each step logged once, and its 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ import pytest
 import torch
 
 import main
+from tests.helpers import damage, record_saves
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
@@ -118,19 +120,42 @@ def test_every_checkpoint_of_the_straight_run_holds_step_ema_updates(runs):
     assert "optimizer_states" not in load(snapshots[0]) and "optimizer_states" in load(periodic[0])
 
 
-def test_resume_from_run_dir_is_exact_and_skips_broken_files(runs, caplog, capsys):
+def test_resume_from_run_dir_is_exact_and_skips_broken_files(runs, caplog, capsys, monkeypatch):
+    """Also: the killed run's stale run.lock is taken over; a newer file with damaged tensor bytes is skipped (and
+    moved aside, not overwritten); the step-N file the run resumed from is never written again, and no snapshot
+    is written twice (accumulation 2: the first micro-batch after the resume is still at step N)."""
     run = runs["dir"]
     ckpts = run / "checkpoints"
     broken = run / "hpc_ckpt_9.ckpt"
     broken.write_bytes(b"")  # newer than last.ckpt, and unreadable
+    damaged = run / "hpc_ckpt_3.ckpt"  # step 2N, complete, but one tensor byte flipped
+    shutil.copy(runs["a"] / "checkpoints" / f"step={2 * N:09d}.ckpt", damaged)
+    damage(damaged)
     orphan = ckpts / ".last.ckpt.a1b2c3d4.tmp"
     orphan.write_bytes(b"\0" * 1024)  # what a kill during a save leaves behind
+    resumed_from = ckpts / f"step={N:09d}.ckpt"
+    before = resumed_from.read_bytes()
+    assert json.loads((run / "run.lock").read_text())["pid"] != os.getpid()  # left by the SIGKILLed process
+    saves = record_saves(monkeypatch)
     assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null"]) == 0
+    # each file once per step, at a step boundary, never step N again and never a "-v1" duplicate
+    assert len(saves) == len(set(saves)) and all(p == 2 * step for _, step, p in saves), saves
+    assert all(step > N for _, step, _ in saves) and not [p for p in run.rglob("*-v*.ckpt")], saves
     assert not orphan.exists() and f"removed {orphan}" in caplog.text
     assert f"skipping {broken}" in caplog.text and "empty (0 bytes)" in caplog.text
+    assert f"skipping {damaged} (step {2 * N})" in caplog.text and "CRC-32" in caplog.text
+    assert not damaged.exists() and len(list((ckpts / "superseded").rglob(damaged.name))) == 1
+    assert "taking over the lock" in caplog.text and "is no longer running" in caplog.text
+    assert not (run / "run.lock").exists()  # released at the end
+    assert resumed_from.read_bytes() == before
     assert_same_training_state(runs["a"] / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
+    snaps = sorted(p.name for p in (ckpts / "trainstep_checkpoints").glob("*.ckpt"))
+    assert snaps == [f"epoch=000000-step={s:09d}.ckpt" for s in (2, 4, 6, 8)], snaps
     for path in [*ckpts.glob("*.ckpt"), *(ckpts / "trainstep_checkpoints").glob("*.ckpt")]:
         assert_ema_count_matches_step(path)
+        # a step boundary: every micro-batch of the saved steps processed, none of the next step
+        progress = load(path)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        assert progress == 2 * load(path)["global_step"], (path.name, progress)
     out = capsys.readouterr().out
     assert "train step: 100%" in out and f"{2 * N}/{2 * N}" in out and "/-2" not in out  # steps, not epochs
     # one CSV and one TensorBoard version directory; every step logged exactly once, in order
@@ -241,3 +266,43 @@ def test_lr_and_schedule_changed_on_resume_take_effect(runs):
     assert group["initial_lr"] == 5e-4 and group["lr"] == pytest.approx(5e-4 * f(2 * N), rel=1e-9)
     assert group["weight_decay"] == 0.02 and float(last["state_dict"]["model_ema.decay"]) == pytest.approx(0.99)
     assert logged[N - 1] == pytest.approx(1e-3 * (1e-6 + (1 - 1e-6) * (N - 1) / 10), rel=1e-6)  # before: old settings
+
+
+def test_sigterm_inside_an_accumulation_saves_at_the_step_end_and_resumes_exactly(runs, monkeypatch, caplog):
+    """SIGTERM after the first of the two micro-batches of step N+1: the step is finished, then saved and the run
+    stops; the resume gives the straight run's state. Every file is written once per step, at a step boundary, and
+    never as a Lightning "-v1" duplicate (also not by the first micro-batch after the resume)."""
+    caplog.set_level(logging.INFO)
+    logs = runs["root"] / "term"
+    saves = record_saves(monkeypatch)
+    assert main.main(["--base", TINY, "--train", "-s", SEED, "-l", str(logs), *COMMON,
+                      "lightning.callbacks.kill.target=tests.helpers.SignalAtBatch",
+                      f"lightning.callbacks.kill.params.batch={2 * N + 1}"]) == 0
+    run = only_dir(logs)
+    last = run / "checkpoints" / "last.ckpt"
+    assert assert_ema_count_matches_step(last) == N + 1
+    assert ("last.ckpt", N + 1, 2 * (N + 1)) in saves and saves.count(("last.ckpt", N + 1, 2 * (N + 1))) == 1
+    assert main.main(["-r", str(run), "--train", "lightning.callbacks.kill=null"]) == 0
+    assert f"from {last} (step {N + 1})" in caplog.text
+    assert_same_training_state(runs["a"] / "checkpoints" / "last.ckpt", last)
+    assert all(processed == 2 * step for _, step, processed in saves), saves
+    assert len(saves) == len(set(saves)), saves  # no file written twice for one step
+    names = [p.name for p in run.rglob("*.ckpt")]
+    assert not [n for n in names if "-v" in n], names
+    assert sorted(n for n in names if n.startswith("step=")) == [f"step={N:09d}.ckpt", f"step={2 * N:09d}.ckpt"]
+
+
+def test_a_new_run_from_our_checkpoint_restarts_the_ema_count_and_a_resume_keeps_it(runs, caplog):
+    """model.params.ckpt_path=<step N full state>: the EMA weights are loaded, its num_updates (N) is reset and
+    logged, so the new run's checkpoints hold num_updates == global_step; resuming that run keeps its count."""
+    caplog.set_level(logging.INFO)
+    source = runs["a"] / "checkpoints" / f"step={N:09d}.ckpt"
+    logs = runs["root"] / "from_ckpt"
+    quick = ["lightning.callbacks.image_logger.params.disabled=true", "lightning.callbacks.kill=null",
+             "lightning.modelcheckpoint.params.every_n_train_steps=2", f"model.params.ckpt_path={source}"]
+    assert main.main(["--base", TINY, "--train", "-l", str(logs), "lightning.trainer.max_steps=2", *quick]) == 0
+    assert f"{source} carried num_updates={N}; reset to 0 for this new run" in caplog.text
+    run = only_dir(logs)
+    assert assert_ema_count_matches_step(run / "checkpoints" / "last.ckpt") == 2
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3"]) == 0
+    assert assert_ema_count_matches_step(run / "checkpoints" / "last.ckpt") == 3

@@ -45,7 +45,8 @@ def write_config(tmp_path: Path) -> Path:
     return path
 
 
-def launch_two_nodes(tmp_path: Path, extra: list[str]) -> list[subprocess.CompletedProcess]:
+def launch_two_nodes(tmp_path: Path, extra: list[str], skew_node1: bool = False) -> list[subprocess.CompletedProcess]:
+    """Both nodes on this machine; ``skew_node1`` runs node 1 with its clock an hour ahead."""
     config = write_config(tmp_path)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -53,13 +54,16 @@ def launch_two_nodes(tmp_path: Path, extra: list[str]) -> list[subprocess.Comple
     for node_rank in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+               *(["tests/skewed_clock.py"] if skew_node1 and node_rank else []),
                "main.py", "--base", str(config), "--train", "-l", str(tmp_path / f"logs{node_rank}"),
                "-n", "multinode", "lightning.trainer.num_nodes=2", "lightning.trainer.devices=1",
                "lightning.trainer.max_steps=4", "lightning.trainer.log_every_n_steps=1",
                "lightning.modelcheckpoint.params.every_n_train_steps=2",
                "lightning.callbacks.image_logger.params.batch_frequency=2",
                "lightning.callbacks.record.target=tests.helpers.RecordKeys",
-               f"lightning.callbacks.record.params.out_dir={tmp_path / 'keys'}", *extra]
+               f"lightning.callbacks.record.params.out_dir={tmp_path / 'keys'}",
+               "lightning.callbacks.rundir.target=tests.helpers.RecordRunDir",
+               f"lightning.callbacks.rundir.params.out_dir={tmp_path / 'keys'}", *extra]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     results = []
@@ -70,7 +74,8 @@ def launch_two_nodes(tmp_path: Path, extra: list[str]) -> list[subprocess.Comple
 
 
 def test_two_nodes_train_read_different_data_and_only_rank0_writes(tmp_path):
-    results = launch_two_nodes(tmp_path, [])
+    """Node 1's clock is an hour ahead, so it names the run directory differently: it uses rank 0's name."""
+    results = launch_two_nodes(tmp_path, [], skew_node1=True)
     for r in results:
         assert r.returncode == 0, r.stdout[-4000:]
     keys0 = (tmp_path / "keys/rank0.txt").read_text().split()
@@ -79,6 +84,8 @@ def test_two_nodes_train_read_different_data_and_only_rank0_writes(tmp_path):
     # ranks read different shard streams (seeded by rank): the sample sequences differ
     assert keys0 != keys1 and all(k.count("/") == 0 for k in keys0)
     run0 = next((tmp_path / "logs0").iterdir())
+    seen = [(tmp_path / f"keys/rundir{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert seen[0] == seen[1] == [str(run0), str(run0 / "checkpoints")], seen
     ckpt = torch.load(run0 / "checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4
     assert list((run0 / "images/train").glob("*.png")) and list((run0 / "csv").rglob("metrics.csv"))

@@ -12,6 +12,7 @@ import torch
 import main
 from ldm.atomic import atomic_torch_save
 from ldm.callbacks import FiniteLossGuard
+from tests.helpers import record_saves
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
@@ -90,6 +91,21 @@ def test_keep_last_n_retention(tmp_path):
     snaps = sorted(p.name.split("step=")[1] for p in (ckpts / "trainstep_checkpoints").glob("*.ckpt"))
     assert snaps == ["000000004.ckpt", "000000006.ckpt", "000000008.ckpt"]
 
+
+
+def test_final_steps_are_saved_when_max_steps_is_not_a_multiple_of_the_interval(tmp_path, monkeypatch):
+    """max_steps=5, every 2 steps: last.ckpt holds step 5, written once (with accumulation 2, at the step end)."""
+    saves = record_saves(monkeypatch)
+    assert main.main(["--base", TINY, "--train", "-l", str(tmp_path), "lightning.trainer.max_steps=5",
+                      "lightning.trainer.accumulate_grad_batches=2",
+                      "lightning.callbacks.image_logger.params.disabled=true",
+                      "lightning.modelcheckpoint.params.every_n_train_steps=2"]) == 0
+    ckpts = next(tmp_path.iterdir()) / "checkpoints"
+    ck = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert ck["global_step"] == 5 and int(ck["state_dict"]["model_ema.num_updates"]) == 5
+    assert sorted(p.name for p in ckpts.glob("step=*.ckpt")) == ["step=000000002.ckpt", "step=000000004.ckpt"]
+    assert [s for s in saves if s[0] == "last.ckpt" and s[1] == 5] == [("last.ckpt", 5, 10)], saves
+    assert len(saves) == len(set(saves)), saves
 
 @pytest.fixture
 def small_disk(tmp_path, monkeypatch):
@@ -215,3 +231,39 @@ def test_grad_norm_guard_leaves_fp16_overflow_to_the_grad_scaler():
     for trainer in (plain, scaled):
         with pytest.raises(FloatingPointError, match="gradient norm 500 exceeds max_grad_norm=100"):
             guard.on_before_optimizer_step(trainer, module, opt)
+
+
+def test_keep_last_n_counts_the_files_on_disk_after_the_run_directory_moved(tmp_path, caplog):
+    """A run saved under one path, moved, then resumed: retention ranks the files in the new checkpoints/ and the
+    run's hpc_ckpt_* by recorded step (not Lightning's remembered paths), so the old step files are pruned too."""
+    caplog.set_level(logging.INFO)
+    common = ["lightning.callbacks.image_logger.params.disabled=true",
+              "lightning.modelcheckpoint.params.every_n_train_steps=2",
+              "lightning.modelcheckpoint.params.keep_last_n=2"]
+    assert main.main(["--base", TINY, "--train", "-l", str(tmp_path / "old"), "lightning.trainer.max_steps=4",
+                      *common]) == 0
+    moved = tmp_path / "new" / "run"
+    moved.parent.mkdir()
+    next((tmp_path / "old").iterdir()).rename(moved)
+    ckpts = moved / "checkpoints"
+    (moved / "hpc_ckpt_1.ckpt").write_bytes((ckpts / "step=000000002.ckpt").read_bytes())  # an old requeue save
+    assert main.main(["-r", str(moved), "--train", "lightning.trainer.max_steps=8", *common]) == 0
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step=000000006.ckpt", "step=000000008.ckpt"]
+    assert not (moved / "hpc_ckpt_1.ckpt").exists()
+    assert f"removed {ckpts / 'step=000000004.ckpt'} (step 4)" in caplog.text
+
+
+def test_a_requeue_save_removes_the_older_hpc_checkpoints(tmp_path, caplog):
+    from ldm.callbacks import GracefulStop
+    from ldm.callbacks.resilience import remove_older_hpc
+
+    caplog.set_level(logging.INFO)
+    for n in (1, 2, 3):
+        torch.save({"global_step": n}, tmp_path / f"hpc_ckpt_{n}.ckpt")
+    stop = GracefulStop(str(tmp_path / "checkpoints" / "last.ckpt"), hpc_dir=str(tmp_path))
+    newest = tmp_path / "hpc_ckpt_3.ckpt"
+    assert stop.hpc_path(None) == tmp_path / "hpc_ckpt_4.ckpt"
+    assert sorted(remove_older_hpc(newest)) == [tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpc_ckpt_3.ckpt"]
+    assert torch.load(newest, weights_only=True)["global_step"] == 3
+    assert f"removed {tmp_path / 'hpc_ckpt_1.ckpt'}: superseded by hpc_ckpt_3.ckpt" in caplog.text

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from ldm.callbacks.resilience import StepBoundary
+from ldm.callbacks.steps import StepBoundary
 from ldm.config_schema import PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,67 +16,75 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from ldm.callbacks.steps import StepBoundary, save_once
 from ldm.config_schema import NonNegativeInt, PositiveFloat
 
 log = logging.getLogger(__name__)
 
 
-class StepBoundary:
-    """Tells, at a training batch end, whether an optimizer step has just completed (``global_step`` moved).
-
-    With gradient accumulation, ``on_train_batch_end`` runs for every micro-batch, but only the last one of an
-    optimizer step changes ``global_step``. Every rank sees the same steps, so decisions taken at a boundary
-    (collectives included) line up across ranks. Owners call :meth:`start` from ``on_train_start``.
-    """
-
-    def __init__(self) -> None:
-        self.last = 0
-
-    def start(self, trainer: pl.Trainer) -> None:
-        self.last = trainer.global_step  # also right after a resume
-
-    def crossed(self, trainer: pl.Trainer) -> bool:
-        moved, self.last = trainer.global_step != self.last, trainer.global_step
-        return moved
-
-
 class GracefulStop(pl.Callback):
     """Preemption: save a checkpoint at an optimizer-step boundary, then stop cleanly; the next launch resumes.
 
-    * SIGTERM: Lightning's own handler (broadcast from rank 0, so every rank agrees) raises
-      ``SIGTERMException`` at the end of the current batch; :meth:`on_exception` saves ``last.ckpt`` then.
-    * SIGUSR1 (or ``signals``): a flag reduced across ranks at every optimizer-step boundary (one tiny
-      all-reduce), so all ranks save and stop at the same step. Outside SLURM the file is ``last.ckpt``.
+    * SIGTERM, SIGUSR1 (and ``signals``) set a flag; at every optimizer-step boundary the flag is reduced across
+      ranks (one tiny all-reduce, so a signal that reached any rank stops all of them at the same step), and then
+      the checkpoint is written and the run stops. Outside SLURM the file is ``last.ckpt``.
+    * SIGTERM is taken over from Lightning, whose handler raises ``SIGTERMException`` at the end of the current
+      *micro-batch*: with gradient accumulation a checkpoint written then holds a loop position inside an
+      accumulation while its weights, optimizer and EMA are those of the previous step, and the resumed run is
+      shifted by the micro-batches already seen. Lightning registers its handler right before training starts
+      (after every ``setup`` hook), so :meth:`on_train_start` installs ours over it with ``signal.signal``; a
+      SIGTERM that arrives in between is carried over. Lightning restores the previous handlers when fit ends.
     * Under SLURM (``SLURMEnvironment.detect()``), SIGUSR1 is the scheduler's "time is nearly up" signal
-      (``#SBATCH --signal=SIGUSR1@120``): the checkpoint is ``<hpc_dir>/hpc_ckpt_<n+1>.ckpt`` and rank 0 then runs
-      ``scontrol requeue <job>``. Lightning's own SLURM handler would save from inside the signal handler, i.e.
-      at any point of a step (weights, optimizer, EMA and step counter can then disagree); installing ours first
-      makes Lightning skip its handler, and the save waits for the step boundary.
+      (``#SBATCH --signal=SIGUSR1@120``): the checkpoint is ``<hpc_dir>/hpc_ckpt_<n+1>.ckpt``; rank 0 then removes
+      the older ``hpc_ckpt_*`` (:func:`remove_older_hpc`) and runs ``scontrol requeue <job>``. Lightning's own
+      SLURM handler would save from inside the signal handler, i.e. at any point of a step; installing ours first
+      makes Lightning skip its handler.
+
+    A second signal changes nothing (the save is already due at the end of the step); SIGKILL stops at once.
 
     Args:
         ckpt_path: where SIGTERM/SIGUSR1 saves go (``<ckptdir>/last.ckpt``).
         hpc_dir: where SLURM requeue checkpoints go (the run directory, where ``-r`` looks for them).
-        signals: signals that request "save and stop" (default SIGUSR1).
+        signals: signals besides SIGTERM that request "save and stop" (default SIGUSR1).
     """
 
     def __init__(self, ckpt_path: str, hpc_dir: str | None = None, signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
         super().__init__()
-        self.ckpt_path, self.hpc_dir, self.signals = ckpt_path, hpc_dir, tuple(signals)
+        self.ckpt_path, self.hpc_dir = ckpt_path, hpc_dir
+        self.signals = tuple(dict.fromkeys(("SIGTERM", *signals)))
         self.requested = False
         self.stopped_at: int | None = None
         self.boundary = StepBoundary()
+        self.previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         log.warning("received %s: will save a checkpoint and stop at the end of this optimizer step",
                     signal.Signals(signum).name)
         self.requested = True
 
+    def _install(self, names: tuple[str, ...]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("GracefulStop: not in the main thread; %s keep their handlers", ", ".join(names))
+            return
+        for name in names:
+            signum = getattr(signal, name)
+            self.previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._handler)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name in self.signals:
-            signal.signal(getattr(signal, name), self._handler)
+        self._install(self.signals)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.boundary.start(trainer)
+        if trainer.received_sigterm:  # arrived while Lightning's handler was installed
+            self.requested = True
+        self._install(("SIGTERM",))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous.clear()
 
     @staticmethod
     def on_slurm() -> bool:
@@ -91,7 +100,7 @@ class GracefulStop(pl.Callback):
         return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
     def _save_and_stop(self, trainer: pl.Trainer, why: str, path: str | Path) -> None:
-        trainer.save_checkpoint(str(path))
+        save_once(trainer, path)
         self.stopped_at = trainer.global_step
         log.warning("%s: saved %s at step %d. Resume with: python main.py -r %s", why, path, trainer.global_step,
                     Path(self.ckpt_path).parent.parent)
@@ -106,6 +115,7 @@ class GracefulStop(pl.Callback):
             path = trainer.strategy.broadcast(str(self.hpc_path(trainer)))  # every rank names the same file
             self._save_and_stop(trainer, "SLURM requeue signal", path)
             if trainer.is_global_zero:
+                remove_older_hpc(Path(path))
                 requeue()
         else:
             self._save_and_stop(trainer, "stop requested by signal", self.ckpt_path)
@@ -115,7 +125,26 @@ class GracefulStop(pl.Callback):
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, SIGTERMException) and self.stopped_at is None:
-            self._save_and_stop(trainer, "SIGTERM", self.ckpt_path)
+            # Lightning's handler caught a SIGTERM before on_train_start replaced it, and stopped after the first
+            # micro-batch: no optimizer step has completed since the checkpoint this attempt started from.
+            log.warning("SIGTERM before the first optimizer step of this attempt (step %d): nothing new to save",
+                        trainer.global_step)
+
+
+def remove_older_hpc(newest: Path) -> list[Path]:
+    """Delete the ``hpc_ckpt_*.ckpt`` beside ``newest`` (just written, complete) that it supersedes.
+
+    Every requeue writes a new file (Lightning's naming, which ``-r`` and Lightning's SLURM resume both read), so
+    without this a job requeued every few hours accumulated one full training state per requeue. The newest one
+    is all a resume needs; the periodic ``step=<n>.ckpt`` files are the history.
+    """
+    removed = []
+    for old in newest.parent.glob("hpc_ckpt_*.ckpt"):
+        if old != newest and old.is_file():
+            old.unlink(missing_ok=True)
+            removed.append(old)
+            log.info("removed %s: superseded by %s", old, newest.name)
+    return removed
 
 
 def requeue() -> None:

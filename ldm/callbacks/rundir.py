@@ -1,4 +1,10 @@
-"""The run directory: created and filled with the resolved configs when training starts (rank 0).
+"""The run directory: one name for all ranks; created and filled with the resolved configs when training starts.
+
+Every process of a launch names the run directory from its own clock before any process group exists. Processes
+started separately (torchrun on each node, ``srun``) can disagree by a second or more, and a rank whose clock is
+skewed names another directory. Rank 0's name is the run's: once the process group is up, :class:`SetupCallback`
+broadcasts it, and on a rank that named it differently every callback path under its own name is moved under rank
+0's (only rank 0 writes, but no rank may hold a path of a directory that does not exist).
 
 A new run saves ``configs/<time>-project.yaml`` and ``configs/<time>-lightning.yaml``: the run's config. A resume
 leaves them untouched and records its own resolved config, command line and changes under ``configs/resumes/``
@@ -53,6 +59,20 @@ class SetupCallback(pl.Callback):
         self.config, self.lightning_config = config, lightning_config
         self.resume_record = resume_record
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        now, logdir = trainer.strategy.broadcast((self.now, str(self.logdir)), src=0)
+        if logdir == str(self.logdir):
+            return
+        log.info("rank %d: the run directory is %s (rank 0's name; this process had named it %s)",
+                 trainer.global_rank, logdir, self.logdir)
+        old = str(self.logdir)
+        for callback in trainer.callbacks:
+            for key, value in vars(callback).items():
+                moved = _moved(value, old, logdir)
+                if moved is not value:
+                    setattr(callback, key, moved)
+        self.now = now
+
     @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for d in (self.logdir, self.ckptdir, self.cfgdir):
@@ -67,3 +87,14 @@ class SetupCallback(pl.Callback):
         if self.resume_record is not None and folder != self.cfgdir:
             _save_yaml(OmegaConf.create(self.resume_record), folder / f"{self.now}-overrides.yaml")
         log.info("resolved configs saved to %s", folder)
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """A path (str or Path) under ``old`` moved under ``new``; anything else unchanged (the same object)."""
+    if not isinstance(value, (str, Path)):
+        return value
+    text = str(value)
+    if text != old and not text.startswith(old.rstrip(os.sep) + os.sep):
+        return value
+    moved = new + text[len(old):]
+    return Path(moved) if isinstance(value, Path) else moved

@@ -97,8 +97,16 @@ class CheckpointMixin:
                 log.info("EMA initialised from the loaded model weights (%s)",
                          "reset_ema" if reset_ema else "checkpoint has no EMA")
                 self.copy_weights_to_ema()
-            if reset_num_ema_updates:
+            carried = int(self.model_ema.num_updates)
+            if reset_num_ema_updates and carried:
+                # a new run's EMA counts its own updates (num_updates == global_step, D3), so its decay warm-up
+                # starts again; a -r resume restores the run's own count from its training checkpoint afterwards
                 self.model_ema.reset_num_updates()
+                log.info("EMA: %s carried num_updates=%d; reset to 0 for this new run (its decay warm-up restarts; "
+                         "model.params.reset_num_ema_updates=false continues the count)", path, carried)
+            elif carried:
+                log.info("EMA: continuing the num_updates=%d of %s (model.params.reset_num_ema_updates=false): this "
+                         "run's checkpoint of step N holds %d + N EMA updates", carried, path, carried)
         return missing, unexpected
 
     @torch.no_grad()

@@ -90,7 +90,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         load_only_unet: load only ``model.diffusion_model.*`` (and EMA) tensors from ``ckpt_path``; the VAE and
             text encoder then come from their own configs (their prefixes are allowed to be missing).
         reset_ema: after loading, copy the model weights into the EMA even if the checkpoint had EMA weights.
-        reset_num_ema_updates: after loading, restart the EMA warm-up counter.
+        reset_num_ema_updates: restart the loaded EMA's update count and warm-up (default); false carries it.
         first_stage_key: batch key of the image (B,H,W,3 in [-1,1]); "jpg" for LAION shards.
         cond_stage_key: batch key of the conditioning (captions: "txt").
         cond_stage_trainable: train the text encoder too (SD: False).
@@ -151,7 +151,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         allow_missing_prefixes: Sequence[str] = (),
         load_only_unet: bool = False,
         reset_ema: bool = False,
-        reset_num_ema_updates: bool = False,
+        reset_num_ema_updates: bool = True,
         first_stage_key: str = "image",
         cond_stage_key: str = "image",
         cond_stage_trainable: bool = False,

@@ -1,0 +1,22 @@
+"""Run a script (``sys.argv[1]``) with this process's wall clock one hour ahead: a node whose clock is skewed.
+
+tests/test_multinode.py gives it to torchrun as one node's training script; only ``datetime.datetime.now`` moves.
+"""
+
+import datetime
+import runpy
+import sys
+
+_real = datetime.datetime
+
+
+class _Skewed(_real):
+    @classmethod
+    def now(cls, tz=None):
+        return _real.fromtimestamp(_real.now(tz).timestamp() + 3600, tz)
+
+
+if __name__ == "__main__":
+    datetime.datetime = _Skewed
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
