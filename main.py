@@ -89,17 +89,14 @@ from ldm.data.stats import BadDataError  # noqa: E402
 from ldm.quiet import explain_eval_modules, silence_known_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
     DEFAULT_SEED,
-    RunDirs,
     build_trainer,
     check_overrides,
     check_sections,
-    config_changes,
     count_devices,
     effective_lr,
     preflight,
-    resolve_run_dirs,
-    resume_has_steps_left,
 )
+from ldm.run_dirs import RunDirs, config_changes, resolve_run_dirs, resume_has_steps_left  # noqa: E402
 from ldm.runlock import RunLock, is_launch_rank_zero  # noqa: E402
 from ldm.util import ConfigError, instantiate_from_config, load_config  # noqa: E402
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.run import check_overrides, check_sections, count_devices, effective_lr, resolve_run_dirs
+from ldm.run import check_overrides, check_sections, count_devices, effective_lr
+from ldm.run_dirs import resolve_run_dirs
 from ldm.util import ConfigError
 from tests.helpers import REPO, damage
 

@@ -8,7 +8,7 @@ broadcasts it, and on a rank that named it differently every callback path under
 
 A new run saves ``configs/<time>-project.yaml`` and ``configs/<time>-lightning.yaml``: the run's config. A resume
 leaves them untouched and records its own resolved config, command line and changes under ``configs/resumes/``
-(:func:`ldm.run.resume_configs` says how later resumes use them).
+(:func:`ldm.run_dirs.resume_configs` says how later resumes use them).
 """
 
 from __future__ import annotations
