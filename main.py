@@ -141,6 +141,10 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
         record = {"command_line": {"base": list(opt.base), "overrides": list(unknown)}, "changes": changes}
     if cfg.get("model") is None:
         raise ConfigError("no 'model' section: pass a config with --base")
+    if not opt.train and opt.no_test:  # ldm's main.py would at least test; ours skips the test by default
+        what = f"continue the run {dirs.logdir}" if dirs.resume_ckpt is not None else "train"
+        raise ConfigError(f"nothing to do: without --train no step is trained (and the test is skipped by default); "
+                          f"add --train to {what}, or --no-test false to only run trainer.test")
     if opt.train and cfg.get("data") is None:
         raise ConfigError("--train needs a 'data' section (a data module target, e.g. "
                           "ldm.data.laion.WebDataModuleFromConfig); see configs/tiny/inpaint_shards.yaml")
@@ -177,7 +181,7 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
         try:
             trainer.fit(model, datamodule=data, ckpt_path=ckpt)
         except SIGTERMException:  # a SIGTERM before GracefulStop took the signal over: nothing new to save
-            log.warning("stopped by SIGTERM at step %d; resume with: python main.py -r %s", trainer.global_step,
+            log.warning("stopped by SIGTERM at step %d; resume with: python main.py -r %s --train", trainer.global_step,
                         dirs.logdir)
             return 0
     if not opt.no_test and not trainer.interrupted:

@@ -11,6 +11,7 @@ model, and a wrong path costs the user one line (``ValueError``) instead of a tr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,12 +25,17 @@ __all__ = ["EXPORT_SUFFIXES", "export_file", "export_folder", "output_folder", "
 
 def output_folder(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as a folder to write into (created later by the writer); ``ValueError`` when it, or a folder on
-    the way to it, is an existing file."""
+    the way to it, is an existing file, or when the nearest existing folder cannot be written (read-only file
+    system, permissions): said here, before a model is loaded, not as a traceback at the first image."""
     path = Path(path)
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             where = "" if part == path else f" ({part} is a file)"
             raise ValueError(f"{flag} {path} is not a folder{where}; pass a folder (it is created if missing)")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):  # access() reports EROFS even as root
+        raise ValueError(f"{flag} {path}: {existing} cannot be written (read-only file system or no permission); "
+                         "choose another folder")
     return path
 
 

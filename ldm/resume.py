@@ -142,8 +142,10 @@ def pick(logdir: Path, verify: bool = True) -> tuple[Path, int]:
                 continue
         if skipped:
             log.warning("resume: using %s (step %d) after skipping %d file(s)%s", cand.path, cand.step, len(skipped),
-                        f"; with a higher step: {', '.join(higher)}" if higher else "")
-        others = ", ".join(f"{c.path.name} (step {c.step})" for c in ranked if c is not cand)
+                        f"; damaged, ranked above it: {', '.join(higher)}" if higher else "")
+        bad = set(higher)
+        others = ", ".join(f"{c.path.name} (step {c.step})" for c in ranked
+                           if c is not cand and f"{c.path.name} (step {c.step})" not in bad)
         log.info("resume: chose %s: step %d, the highest global step recorded in the run's checkpoints (file times "
                  "are not used)%s", cand.path, cand.step, f"; the others: {others}" if others else "")
         return cand.path, cand.step

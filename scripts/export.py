@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ldm.defaults import PRECISION_NAMES
 
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             export_file(args.out, args.ckpt, args.overwrite)
         if args.diffusers:
             export_folder(args.diffusers, args.ckpt, args.overwrite)
+        if args.out and args.diffusers and Path(args.diffusers).resolve() in Path(args.out).resolve().parents:
+            raise ValueError(f"--out {args.out} lies inside --diffusers {args.diffusers}, which is written (and "
+                             "replaced) as a whole folder: the file would be lost. Put --out outside that folder")
         cfg = load_config([args.config])
         loaded = load_model(cfg, args.ckpt, use_ema=args.ema, device="cpu")
         sd = loaded.model.state_dict()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 import main
 from ldm.atomic import DiskFullError, WriteError, atomic_directory, atomic_safetensors_save, atomic_torch_save
@@ -125,6 +126,14 @@ def read_only(tmp_path, monkeypatch):
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):  # what access(2) says of a read-only file system
+        if mode & os.W_OK and str(path).startswith(str(ro)):
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
     yield ro
 
 
@@ -185,6 +194,26 @@ def test_read_only_run_directory_is_one_line_at_start_up(read_only, caplog):
     assert main.main(["--base", TINY, "--train", "-l", str(read_only / "logs")]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith(f"cannot write to {read_only} (") and "pass -l DIR" in errors[0]
+
+
+def test_sampling_or_exporting_into_a_read_only_folder_is_one_line_before_loading(read_only, caplog, monkeypatch):
+    from tests.helpers import load_script
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    image, mask, ckpt = read_only.parent / "a.png", read_only.parent / "m.png", read_only.parent / "w.ckpt"
+    Image.new("RGB", (32, 32)).save(image)
+    Image.new("L", (32, 32), 255).save(mask)
+    torch.save({"state_dict": {}}, ckpt)
+    sample = ["--image", str(image), "--mask", str(mask), "--prompt", "", "--out", str(read_only / "out")]
+    for name, extra in [("inpaint", sample), ("export", ["--out", str(read_only / "sub" / "x.safetensors")])]:
+        script = load_script(name)
+        monkeypatch.setattr(script, "load_model", no_loading)
+        caplog.clear()
+        assert script.main(["--config", TINY, "--ckpt", str(ckpt), *extra]) == 2, name
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "cannot be written (read-only file system or no permission)" in errors[0], errors
 
 
 @pytest.mark.skipif(not CAN_MOUNT and os.geteuid() == 0, reason="root without mount rights writes anywhere")

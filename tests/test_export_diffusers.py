@@ -244,6 +244,8 @@ def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_pat
         (["--diffusers", str(folder)], "--overwrite"),
         (["--diffusers", str(other), "--overwrite"], "is not a diffusers pipeline"),
         (["--out", str(tmp_path / "x.ckpt"), "--ckpt", str(tmp_path)], "is a directory"),
+        (["--out", str(folder / "inner.safetensors"), "--diffusers", str(folder), "--overwrite"],
+         "lies inside --diffusers"),
     ]
     for extra, expected in cases:
         ckpt = [] if "--ckpt" in extra else ["--ckpt", str(source)]

@@ -137,3 +137,12 @@ def test_resume_below_or_at_max_steps_says_so(run, caplog):
     assert not (run / "configs/resumes").exists()
 
 
+
+
+def test_resume_without_train_is_refused_in_one_line_and_touches_nothing(run, caplog):
+    """`-r run` alone would train nothing and exit 0: the resume command a user copies must not be a no-op."""
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main.main(["-r", str(run), "lightning.trainer.max_steps=3"]) == 2
+    (line,) = errors(caplog)
+    assert line.startswith("nothing to do: without --train") and f"add --train to continue the run {run}" in line
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no lock, no resume record left

@@ -97,7 +97,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_moves_the_abandoned_att
     assert pick(run) == (four, 4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"skipping {last} (step 8)" in w and "CRC-32" in w for w in warnings), warnings
-    assert any("with a higher step: last.ckpt (step 8)" in w for w in warnings), warnings
+    assert any("damaged, ranked above it: last.ckpt (step 8)" in w for w in warnings), warnings
     assert any(f"skipping {cut}" in w for w in warnings), warnings
     d = resolve_run_dirs("2026-02-02T00-00-00", str(tmp_path), None, "", [], str(run), owner=True)
     assert (d.resume_ckpt, d.resume_step) == (four, 4) and (run / "run.lock").is_file()

@@ -102,8 +102,8 @@ class GracefulStop(pl.Callback):
     def _save_and_stop(self, trainer: pl.Trainer, why: str, path: str | Path) -> None:
         save_once(trainer, path)
         self.stopped_at = trainer.global_step
-        log.warning("%s: saved %s at step %d. Resume with: python main.py -r %s", why, path, trainer.global_step,
-                    Path(self.ckpt_path).parent.parent)
+        log.warning("%s: saved %s at step %d. Resume with: python main.py -r %s --train", why, path,
+                    trainer.global_step, Path(self.ckpt_path).parent.parent)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
