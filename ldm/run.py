@@ -261,7 +261,7 @@ def default_callbacks(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: D
         "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": setup},
         "image_logger": {"target": "ldm.callbacks.ImageLogger", "params": {
             "batch_frequency": 750, "max_images": 4, "clamp": True, "logdir": str(dirs.logdir)}},
-        "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+        "learning_rate_logger": {"target": "ldm.callbacks.StepLearningRateMonitor",
                                  "params": {"logging_interval": "step"}},
         "cuda_callback": {"target": "ldm.callbacks.CUDACallback"},
         "throughput": {"target": "ldm.callbacks.ThroughputMonitor",

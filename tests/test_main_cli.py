@@ -47,6 +47,15 @@ def test_train_writes_checkpoint_images_metrics_and_resumes(tmp_path):
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 30
 
 
+def test_learning_rate_is_logged_once_per_optimizer_step_with_accumulation(tmp_path):
+    assert main.main(["--base", TINY, "--train", "-l", str(tmp_path), "lightning.trainer.max_steps=4",
+                      "lightning.trainer.accumulate_grad_batches=3", "lightning.trainer.log_every_n_steps=1",
+                      "lightning.callbacks.image_logger.params.disabled=true"]) == 0
+    rows = list(csv.DictReader(open(next((run_dir(tmp_path) / "csv").rglob("metrics.csv")))))
+    lr_steps = [int(r["step"]) for r in rows if r.get("lr-AdamW")]
+    assert lr_steps == [0, 1, 2, 3]  # one row per optimizer step, not one per micro-batch
+
+
 def _state(path: Path):
     ck = torch.load(path, weights_only=True)
     return ck["global_step"], ck["state_dict"], ck["optimizer_states"][0]["state"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, TQDMProgressBar
 
 from ldm.callbacks.steps import StepBoundary
 from ldm.config_schema import PositiveFloat, PositiveInt
@@ -161,3 +161,23 @@ class StepProgressBar(TQDMProgressBar):
         if step % self.refresh_rate == 0 or step == bar.total:
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # also redraws the bar
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` with one row per optimizer step.
+
+    Lightning's logs at the start of every training batch whose step is due for logging; with gradient
+    accumulation the step counter stands still for ``accumulate_grad_batches`` batches, so each step's learning
+    rate was written that many times. The rate only changes at an optimizer step, so the first batch of a step
+    logs it and the others are skipped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logged_step = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step == self._logged_step:
+            return
+        self._logged_step = trainer.global_step
+        super().on_train_batch_start(trainer, *args, **kwargs)
