@@ -19,6 +19,7 @@ import argparse
 import datetime
 import logging
 import sys
+from pathlib import Path
 
 log = logging.getLogger("main")
 
@@ -117,8 +118,14 @@ def run(argv: list[str]) -> int:
         raise ConfigError("-n/--name and -r/--resume cannot be used together (a resumed run keeps its name)")
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")  # rank 0's is the run's (ldm.callbacks.rundir)
     owner = bool(opt.train) and is_launch_rank_zero()  # locks, verifies and tidies the run directory
+
+    def check_config(configs: list[Path]) -> None:  # a resume's config, checked before its checkpoints are read
+        cfg = load_config([*configs, *opt.base], unknown)
+        check_sections(cfg)
+        check_overrides(cfg, unknown)
+
     dirs = resolve_run_dirs(now, opt.logdir, opt.name or None, opt.postfix, opt.base, opt.resume or None,
-                            owner=owner, break_lock=opt.break_lock)
+                            owner=owner, break_lock=opt.break_lock, check_config=check_config)
     try:
         return train(opt, unknown, dirs, now, owner)
     finally:

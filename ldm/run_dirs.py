@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,8 @@ class RunDirs:
 
 
 def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, base: list[str],
-                     resume: str | None, owner: bool = False, break_lock: bool = False) -> RunDirs:
+                     resume: str | None, owner: bool = False, break_lock: bool = False,
+                     check_config: Callable[[list[Path]], None] | None = None) -> RunDirs:
     """New run: ``<logroot>/<now>_<name or first config stem><postfix>``. Resume: a run dir (its checkpoint with the
     highest step that loads, see :mod:`ldm.resume`) or a checkpoint file.
 
@@ -62,6 +63,8 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
             run lock (:mod:`ldm.runlock`) first, then verifies the resume checkpoint's checksums, removes temp files of
             interrupted saves and moves the abandoned attempt's newer checkpoints aside. Other ranks only read.
         break_lock: take over the run lock even when its holder may be alive (``--break-lock``).
+        check_config: called with a resume's config files before the run is locked and its checkpoints are read
+            and verified (minutes for full-size checkpoints), so a mistyped override is said at once.
 
     A new run's directory is locked by ``main.py`` right before training starts (nothing exists before).
     """
@@ -75,6 +78,8 @@ def resolve_run_dirs(now: str, logroot: str, name: str | None, postfix: str, bas
         else:
             logdir = path
         configs, inherited = resume_configs(logdir / "configs")
+        if check_config is not None:
+            check_config(configs)
         check_writable(logdir)
         ckpt, step, lock = resume_from(logdir, path, configs, now, owner, break_lock)
         log.info("resuming %s from %s (step %d)", logdir, ckpt, step)

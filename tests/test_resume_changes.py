@@ -146,3 +146,17 @@ def test_resume_without_train_is_refused_in_one_line_and_touches_nothing(run, ca
     (line,) = errors(caplog)
     assert line.startswith("nothing to do: without --train") and f"add --train to continue the run {run}" in line
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # no lock, no resume record left
+
+
+def test_a_mistyped_override_on_resume_is_said_before_the_checkpoints_are_read(run, caplog, monkeypatch):
+    """Choosing and verifying full-size checkpoints takes minutes; a typo must not wait for it."""
+    import ldm.run_dirs
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the checkpoints were read before the overrides were checked")
+
+    monkeypatch.setattr(ldm.run_dirs, "resume_from", no_reading)
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_stpes=3"]) == 2
+    (line,) = errors(caplog)
+    assert "max_stpes" in line and "did you mean 'max_steps'" in line
+    assert not (run / "run.lock").exists()

@@ -123,6 +123,7 @@ def test_a_run_directory_in_use_by_a_live_process_is_one_line_and_exit_2(tmp_pat
     import main
 
     run = make_run(tmp_path)
+    (run / "configs" / "a-project.yaml").write_text((REPO / "configs/tiny/inpaint.yaml").read_text())  # checked first
     torch.save(full_state(4), run / "checkpoints" / "last.ckpt")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from ldm.runlock import RunLock; "
