@@ -87,7 +87,7 @@ from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
 )
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
-from ldm.quiet import explain_eval_modules, silence_known_noise  # noqa: E402
+from ldm.quiet import explain_eval_modules, silence_known_noise, silence_resume_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
     DEFAULT_SEED,
     build_trainer,
@@ -126,6 +126,8 @@ def run(argv: list[str]) -> int:
 
     dirs = resolve_run_dirs(now, opt.logdir, opt.name or None, opt.postfix, opt.base, opt.resume or None,
                             owner=owner, break_lock=opt.break_lock, check_config=check_config)
+    if dirs.resume_ckpt is not None:
+        silence_resume_noise()
     try:
         return train(opt, unknown, dirs, now, owner)
     finally:

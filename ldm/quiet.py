@@ -9,6 +9,10 @@
   stay in eval mode on purpose (their ``train()`` is disabled, as in ldm). :func:`explain_eval_modules` logs
   which modules these are, once, so the fact is still visible.
 
+On a resume, :func:`silence_resume_noise` also removes Lightning's "Checkpoint directory ... exists and is not
+empty" (twice per resume): a resumed run writes into its own checkpoint directory by design, and ``ldm.resume``
+has already logged what it found there.
+
 Each filter matches one exact message; every other warning still shows.
 """
 
@@ -19,7 +23,7 @@ import warnings
 
 import torch
 
-__all__ = ["explain_eval_modules", "silence_known_noise"]
+__all__ = ["explain_eval_modules", "silence_known_noise", "silence_resume_noise"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,11 @@ def silence_known_noise() -> None:
     tip_logger = logging.getLogger(_TIP_LOGGER)
     if not any(isinstance(f, _DropLitLoggerTip) for f in tip_logger.filters):
         tip_logger.addFilter(_DropLitLoggerTip())
+
+
+def silence_resume_noise() -> None:
+    """The resume-only filter described in the module docstring."""
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.", category=Warning)
 
 
 def explain_eval_modules(model: torch.nn.Module) -> list[str]:

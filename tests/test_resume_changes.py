@@ -160,3 +160,12 @@ def test_a_mistyped_override_on_resume_is_said_before_the_checkpoints_are_read(r
     (line,) = errors(caplog)
     assert "max_stpes" in line and "did you mean 'max_steps'" in line
     assert not (run / "run.lock").exists()
+
+
+def test_a_resume_does_not_repeat_lightnings_checkpoint_directory_warning(run):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3", *QUIET]) == 0
+    assert not [w for w in seen if "exists and is not empty" in str(w.message)]

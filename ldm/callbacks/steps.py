@@ -48,5 +48,5 @@ def save_once(trainer: pl.Trainer, path: str | Path) -> bool:
     calls this together (the save is collective)."""
     if holds_step(trainer, path):
         return False
-    trainer.save_checkpoint(str(path))
+    trainer.save_checkpoint(str(path), weights_only=False)  # the full state, said (Lightning logs a default)
     return True
