@@ -115,6 +115,9 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+#: keys that live beside ``target``/``params`` (``model.base_learning_rate``), often written inside ``params``
+PARENT_KEYS = ("base_learning_rate",)
+
 #: ldm configs name the training callbacks ``main.<Name>`` (they lived in ldm's ``main.py``); here they live in
 #: this package, and ``main.py`` only re-exports them
 LDM_MAIN_MODULE = "main"
@@ -403,6 +406,9 @@ def check_params(obj: Any, params: Mapping[str, Any], where: str, complete: bool
     name = getattr(obj, "__qualname__", str(obj))
     for key, value in params.items():
         if key not in accepted:
+            if where.endswith(".params") and key in PARENT_KEYS:  # a key of the node itself, written one level down
+                raise _at(f"{where}.{key}: unknown key for '{name}'; {key} belongs beside target/params: write "
+                          f"{where[: -len('.params')]}.{key}")
             raise _at(f"{where}.{key}: unknown key for '{name}'{suggest(key, accepted)}. "
                       f"Valid keys: {', '.join(accepted)}")
         expected = check_value(value, accepted[key].annotation)

@@ -33,6 +33,9 @@ def _check(*overrides: str, base: Path = TINY) -> None:
      "model.params.unet_config.params.model_channels: expected int >= 1, got 'abc'"),
     ("model.base_learning_rate=fast", "model.base_learning_rate: expected float > 0, got 'fast'"),
     ("model.base_learing_rate=1e30", "model.base_learing_rate: unknown key (did you mean 'base_learning_rate'?)"),
+    ("model.params.base_learning_rate=1e-4", "model.params.base_learning_rate: unknown key for "
+                                             "'LatentInpaintDiffusion'; base_learning_rate belongs beside "
+                                             "target/params: write model.base_learning_rate"),
     ("data.params.mask_mode=large", "data.params.mask_mode: expected one of '256train', '256narrow', '512train'"),
     ("model.params.parameterizaton=v", "model.params.parameterizaton: unknown key for 'LatentInpaintDiffusion' "
                                        "(did you mean 'parameterization'?)"),
