@@ -66,8 +66,9 @@ def build(args: argparse.Namespace, device: torch.device) -> Any:
 
 def one_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], bf16: bool,
              device: torch.device) -> dict[str, float]:
-    """A training step, timed per phase (seconds)."""
+    """A training step, timed per phase between device synchronisations (seconds); also used by gpu_profile.py."""
     times: dict[str, float] = {}
+    recompute = any(getattr(m, "use_checkpoint", False) for m in model.model.diffusion_model.modules())
 
     def mark(name: str, t0: float) -> float:
         common.synchronize(device)
@@ -75,6 +76,7 @@ def one_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], bf16
         times[name] = now - t0
         return now
 
+    common.synchronize(device)  # work queued before the step is not counted in its first phase
     t = time.perf_counter()
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         b = model.apply_ucg(batch)
@@ -83,7 +85,7 @@ def one_step(model: Any, opt: torch.optim.Optimizer, batch: dict[str, Any], bf16
         loss, _ = model(z, cond)
         t = mark("UNet forward + v-loss", t)
     loss.backward()
-    t = mark("backward (with recompute)", t)
+    t = mark("backward (with recompute)" if recompute else "backward", t)
     opt.step()
     opt.zero_grad(set_to_none=True)
     t = mark("AdamW (fused)", t)

@@ -22,9 +22,9 @@ import argparse
 import logging
 import sys
 import time
-from collections import defaultdict
 
 import common
+import full_step
 import torch
 import train_step
 from gpu_check import Model
@@ -33,35 +33,9 @@ log = logging.getLogger("bench_gpu_profile")
 
 
 def phases(m: Model, batch: dict, device: torch.device, rounds: int) -> dict[str, float]:
-    """Median seconds of each phase of the step, over ``rounds`` steps after one warm-up."""
-    model, opt = m.model, m.opt
-    times: dict[str, list[float]] = defaultdict(list)
-
-    def mark(name: str, t0: float) -> float:
-        common.synchronize(device)
-        t = time.perf_counter()
-        times[name].append(t - t0)
-        return t
-
-    for i in range(rounds + 1):
-        common.synchronize(device)
-        t = time.perf_counter()
-        with torch.autocast(device.type, torch.bfloat16):
-            b = model.apply_ucg(batch)
-            z, cond = model.get_input(b, model.first_stage_key)
-            t = mark("encoders (VAE x2 + text)", t)
-            loss, _ = model(z, cond)
-            t = mark("UNet forward + loss", t)
-        loss.backward()
-        t = mark("backward", t)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t = mark("AdamW (fused)", t)
-        model.model_ema(model.model)
-        mark("EMA (foreach)", t)
-        if i == 0:
-            times.clear()
-    return {k: common.median(v) for k, v in times.items()}
+    """Median seconds of each phase of the step (``full_step.one_step``), over ``rounds`` steps after one warm-up."""
+    runs = [full_step.one_step(m.model, m.opt, batch, True, device) for _ in range(rounds + 1)][1:]
+    return {k: common.median([r[k] for r in runs]) for k in runs[0] if k != "step"}
 
 
 def encoder_variants(m: Model, device: torch.device, resolution: int, n: int, rounds: int,

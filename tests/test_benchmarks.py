@@ -101,7 +101,7 @@ def test_gpu_profile_dry_run_splits_the_step_and_compares_encoder_variants(monke
                              "--out", str(tmp_path / "p.txt")]) == 0
     text = (tmp_path / "p.txt").read_text()
     phases = {r[0]: r for r in _rows(text) if r[0] not in ("phase (batch 8)", "sum", "batch")}
-    names = ["encoders (VAE x2 + text)", "UNet forward + loss", "backward", "AdamW (fused)", "EMA (foreach)"]
+    names = ["encode (2 x VAE, text)", "UNet forward + v-loss", "backward", "AdamW (fused)", "EMA"]
     assert set(names) <= phases.keys()
     ms = [float(phases[n][1]) for n in names]
     assert all(m > 0 for m in ms) and abs(sum(int(phases[n][2].rstrip("%")) for n in names) - 100) <= 3
