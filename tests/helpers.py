@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +238,71 @@ class RecordRunDir:
                 path.write_text(f"{setup.logdir}\n{trainer.checkpoint_callback.dirpath}\n")
 
         return _Recorder()
+
+
+#: root with ``mount`` can put a real tmpfs under a test's folder (the kernel's own ENOSPC / EROFS)
+CAN_MOUNT = os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+def mount_tmpfs(target: Path, options: str) -> bool:
+    """Mount a tmpfs with ``options`` on ``target``; False where this process may not mount."""
+    if not CAN_MOUNT:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                          capture_output=True).returncode == 0
+
+
+def limited_disk(disk: Path, capacity: int, monkeypatch) -> Iterator[Path]:
+    """Body of a fixture: ``disk``, a new folder on a file system that holds ``capacity`` bytes.
+
+    Where this process may mount (root), it is a real tmpfs and the kernel returns ENOSPC. Elsewhere the fault is
+    injected at the lowest level Python reaches: the file objects torch writes through (``os.fdopen``, also inside
+    ``ldm.atomic``) and the bytes safetensors would write raise ENOSPC once the folder's files would exceed
+    ``capacity``, with the error text safetensors' Rust writer gives (``... (os error 28)``).
+    """
+    disk.mkdir()
+    if mount_tmpfs(disk, f"size={capacity}"):
+        yield disk
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+        return
+    import safetensors.torch
+
+    def used() -> int:
+        return sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
+
+    class Full(io.RawIOBase):
+        def __init__(self, fd):
+            self.f = real_fdopen(fd, "wb", buffering=0)
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if used() + len(b) > capacity:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    real_fdopen, real_save_file = os.fdopen, safetensors.torch.save_file
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        inside = os.readlink(f"/proc/self/fd/{fd}").startswith(str(disk))
+        return io.BufferedWriter(Full(fd)) if inside else real_fdopen(fd, mode, *args, **kwargs)
+
+    def save_file(tensors, filename, metadata=None):
+        if not str(filename).startswith(str(disk)):
+            return real_save_file(tensors, filename, metadata=metadata)
+        data = safetensors.torch.save(tensors, metadata=metadata)
+        if used() + len(data) > capacity:
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+        Path(filename).write_bytes(data)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    yield disk

@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import time
@@ -20,75 +19,16 @@ from PIL import Image
 
 import main
 from ldm.atomic import DiskFullError, WriteError, atomic_directory, atomic_safetensors_save, atomic_torch_save
-from tests.helpers import REPO, build_tiny, tiny_config
+from tests.helpers import CAN_MOUNT, REPO, build_tiny, limited_disk, mount_tmpfs, tiny_config
 
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
-CAN_MOUNT = os.geteuid() == 0 and shutil.which("mount") is not None
-
-
-def _mount(target: Path, options: str) -> bool:
-    if not CAN_MOUNT:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
-                          capture_output=True).returncode == 0
 
 
 @pytest.fixture
 def full_disk(tmp_path, monkeypatch):
-    """A folder on a file system that holds 8 MiB: the tiny diffusers export's configs and UNet fit, its VAE does
-    not; every single-file export of the tiny model (17 MB) is too large.
-
-    Where this process may mount (root), it is a real tmpfs and the kernel returns ENOSPC. Elsewhere the fault is
-    injected at the lowest level Python reaches: the file objects torch writes through (``os.fdopen``) and the
-    bytes safetensors would write raise ENOSPC once the folder's files would exceed 8 MiB, with the error text
-    safetensors' Rust writer gives (``... (os error 28)``).
-    """
-    disk, capacity = tmp_path / "disk", 8 * 2**20
-    disk.mkdir()
-    if _mount(disk, f"size={capacity}"):
-        yield disk
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-        return
-    import io
-
-    import safetensors.torch
-
-    def used() -> int:
-        return sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
-
-    class Full(io.RawIOBase):
-        def __init__(self, fd):
-            self.f = real_fdopen(fd, "wb", buffering=0)
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            if used() + len(b) > capacity:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(b)
-
-        def close(self):
-            self.f.close()
-            super().close()
-
-    real_fdopen, real_save_file = os.fdopen, safetensors.torch.save_file
-
-    def fdopen(fd, mode="r", *args, **kwargs):
-        inside = os.readlink(f"/proc/self/fd/{fd}").startswith(str(disk))
-        return io.BufferedWriter(Full(fd)) if inside else real_fdopen(fd, mode, *args, **kwargs)
-
-    def save_file(tensors, filename, metadata=None):
-        if not str(filename).startswith(str(disk)):
-            return real_save_file(tensors, filename, metadata=metadata)
-        data = safetensors.torch.save(tensors, metadata=metadata)
-        if used() + len(data) > capacity:
-            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
-        Path(filename).write_bytes(data)
-
-    monkeypatch.setattr(os, "fdopen", fdopen)
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    yield disk
+    """A folder on a file system that holds 8 MiB (``tests.helpers.limited_disk``): the tiny diffusers export's
+    configs and UNet fit, its VAE does not; every single-file export of the tiny model (17 MB) is too large."""
+    yield from limited_disk(tmp_path / "disk", 8 * 2**20, monkeypatch)
 
 
 @pytest.fixture
@@ -101,7 +41,7 @@ def read_only(tmp_path, monkeypatch):
     """
     ro = tmp_path / "ro"
     ro.mkdir()
-    mounted = _mount(ro, "size=1m")
+    mounted = mount_tmpfs(ro, "size=1m")
     for sub in ("run/checkpoints", "run/csv/version_0"):
         (ro / sub).mkdir(parents=True)
     if mounted:

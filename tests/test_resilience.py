@@ -12,7 +12,7 @@ import torch
 import main
 from ldm.atomic import atomic_torch_save
 from ldm.callbacks import FiniteLossGuard
-from tests.helpers import record_saves
+from tests.helpers import limited_disk, record_saves
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny/inpaint.yaml")
@@ -109,56 +109,9 @@ def test_final_steps_are_saved_when_max_steps_is_not_a_multiple_of_the_interval(
 
 @pytest.fixture
 def small_disk(tmp_path, monkeypatch):
-    """A directory on a file system that holds 48 MiB (the tiny model's full checkpoint is ~35 MB).
-
-    Where this process may mount (root), it is a real tmpfs and the kernel returns ENOSPC. Elsewhere the fault is
-    injected at the lowest level a checkpoint write reaches from Python: the raw file object of
-    ``ldm.atomic.atomic_torch_save`` raises ``OSError(ENOSPC)`` once the directory's files would exceed 48 MiB.
-    """
-    import errno
-    import io
-    import os
-    import shutil
-    import subprocess
-
-    disk, capacity = tmp_path / "disk", 48 * 2**20
-    disk.mkdir()
-    if os.geteuid() == 0 and shutil.which("mount"):
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={capacity}", "tmpfs", str(disk)],
-                                 capture_output=True).returncode == 0
-        if mounted:
-            yield disk
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-            return
-
-    real_fdopen = os.fdopen
-
-    class Full(io.RawIOBase):
-        def __init__(self, fd):
-            self.f = real_fdopen(fd, "wb", buffering=0)
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            used = sum(p.stat().st_size for p in disk.rglob("*") if p.is_file())
-            if used + len(b) > capacity:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(b)
-
-        def fileno(self):
-            return self.f.fileno()
-
-        def close(self):
-            self.f.close()
-            super().close()
-
-    def fdopen(fd, mode="r", *args, **kwargs):
-        return io.BufferedWriter(Full(fd)) if str(Path(os.readlink(f"/proc/self/fd/{fd}"))).startswith(str(disk)) \
-            else real_fdopen(fd, mode, *args, **kwargs)
-
-    monkeypatch.setattr("ldm.atomic.os.fdopen", fdopen)
-    yield disk
+    """A directory on a file system that holds 48 MiB (the tiny model's full checkpoint is ~35 MB), from
+    ``tests.helpers.limited_disk``: a real tmpfs where this process may mount, else ENOSPC injected."""
+    yield from limited_disk(tmp_path / "disk", 48 * 2**20, monkeypatch)
 
 
 def test_full_disk_is_one_line_naming_the_directory(small_disk, caplog):
