@@ -240,6 +240,19 @@ class RecordRunDir:
         return _Recorder()
 
 
+class FixedBatches(torch.utils.data.Dataset):
+    """The same single batch, ``n`` times, already collated (DataLoader(batch_size=None))."""
+
+    def __init__(self, batch, n):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.batch
+
+
 #: root with ``mount`` can put a real tmpfs under a test's folder (the kernel's own ENOSPC / EROFS)
 CAN_MOUNT = os.geteuid() == 0 and shutil.which("mount") is not None
 

@@ -11,12 +11,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ldm.fixed_batch import FixedBatchLoss, _stratified_timesteps, folder_batch
 from ldm.image_io import save_png
 from ldm.quiet import explain_eval_modules, silence_known_noise
-from tests.helpers import build_tiny
+from tests.helpers import FixedBatches, build_tiny
 
 
 def _write_folder(folder, n=2, size=64, seed=0):
@@ -69,15 +69,6 @@ def test_autoencoder_loss_is_the_l1_of_the_posterior_mode(tmp_path):
     assert FixedBatchLoss({"a": str(tmp_path)}).loss(model, batch) == pytest.approx(expected, rel=1e-6)
 
 
-class _Repeat(Dataset):
-    def __init__(self, batch, n):
-        self.batch, self.n = batch, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.batch
 
 
 def test_logged_at_step_0_every_period_and_at_the_end_and_shows_learning(tmp_path):
@@ -94,7 +85,7 @@ def test_logged_at_step_0_every_period_and_at_the_end_and_shows_learning(tmp_pat
     trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
                          num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
-    trainer.fit(model, DataLoader(_Repeat(batch, 12), batch_size=None))
+    trainer.fit(model, DataLoader(FixedBatches(batch, 12), batch_size=None))
     assert [s for s, _, _ in probe.history] == [0, 5, 10, 12]
     # step 0 is measured after the first forward pass, so it already uses the scale scale_by_std estimated there
     assert scales[0] == float(model.scale_factor) != 0.18215

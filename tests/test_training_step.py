@@ -5,22 +5,9 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from tests.helpers import build_tiny, synthetic_batch
-
-
-class FixedBatches(Dataset):
-    """The same single batch, ``n`` times, already collated (DataLoader(batch_size=None))."""
-
-    def __init__(self, batch, n):
-        self.batch, self.n = batch, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.batch
+from tests.helpers import FixedBatches, build_tiny, synthetic_batch
 
 
 def _trainer(max_steps, accumulate=1, tmp_path=None):
