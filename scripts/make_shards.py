@@ -10,7 +10,9 @@ under a ``.partial`` name and renamed when complete.
 
 Bad inputs are skipped and counted by reason, with the training pipeline's counter names (``ldm.data.stats``):
 ``corrupt_image`` (does not decode), ``missing_image`` (a table row's file is absent), ``missing_caption`` (no
-caption .txt, or an empty caption), ``bad_caption`` (a caption .txt that is not UTF-8; re-save it as UTF-8).
+caption .txt, or an empty caption), ``bad_caption`` (a caption .txt that is not UTF-8; re-save it as UTF-8),
+``extreme_aspect`` (a strip that, scaled to ``--size``, would exceed a JPEG's 65535 px per side; ``too_large``
+with ``--resize-mode no``).
 Each skip is logged with its file and a summary follows; the exit code is 2 only if nothing was written, or at
 the first bad input with ``--strict`` (which then leaves no shards behind). Images are read by the project's
 image rule (``ldm.data.rgb``: EXIF orientation applied, any mode to 8-bit RGB).
@@ -24,8 +26,8 @@ image rule (``ldm.data.rgb``: EXIF orientation applied, any mode to 8-bit RGB).
 
 Caption tables: a csv/jsonl of records, a json list of records, or a json object ``{file: caption}`` /
 ``{file: {caption: ..., <columns>}}``. The image column is ``--image-col`` (default: the first of file_name,
-file, image, path, filename) relative to ``--images``; the caption column is ``--caption-col`` (default: the
-first of caption, text, TEXT).
+file, image, path, filename) relative to ``--images`` (or absolute); the caption column is ``--caption-col``
+(default: the first of caption, text, TEXT).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ from demo_data import DEMO_MANIFEST, demo_records, load_manifest  # noqa: E402 -
 from tqdm import tqdm  # noqa: E402
 
 from ldm.data.rgb import open_rgb  # noqa: E402
-from ldm.data.shard_writer import PARTIAL_SUFFIX, Record, brace_pattern, write_shards  # noqa: E402
+from ldm.data.shard_writer import PARTIAL_SUFFIX, Record, brace_pattern, check_storable, write_shards  # noqa: E402
 
 log = logging.getLogger("make_shards")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -222,14 +224,22 @@ def folder_items(images: Path, captions: Path | None, image_col: str | None, cap
     return items
 
 
-def folder_records(items: list[tuple[Path, str, dict[str, Any]]], root: Path, skips: Skips) -> Iterator[Record]:
+def folder_records(items: list[tuple[Path, str, dict[str, Any]]], root: Path, skips: Skips,
+                   size: int | None = None, resize_mode: str = "keep_ratio") -> Iterator[Record]:
     for path, caption, meta in items:
         try:
             image = open_rgb(path)  # the project's one image rule: EXIF orientation, any mode -> 8-bit RGB
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
             skips.skip("corrupt_image", path, f"{type(e).__name__}: {e}")
             continue
-        yield Record(image=image, caption=caption, url=str(path.relative_to(root)), meta=meta)
+        try:  # a strip scaled to --size can outgrow what a JPEG holds: skipped here, not a crash in the writer
+            check_storable(image.width, image.height, size, resize_mode)
+        except ValueError as e:
+            skips.skip("too_large" if resize_mode == "no" else "extreme_aspect", path, str(e))
+            continue
+        # a caption table may name files outside --images (absolute paths, ../): their url is the path as given
+        url = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        yield Record(image=image, caption=caption, url=url, meta=meta)
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -280,7 +290,7 @@ def write_split(args: argparse.Namespace, name: str, chosen: list[Any], skips: S
     if args.demo:
         records, total = demo_records(chosen, args.repeat, args.augment, args.seed), len(chosen) * args.repeat
     else:
-        records, total = folder_records(chosen, args.images, skips), len(chosen)
+        records, total = folder_records(chosen, args.images, skips, args.size, args.resize_mode), len(chosen)
     out = args.out / name if name else args.out
     counted = Counted(records)
     paths = write_shards(tqdm(counted, total=total, desc=f"shards {name or 'all'}", unit="img"), out,

@@ -230,3 +230,27 @@ def test_cli_entry_point_and_round_trip_through_the_data_module(tmp_path):
     # the SD2 filters keep exactly the five photos whose short side is >= 512 (DECISIONS R11)
     assert names == ["astronaut", "grace_hopper", "hubble_deep_field", "immunohistochemistry", "retina"]
     assert dm.data_stats("validation")["too_small"] == 5
+
+
+def test_table_paths_outside_the_folder_and_jpeg_sized_strips_are_handled(tmp_path, caplog):
+    """A caption table may name absolute paths; a strip too long for a JPEG at --size is a named skip, not a crash."""
+    d = _folder(tmp_path, n=1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(np.full((30, 50, 3), 90, np.uint8)).save(elsewhere / "far.png")
+    Image.new("RGB", (3000, 10), (1, 2, 3)).save(d / "strip.png")  # 153600 x 512 at the default --size
+    table = tmp_path / "t.csv"
+    table.write_text(f"file_name,caption\nimg0.png,near\n{elsewhere / 'far.png'},far\nstrip.png,a strip\n")
+    assert make_shards.main(["--images", str(d), "--captions", str(table), "--out", str(tmp_path / "o")]) == 0
+    metas = sorted((json.loads(s["json"]) for s in _members(tmp_path / "o" / "00000.tar").values()),
+                   key=lambda m: m["caption"])
+    assert [(m["caption"], m["url"], m["width"], m["height"]) for m in metas] == [
+        ("far", str(elsewhere / "far.png"), 853, 512), ("near", "img0.png", 768, 512)]
+    assert (f"skipped {d / 'strip.png'}: extreme_aspect: a 3000x10 image would be stored at 153600x512, beyond "
+            "the JPEG limit of 65535 px per side; crop it, or use --resize-mode center_crop") in caplog.text
+    assert "1 input(s) skipped: 1 extreme_aspect" in caplog.text
+    # the same strip fits once the writer crops it to a square
+    caplog.clear()
+    assert make_shards.main(["--images", str(d), "--captions", str(table), "--out", str(tmp_path / "c"),
+                             "--resize-mode", "center_crop", "--size", "32"]) == 0
+    assert len(_members(tmp_path / "c" / "00000.tar")) == 3 and "skipped" not in caplog.text

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 ResizeMode = Literal["keep_ratio", "center_crop", "no"]
 #: suffix of a shard (or stats) file while it is being written
 PARTIAL_SUFFIX = ".partial"
+#: the largest width or height a JPEG can hold (16-bit fields in its frame header)
+JPEG_MAX_SIDE = 65_535
 
 
 @dataclass
@@ -54,21 +56,39 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def resized_size(width: int, height: int, size: int | None, mode: ResizeMode) -> tuple[int, int]:
+    """(width, height) that :func:`resize_image` scales a ``width x height`` image to, before any centre crop."""
+    if mode not in ("keep_ratio", "center_crop", "no"):
+        raise ValueError(f"unknown resize mode '{mode}'; use keep_ratio, center_crop or no")
+    if size is None or mode == "no":
+        return width, height
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def check_storable(width: int, height: int, size: int | None, mode: ResizeMode) -> None:
+    """Raise ``ValueError`` when a ``width x height`` image would be stored wider or taller than a JPEG can be.
+
+    Checked before resizing: a 3000 x 10 strip scaled to a 512 px short side would need a 153600 x 512 buffer,
+    and then fail in the JPEG encoder anyway.
+    """
+    stored = resized_size(width, height, size, mode)
+    if mode == "center_crop" and size is not None:
+        stored = (size, size)
+    if max(stored) > JPEG_MAX_SIDE:
+        raise ValueError(f"a {width}x{height} image would be stored at {stored[0]}x{stored[1]}, beyond the JPEG "
+                         f"limit of {JPEG_MAX_SIDE} px per side; crop it, or use --resize-mode center_crop")
+
+
 def resize_image(img: Image.Image, size: int | None, mode: ResizeMode) -> Image.Image:
     """Resize like img2dataset's ``resize_mode`` (LANCZOS; antialiased when shrinking), after the project's decode
     rule (``ldm.data.rgb.to_rgb8``: any mode to 8-bit RGB, alpha composited on white)."""
+    new = resized_size(img.width, img.height, size, mode)  # validates ``mode`` before any work
     img = to_rgb8(img)
-    if size is None or mode == "no":
-        return img
-    w, h = img.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    img = img.resize(new, Image.Resampling.LANCZOS) if new != (w, h) else img
-    if mode == "center_crop":
+    img = img.resize(new, Image.Resampling.LANCZOS) if new != img.size else img
+    if mode == "center_crop" and size is not None:
         left, top = (img.width - size) // 2, (img.height - size) // 2
         img = img.crop((left, top, left + size, top + size))
-    elif mode != "keep_ratio":
-        raise ValueError(f"unknown resize mode '{mode}'; use keep_ratio, center_crop or no")
     return img
 
 
@@ -116,6 +136,7 @@ def write_shards(
         with _atomic(path) as partial, TarWriter(str(partial)) as sink:
             for row, rec in enumerate(chunk):
                 key = f"{shard_id:05d}{row:0{digits}d}"
+                check_storable(rec.image.width, rec.image.height, size, resize_mode)
                 img = resize_image(rec.image, size, resize_mode)
                 jpg = _encode_jpeg(img, quality)
                 meta = {**rec.meta, "caption": rec.caption, "url": rec.url, "key": key, "status": "success",
@@ -153,4 +174,5 @@ def brace_pattern(paths: list[Path]) -> str:
     return str(paths[0].parent / (f"{first}.tar" if first == last else f"{{{first}..{last}}}.tar"))
 
 
-__all__ = ["PARTIAL_SUFFIX", "Record", "ResizeMode", "brace_pattern", "resize_image", "write_shards"]
+__all__ = ["JPEG_MAX_SIDE", "PARTIAL_SUFFIX", "Record", "ResizeMode", "brace_pattern", "check_storable",
+           "resize_image", "resized_size", "write_shards"]
