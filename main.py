@@ -93,6 +93,7 @@ from ldm.run import (  # noqa: E402
     build_trainer,
     check_overrides,
     check_sections,
+    check_shard_paths,
     count_devices,
     effective_lr,
     preflight,
@@ -160,6 +161,8 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
     if opt.train and not resume_has_steps_left(dirs, lightning_cfg):
         return 0
+    if opt.train:  # a wrong shard path is one line before the model is built or the run directory written
+        check_shard_paths(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     if dirs.resume_ckpt is None:
         preflight(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     else:

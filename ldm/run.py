@@ -225,6 +225,31 @@ def preflight(cfg: DictConfig) -> None:
         )
 
 
+def check_shard_paths(cfg: DictConfig) -> None:
+    """Fail before the model is built and the run directory written when a split the run reads has no shards.
+
+    The WebDataset module checks again when it builds each loader; this earlier check spares a user with a wrong
+    shard path the minutes a full-size model takes to build and load, and an empty run directory. The
+    validation split counts only when ``lightning.trainer.limit_val_batches`` is not 0 (Lightning's default is
+    to validate).
+    """
+    from ldm.data.shards import check_local_shards, expand_shards
+
+    if not str(OmegaConf.select(cfg, "data.target", default="")).endswith(".WebDataModuleFromConfig"):
+        return
+    splits = ["train"]
+    if OmegaConf.select(cfg, "lightning.trainer.limit_val_batches", default=1.0) != 0:
+        splits.append("validation")
+    tar_base = OmegaConf.select(cfg, "data.params.tar_base", default=None)
+    for split in splits:
+        shards = OmegaConf.select(cfg, f"data.params.{split}.shards", default=None)
+        if shards is None:
+            continue  # no such split (or a required value left unset, reported where it is read)
+        shards = OmegaConf.to_container(shards, resolve=True) if OmegaConf.is_config(shards) else shards
+        key = f"data.params.{split}.shards"
+        check_local_shards(expand_shards(shards, tar_base, where=key), shards, key)
+
+
 def build_strategy(lightning_cfg: DictConfig, world: int) -> Any:
     """DDP with bucketing/overlap for multi-process runs; a target config or a name overrides it."""
     spec = lightning_cfg.get("strategy")

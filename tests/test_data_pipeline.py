@@ -224,6 +224,21 @@ def test_pipe_urls_and_lists_of_patterns(tmp_path):
     assert len(keys) == 6 and len(set(keys)) == 6
 
 
+def test_local_globs_expand_sorted_and_one_that_matches_nothing_is_a_config_error(tmp_path):
+    from ldm.data.shards import expand_shards
+
+    _shards(tmp_path, 3, 2)
+    names = [p.name for p in sorted(tmp_path.glob("0000?.tar"))]
+    assert [Path(u).name for u in expand_shards(str(tmp_path / "*.tar"))] == names == ["00000.tar", "00001.tar",
+                                                                                          "00002.tar"]
+    assert [Path(u).name for u in expand_shards([str(tmp_path / "0000[02].tar"), f"pipe:cat {tmp_path}/*.tar"])] == [
+        "00000.tar", "00002.tar", "*.tar"]  # a pipe: command is the shell's business
+    dm = _module(str(tmp_path / "*.tar"), validation=_split(str(tmp_path / "*.tar"), crop="CenterCrop"))
+    assert len({k for b in dm.val_dataloader() for k in b["__key__"]}) == 6
+    with pytest.raises(ConfigError, match=r"validation.shards': the glob '.*/nowhere/\*.tar' matches no files"):
+        _module(str(tmp_path / "*.tar"), validation=_split(str(tmp_path / "nowhere/*.tar"))).val_dataloader()
+
+
 def test_loader_leaves_global_rng_alone_and_counts_are_readable(tmp_path, caplog):
     pattern = _shards(tmp_path, 1, 8)
     np.random.seed(5)

@@ -126,3 +126,6 @@ def test_missing_shards_name_the_pattern(tmp_path, caplog):
     rc = main.main(["--base", str(path), "--train", "-l", str(tmp_path / "logs"), "lightning.trainer.max_steps=2"])
     assert rc == 2
     assert "nowhere/{00000..00003}.tar" in caplog.text and "data.params.train.shards" in caplog.text
+    # found before the model is built: no run directory is left behind by the mistake
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+    assert "building" not in caplog.text and "run directory" not in caplog.text

@@ -59,6 +59,7 @@ from ldm.data.filters import MetadataFilter, MissingFieldPolicy, load_word_list
 from ldm.data.inpainting import AddMask
 from ldm.data.resumable import ResumableLoader, describe_change, gather_to_rank0, stream_fingerprint
 from ldm.data.rgb import ImageLimits
+from ldm.data.shards import check_local_shards
 from ldm.data.split_config import SplitConfig
 from ldm.data.stats import SharedCounts
 from ldm.data.transforms import build_image_transforms
@@ -246,20 +247,8 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         return {name: s.latents for name, s in self.splits.items() if s.latents is not None}
 
     def check_local_shards(self, split: str) -> None:
-        """Fail fast when a split's *local* shard files do not exist (remote and ``pipe:`` URLs are not checked).
-
-        All missing is a :class:`ConfigError` naming the pattern; some missing is a warning (those shards are
-        then counted as ``read_error`` and skipped).
-        """
-        local = [u for u in self.splits[split].urls if not u.startswith("pipe:") and "://" not in u]
-        missing = [u for u in local if not Path(u).is_file()]
-        if local and len(missing) == len(local):
-            raise ConfigError(f"data.params.{split}.shards: none of the {len(local)} local shard files of "
-                              f"{self._patterns.get(split)!r} exist (first: {missing[0]}). Check the path or "
-                              f"override data.params.{split}.shards=...")
-        if missing:
-            log.warning("%s: %d of %d shard files are missing (first: %s); they will be skipped", split,
-                        len(missing), len(local), missing[0])
+        """Fail fast when none of a split's local shard files exist (see :func:`ldm.data.shards.check_local_shards`)."""
+        check_local_shards(self.splits[split].urls, self._patterns.get(split), f"data.params.{split}.shards")
 
     def set_resume_step(self, step: int) -> None:
         """Seed the next training stream with this global step, ignoring any restored position."""

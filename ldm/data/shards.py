@@ -8,10 +8,12 @@ and read exactly that sample back later (:func:`read_groups`).
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 import zlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from webdataset.shardlists import expand_urls
@@ -25,11 +27,29 @@ _MEMBER = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")  # key = path up to th
 POS_KEY = "__pos__"  # (shard index, byte offset) of a raw sample; never reaches a batch
 
 
-def expand_shards(shards: str | Sequence[str], tar_base: str | None = None, where: str = "shards") -> list[str]:
-    """Expand brace patterns (``{00000..00099}``) of one pattern or a list of them into a flat URL list.
+def is_local(url: str) -> bool:
+    """True for a file path; False for ``pipe:`` commands and ``scheme://`` URLs."""
+    return not url.startswith("pipe:") and "://" not in url
 
-    With ``tar_base`` set, each pattern is joined to it with ``/`` (ldm's ``tar_base`` + ``shards``).
-    Nothing is opened: building a pipeline never touches the network or the shards.
+
+def _glob(url: str, where: str) -> list[str]:
+    """A local URL with ``*``, ``?`` or ``[...]`` as the sorted files it matches (the URL itself if it exists)."""
+    if not is_local(url) or not glob.has_magic(url) or Path(url).exists():
+        return [url]
+    matches = sorted(glob.glob(url))
+    if not matches:
+        raise ConfigError(f"'{where}': the glob '{url}' matches no files; check the folder, or give a brace "
+                          "pattern ('/path/{00000..00009}.tar') or a list")
+    return matches
+
+
+def expand_shards(shards: str | Sequence[str], tar_base: str | None = None, where: str = "shards") -> list[str]:
+    """Expand brace patterns (``{00000..00099}``) and local globs (``/data/*.tar``) into a flat URL list.
+
+    With ``tar_base`` set, each pattern is joined to it with ``/`` (ldm's ``tar_base`` + ``shards``). A glob is
+    expanded to its matches in sorted order, so every rank and every resume sees the same list while the folder
+    does not change; one that matches nothing is a :class:`ConfigError`. Remote and ``pipe:`` URLs are never
+    globbed, and nothing is opened: building a pipeline never touches the network or the shards.
     """
     patterns = [shards] if isinstance(shards, str) else list(shards)
     if not patterns or not all(isinstance(p, str) for p in patterns):
@@ -39,10 +59,27 @@ def expand_shards(shards: str | Sequence[str], tar_base: str | None = None, wher
         pattern = pattern.strip()  # COMPAT: the SD2 yaml's validation URL ends in "- " (trailing space)
         if tar_base:
             pattern = f"{tar_base.rstrip('/')}/{pattern.lstrip('/')}"
-        urls.extend(u.strip() for u in expand_urls(pattern))
+        for url in expand_urls(pattern):
+            urls.extend(_glob(url.strip(), where))
     if not urls:
         raise ConfigError(f"'{where}' expanded to no shard URLs")
     return urls
+
+
+def check_local_shards(urls: Sequence[str], pattern: Any, key: str) -> None:
+    """Fail fast when none of the *local* shard files in ``urls`` exist (remote and ``pipe:`` URLs are not checked).
+
+    All missing is a :class:`ConfigError` naming ``key`` and the ``pattern``; some missing is a warning (those
+    shards are then counted as ``read_error`` and skipped, as LAION downloads miss a few).
+    """
+    local = [u for u in urls if is_local(u)]
+    missing = [u for u in local if not Path(u).is_file()]
+    if local and len(missing) == len(local):
+        raise ConfigError(f"{key}: none of the {len(local)} local shard files of {pattern!r} exist (first: "
+                          f"{missing[0]}). Check the path or override {key}=...")
+    if missing:
+        log.warning("%s: %d of %d shard files are missing (first: %s); they will be skipped", key, len(missing),
+                    len(local), missing[0])
 
 
 def shard_name(url: str) -> str:
