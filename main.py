@@ -161,12 +161,12 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
     if opt.train and not resume_has_steps_left(dirs, lightning_cfg):
         return 0
-    if opt.train:  # a wrong shard path is one line before the model is built or the run directory written
-        check_shard_paths(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     if dirs.resume_ckpt is None:
         preflight(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     else:
         cfg.model.params.ckpt_path = None  # the resume checkpoint supersedes the init checkpoint
+    if opt.train:  # a wrong shard path is one line before the model is built or the run directory written
+        check_shard_paths(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     pl.seed_everything(DEFAULT_SEED if opt.seed is None else opt.seed, workers=True)
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None,
@@ -201,6 +201,16 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     return 0
 
 
+def last_line(e: BaseException) -> str:
+    """The message of ``e``; for one re-raised from a DataLoader worker (it carries the worker's traceback), its last
+    line without the exception's class name."""
+    text = str(e).strip()
+    if "Original Traceback" not in text:
+        return text
+    line = text.splitlines()[-1]
+    return line.split(": ", 1)[1] if line.startswith(f"{type(e).__module__}.{type(e).__name__}: ") else line
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = any(a in ("-d", "--debug") for a in argv)
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except (ConfigError, CheckpointError) as e:  # user mistakes: one clear line, no traceback
-        log.error("%s", e)
+        log.error("%s", last_line(e))
         return 2
     except BadDataError as e:  # too much bad data: the message names the shards
         log.error("%s", str(e).strip().splitlines()[-1])

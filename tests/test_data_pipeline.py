@@ -314,3 +314,50 @@ def test_each_pass_over_the_training_loader_draws_a_new_stream(tmp_path, workers
     first, second = ([k for b in _take(loader, 2) for k in b["__key__"]] for _ in range(2))
     again = [k for b in _take(_module(pattern, workers=workers).train_dataloader(), 2) for k in b["__key__"]]
     assert first != second and first == again
+
+
+def test_image_transforms_that_break_batching_are_config_errors_named_early(tmp_path, caplog):
+    """Tensor transforms are refused when the module is built; a list that leaves sizes free is warned about at
+    build time and, at the first batch of two shapes, is a ConfigError (one line in main.py), not a ValueError."""
+    records = [Record(_image(i, w=72 if i % 2 else 60), f"picture {i}", f"test://{i}", {"punsafe": 0.0})
+               for i in range(4)]  # 72x56 and 60x56: two aspect ratios
+    pattern = brace_pattern(write_shards(records, tmp_path, samples_per_shard=4, size=None, resize_mode="no"))
+    resize = {"target": "torchvision.transforms.Resize", "params": {"size": SIZE}}
+    to_tensor = {"target": "torchvision.transforms.ToTensor"}
+    with pytest.raises(ConfigError, match=r"image_transforms\[1\]: torchvision.transforms.ToTensor makes a tensor"):
+        _module(pattern, validation={"shards": pattern, "image_transforms": [resize, to_tensor]})
+
+    with caplog.at_level(logging.WARNING, logger="ldm.data.laion"):
+        dm = _module(pattern, validation={"shards": pattern, "image_transforms": [resize], "shuffle": 0})
+    assert "data.params.validation.image_transforms: no crop after the last Resize" in caplog.text
+    assert "data.params.train.image_transforms" not in caplog.text  # the train split crops
+    with pytest.raises(ConfigError, match=r"cannot batch 'jpg': shapes differ \[\(32, 34, 3\), \(32, 41, 3\)\]"):
+        list(dm.val_dataloader())
+
+    gray = {"target": "torchvision.transforms.Grayscale"}
+    for uint8 in (True, False):  # both transports check what the list hands over
+        dm = WebDataModuleFromConfig(batch_size=2, num_workers=0, uint8_transport=uint8,
+                                     validation={"shards": pattern, "image_transforms": [*_split(pattern)[
+                                         "image_transforms"][:1], {"target": "torchvision.transforms.CenterCrop",
+                                                                   "params": {"size": SIZE}}, gray]})
+        with pytest.raises(ConfigError, match="image_transforms must end with an RGB PIL image, got a L PIL image"):
+            list(dm.val_dataloader())
+
+
+class _RaisesInWorker(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int):
+        raise ConfigError("data.params.train.image_transforms: fix me")
+
+
+def test_a_config_error_from_a_dataloader_worker_is_one_line_in_main():
+    import main
+
+    loader = torch.utils.data.DataLoader(_RaisesInWorker(), num_workers=1)
+    with pytest.raises(ConfigError) as caught:
+        next(iter(loader))
+    assert "Original Traceback" in str(caught.value)  # the worker's traceback rides along in the message
+    assert main.last_line(caught.value) == "data.params.train.image_transforms: fix me"
+    assert main.last_line(ConfigError("plain", key="k")) == "k: plain"

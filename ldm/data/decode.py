@@ -31,7 +31,8 @@ from ldm.data.masks import masked_image
 from ldm.data.rgb import ImageLimits, ImageRejected, open_rgb
 from ldm.data.rng import SEED_KEY, Stream, make_rng
 from ldm.data.stats import BadDataMonitor
-from ldm.data.transforms import Crop, HorizontalFlip, ImageOp, Resize, TooSmall, to_float_hwc
+from ldm.data.transforms import Crop, HorizontalFlip, ImageOp, Resize, TooSmall, check_rgb, to_float_hwc
+from ldm.util import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class SampleProcessor:
         except TooSmall as e:
             mon.skip("too_small", url, f"{key}: {e}")
             return None
+        img = check_rgb(img)  # a configured transform that returns a tensor or another mode is a config mistake
         sample: dict[str, Any] = {
             self.image_key: np.asarray(img) if self.uint8_images else to_float_hwc(img), "txt": caption, "json": meta,
             "__key__": key, "__url__": url, SEED_KEY: seed_words,
@@ -215,7 +217,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(first, (np.ndarray, torch.Tensor)):
             if any(v.shape != first.shape for v in values):
                 shapes = sorted({tuple(v.shape) for v in values})
-                raise ValueError(f"cannot batch '{k}': shapes differ {shapes}; add a crop to image_transforms")
+                raise ConfigError(f"cannot batch '{k}': shapes differ {shapes}; the split's image_transforms must "
+                                  "bring every image to one size: end them with a RandomCrop or CenterCrop")
             batch[k] = _stack(values)  # B x H x W x C for images and masks
         elif isinstance(first, (int, float)) and not isinstance(first, bool):
             batch[k] = torch.tensor(values)

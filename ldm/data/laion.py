@@ -62,7 +62,7 @@ from ldm.data.rgb import ImageLimits
 from ldm.data.shards import check_local_shards
 from ldm.data.split_config import SplitConfig
 from ldm.data.stats import SharedCounts
-from ldm.data.transforms import build_image_transforms
+from ldm.data.transforms import build_image_transforms, gives_one_size
 from ldm.data.webdata import ShardStream, expand_shards
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -220,6 +220,11 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
         if cfg.shuffle < 0:
             raise ConfigError(f"must be >= 0, got {cfg.shuffle}", key=f"{name}.shuffle")
         image_ops = build_image_transforms(cfg.image_transforms, where=name)
+        batch = self.batch_size if name == "train" else self.val_batch_size
+        if batch > 1 and gives_one_size(image_ops) is False:  # else the first mixed batch stops the run, hours in
+            log.warning("data.params.%s.image_transforms: no crop after the last Resize, so images keep their "
+                        "stored aspect ratios and a batch of two shapes stops the run; end the list with a "
+                        "RandomCrop or CenterCrop (fine as is only if every stored image has one size)", name)
         urls = expand_shards(cfg.shards, self.tar_base, where=f"{name}.shards")
         sidecars = latents.resolve(cfg.latent_moments, urls, image_ops, cfg.image_key, self.jpeg_draft, name)
         processor = SampleProcessor(

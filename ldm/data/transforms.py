@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # PIL's resampling codes are the integers torchvision accepts for ``interpolation`` (3 = bicubic).
 _RESAMPLING_NAMES = {m.name.lower(): m for m in Image.Resampling}
 _TORCHVISION = ("torchvision.transforms.", "torchvision.transforms.v2.")
+# torchvision targets that turn the image into a tensor: the pipeline does that itself, after the list
+_TENSOR_OPS = ("ToTensor", "PILToTensor", "Normalize", "ConvertImageDtype", "ToImage", "ToDtype", "ToPureTensor")
 
 
 class TooSmall(Exception):
@@ -130,6 +132,9 @@ def _build_one(cfg: Mapping[str, Any], where: str) -> ImageOp:
     name = next((target[len(p) :] for p in _TORCHVISION if target.startswith(p)), None)
     allowed = {"Resize": {"size", "interpolation", "max_size", "antialias"}, "RandomCrop": {"size"},
                "CenterCrop": {"size"}, "RandomHorizontalFlip": {"p"}}
+    if name in _TENSOR_OPS:
+        raise ConfigError(f"{where}: {target} makes a tensor, but image_transforms work on PIL images; remove it: "
+                          "the pipeline turns the result into a [-1, 1] float tensor itself (ToTensor, then x*2-1)")
     if name in allowed and set(params) <= allowed[name]:
         if name == "Resize":
             if params.get("antialias") is False:
@@ -153,6 +158,33 @@ def build_image_transforms(configs: Sequence[Mapping[str, Any]] | None, where: s
     return [_build_one(cfg, f"{where}.image_transforms[{i}]") for i, cfg in enumerate(configs)]
 
 
+def gives_one_size(ops: Sequence[ImageOp]) -> bool | None:
+    """Whether ``ops`` bring every image to one size: True, False, or None when an ``External`` op makes it unknown.
+
+    Images of one size are what a batch needs; a list that ends with an int ``Resize`` (short side only) or has
+    no crop gives the stored sizes' aspect ratios, which can be batched only if they all agree.
+    """
+    fixed = False
+    for op in ops:
+        if isinstance(op, External):
+            return None
+        if isinstance(op, Crop) or (isinstance(op, Resize) and not isinstance(op.size, int)):
+            fixed = True
+        elif isinstance(op, Resize):
+            fixed = False
+    return fixed
+
+
+def check_rgb(img: Any) -> Image.Image:
+    """``img`` if it is an RGB PIL image (what the list must end with), else a :class:`ConfigError` saying so."""
+    if isinstance(img, Image.Image) and img.mode == "RGB":
+        return img
+    kind = type(img)
+    got = f"a {img.mode} PIL image" if isinstance(img, Image.Image) else f"a {kind.__module__}.{kind.__name__}"
+    raise ConfigError(f"image_transforms must end with an RGB PIL image, got {got}; drop tensor or colour-mode "
+                      "transforms from the list (the pipeline makes the [-1, 1] float tensor itself)")
+
+
 def to_float_hwc(img: Image.Image) -> np.ndarray:
     """H x W x 3 float32 in [-1, 1] from an RGB PIL image (values equal ``ToTensor()(img) * 2 - 1``)."""
     arr = np.asarray(img)
@@ -168,4 +200,4 @@ def to_float_hwc(img: Image.Image) -> np.ndarray:
 
 
 __all__ = ["Crop", "External", "HorizontalFlip", "ImageOp", "Resize", "TooSmall", "build_image_transforms",
-           "to_float_hwc"]
+           "check_rgb", "gives_one_size", "to_float_hwc"]
