@@ -16,6 +16,7 @@ loss or exploded gradient norm (the step was not applied).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import sys
@@ -87,6 +88,7 @@ from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
 )
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
+from ldm.modules.random_weights import deferred_report  # noqa: E402
 from ldm.quiet import explain_eval_modules, silence_known_noise, silence_resume_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
     DEFAULT_SEED,
@@ -171,7 +173,9 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None,
                             resume_record=record)
-    model = instantiate_from_config(cfg.model, where="model")
+    # a resume restores every tensor from its checkpoint, so "starts from random weights" reports would be false
+    with deferred_report() if dirs.resume_ckpt is not None else contextlib.nullcontext():
+        model = instantiate_from_config(cfg.model, where="model")
     for callback in trainer.callbacks:  # options a callback passes to the model (ImageLogger's log_images_kwargs)
         if callable(getattr(callback, "check_model", None)):
             callback.check_model(model)

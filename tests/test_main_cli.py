@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +62,9 @@ def _state(path: Path):
     return ck["global_step"], ck["state_dict"], ck["optimizer_states"][0]["state"]
 
 
-def test_sigterm_then_resume_is_exact(tmp_path):
+def test_sigterm_then_resume_is_exact(tmp_path, caplog):
     """A: 2N steps straight. B: SIGTERM after N steps, resume to 2N. Weights, EMA and Adam state match."""
+    caplog.set_level(logging.INFO, logger="ldm.modules.random_weights")
     n = 6
     common = ["--base", TINY, "--train", "lightning.callbacks.image_logger.params.disabled=true",
               "lightning.modelcheckpoint.params.every_n_train_steps=1000"]
@@ -76,7 +78,10 @@ def test_sigterm_then_resume_is_exact(tmp_path):
     # the signal arrives after GracefulStop's check of step n (callback order): saved at the end of step n + 1
     assert step_b == n + 1
     assert int(sd_b["model_ema.num_updates"]) == n + 1  # with every EMA update of those steps
+    assert "model (DiffusionWrapper) starts from random weights" in caplog.text
+    caplog.clear()
     assert main.main(["-r", str(b_run), "--train", "lightning.callbacks.kill=null"]) == 0
+    assert "random weights" not in caplog.text and "RANDOMLY" not in caplog.text  # restored from the checkpoint
     step_a, sd_a, opt_a = _state(run_dir(a_root) / "checkpoints/last.ckpt")
     step_b, sd_b, opt_b = _state(b_run / "checkpoints/last.ckpt")
     assert step_a == step_b == 2 * n
