@@ -98,10 +98,11 @@ def export_folder(out: str | Path, source: str | Path, overwrite: bool, flag: st
     if out.is_dir():
         if source.exists() and out.resolve() in source.resolve().parents:
             raise ValueError(f"{flag} {out} holds the input checkpoint {source}; choose another folder")
-        if any(out.iterdir()) and not overwrite:
-            raise ValueError(f"{flag} {out} exists and is not empty; pass --overwrite to replace its contents, or "
-                             "choose another folder")
+        # a folder --overwrite may not replace is named as such first, so no message suggests a flag that fails
         if any(out.iterdir()) and not (out / "model_index.json").is_file():
             raise ValueError(f"{flag} {out} exists and is not a diffusers pipeline (no model_index.json); an export "
                              "replaces its folder whole, so choose a new or empty folder")
+        if any(out.iterdir()) and not overwrite:
+            raise ValueError(f"{flag} {out} holds an earlier diffusers export; pass --overwrite to replace it, or "
+                             "choose another folder")
     return out

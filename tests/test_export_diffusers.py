@@ -243,6 +243,7 @@ def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_pat
         (["--diffusers", str(tmp_path / "a_file")], "not a folder"),
         (["--diffusers", str(folder)], "--overwrite"),
         (["--diffusers", str(other), "--overwrite"], "is not a diffusers pipeline"),
+        (["--diffusers", str(other)], "is not a diffusers pipeline"),  # not "pass --overwrite": it would not help
         (["--out", str(tmp_path / "x.ckpt"), "--ckpt", str(tmp_path)], "is a directory"),
         (["--out", str(folder / "inner.safetensors"), "--diffusers", str(folder), "--overwrite"],
          "lies inside --diffusers"),

@@ -232,6 +232,20 @@ def test_dpm_sampler_runs_and_rejects_eta(raw_model):
         SamplingOptions(sampler="dpm", eta=1.0)
 
 
+def test_non_finite_samples_are_an_error_not_black_images(ckpts, pair, tmp_path, caplog):
+    """NaN/inf in the decoded sample (fp16 overflow, broken weights) used to be clamped to black PNGs, rc 0."""
+    sd = torch.load(ckpts["raw"], weights_only=False)["state_dict"]
+    sd[UNET_KEY] = torch.full_like(sd[UNET_KEY], float("inf"))
+    broken = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": sd}, broken)
+    out = tmp_path / "o"
+    caplog.clear()
+    assert _run(broken, pair, out) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "NaN/inf in 1 of 1 sample(s)" in errors[0], errors
+    assert not out.exists() or not any(out.iterdir())
+
+
 # ------------------------------------------------------------------------------------------- scripts/inpaint.py
 def _run(ckpt: Path, pair: tuple[Path, Path], out: Path, *extra: str) -> int:
     img, mask = pair
@@ -460,7 +474,11 @@ def test_sampling_scripts_share_the_checks_made_before_loading(script, ckpts, pa
     cases = [(["--steps", "9"], "--steps 9 does not work with the DDIM sampler"),
              (["--ckpt", str(run_dir)], "is a directory (a training run's?)"),
              (["--device", "gpu"], "not a device name"),
-             (["--out", str(tmp_path / "a_file")], "is not a folder")]
+             (["--out", str(tmp_path / "a_file")], "is not a folder"),
+             (["--seed", "-1"], "--seed -1: seeds must be integers >= 0"),
+             (["--scale", "nan"], "must be finite and >= 0"),
+             (["--scale", "inf"], "must be finite and >= 0"),
+             (["--scale", "-3"], "must be finite and >= 0")]
     for extra, expected in cases:
         argv = {"--ckpt": str(ckpts["raw"]), "--out": str(tmp_path / "o"), "--steps": "2"}
         for flag in extra[::2]:
