@@ -348,6 +348,10 @@ class SamplingOptions:
                              "(1 = no guidance, 0 = unconditional)")
 
 
+class NonFiniteSamples(ValueError):
+    """Sampling produced NaN or inf values: the image would be written black by the uint8 clamp."""
+
+
 def check_seeds(seeds: Sequence[int], flag: str = "--seed") -> None:
     """Seeds are integers >= 0 (they seed numpy ``SeedSequence`` and torch generators); ValueError naming
     ``flag`` otherwise, so a script refuses them before it loads a model."""
@@ -404,9 +408,9 @@ def inpaint(
         decoded = model.decode_first_stage(samples)
     finite = torch.isfinite(decoded).flatten(1).all(1)
     if not bool(finite.all()):  # would be written as black pixels by the clamp below
-        raise ValueError(f"sampling produced NaN/inf in {int((~finite).sum())} of {num_samples} sample(s) (precision "
-                         f"{options.precision}); with fp16 try --precision bf16 or fp32, otherwise check the "
-                         "checkpoint's weights for NaN")
+        raise NonFiniteSamples(f"sampling produced NaN/inf in {int((~finite).sum())} of {num_samples} sample(s) "
+                               f"(precision {options.precision}); with fp16 try --precision bf16 or fp32, otherwise "
+                               "check the checkpoint's weights for NaN")
     outputs = [restore_size(img, geometry) for img in _to_uint8(decoded)]
     if options.paste_back:
         known = ~masks.is_hole(np.asarray(mask))[..., None]
