@@ -161,7 +161,7 @@ def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
     """Validate the whole protocol before any image is read, any checkpoint hashed or any network loaded:
     sizes, counts, scales, sampler settings at every scale, DDIM steps against every model config, mask
     presets, and that every file named exists. Returns the checkpoint specs."""
-    output_folder(args.out, "--out")
+    output_folder(args.out, "--out", {"--images": args.images})
     resolve_device(args.device)  # a device this machine lacks fails here, not after loading a model
     check_seeds([args.seed])
     if args.size < 64 or args.size % 64:

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         check_seeds(args.seed)
         if len(set(args.seed)) != len(args.seed):
             raise ValueError(f"--seed {' '.join(map(str, args.seed))}: a seed is repeated")
-        out = output_folder(args.out, "--out")
+        out = output_folder(args.out, "--out", {"--input-dir": args.input_dir})
         device = resolve_device(args.device)
         check_checkpoint_path(args.ckpt)
         cfg = load_config([args.config])

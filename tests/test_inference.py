@@ -487,3 +487,26 @@ def test_sampling_scripts_share_the_checks_made_before_loading(script, ckpts, pa
         assert main(["--config", CONFIG, *base, *(x for kv in argv.items() for x in kv), *extra]) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and expected in errors[0], (extra, errors)
+
+
+@pytest.mark.parametrize("script", ["inpaint", "evaluate"])
+@pytest.mark.parametrize("where", [".", "results", "results/deeper"])
+def test_the_output_folder_may_not_be_inside_the_input_folder(script, where, ckpts, pair, tmp_path, caplog,
+                                                              monkeypatch):
+    # The next run would read the samples as inputs (unpaired images, held-out images that are model outputs).
+    img, _ = pair
+    monkeypatch.setattr(inpaint_script, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    flag = {"inpaint": "--input-dir", "evaluate": "--images"}[script]
+    argv = ["--config", CONFIG, "--ckpt", str(ckpts["raw"]), flag, str(img.parent), "--steps", "2",
+            "--out", str(img.parent / where)]
+    if script == "inpaint":
+        argv += ["--prompt", "x"]
+        main = inpaint_script.main
+    else:
+        argv += ["--size", "64"]
+        main = load_script("evaluate").main
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"is inside {flag} {img.parent}" in errors[0], errors
+    assert sorted(p.name for p in img.parent.iterdir()) == sorted(p.name for p in img.parent.iterdir()
+                                                                  if p.is_file())  # no folder was created
