@@ -468,11 +468,14 @@ def test_sampling_scripts_share_the_checks_made_before_loading(script, ckpts, pa
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    cut = tmp_path / "cut.ckpt"  # a copy that stopped halfway
+    cut.write_bytes(ckpts["raw"].read_bytes()[: ckpts["raw"].stat().st_size // 2])
     base = {"inpaint": ["--image", str(img), "--mask", str(mask), "--prompt", "x"],
             "evaluate": ["--images", str(img.parent), "--size", "64"]}[script]
     main = {"inpaint": inpaint_script.main, "evaluate": evaluate_script.main}[script]
     cases = [(["--steps", "9"], "--steps 9 does not work with the DDIM sampler"),
              (["--ckpt", str(run_dir)], "is a directory (a training run's?)"),
+             (["--ckpt", str(cut)], "is truncated: it starts like a torch checkpoint"),
              (["--device", "gpu"], "not a device name"),
              (["--out", str(tmp_path / "a_file")], "is not a folder"),
              (["--seed", "-1"], "--seed -1: seeds must be integers >= 0"),
