@@ -3,7 +3,8 @@
 
 Mask convention: white = inpaint; RGBA/LA masks follow the rule of ``ldm.image_io`` (what the mask shows on
 black, or its alpha channel when all visible pixels share one colour); a mask of another size than its image
-is resized (nearest neighbour) with a warning; a mask with no hole after binarisation at 0.5, or with many grey
+but the same aspect ratio is resized (nearest neighbour) with a warning, one of another aspect ratio is refused
+(stretching would move the hole); a mask with no hole after binarisation at 0.5, or with many grey
 pixels below it, is warned about. Inputs are padded (edge, default) or resized to multiples of 64 and the outputs
 are brought back to the input size.
 

@@ -287,11 +287,13 @@ def test_script_folder_mode_resize_and_num_samples(ckpts, pair, tmp_path):
 
 def test_script_reports_bad_input(ckpts, pair, tmp_path, caplog):
     img, mask = pair
-    small = tmp_path / "small_mask.png"
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(small)
+    small, square = tmp_path / "small_mask.png", tmp_path / "square_mask.png"
+    Image.fromarray(np.zeros((20, 26), np.uint8)).save(small)  # half the 52 x 40 image
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(square)
     base = ["--config", CONFIG, "--ckpt", str(ckpts["raw"]), "--outdir", str(tmp_path / "o"), "--steps", "2"]
     cases = [
         (["--image", str(img), "--mask", str(tmp_path / "nope.png"), "--prompt", "x"], "mask file not found"),
+        (["--image", str(img), "--mask", str(square), "--prompt", "x"], "another aspect ratio"),
         (["--image", str(img), "--mask", str(mask)], "no prompt"),
         (["--image", str(img), "--prompt", "x"], "needs --mask"),
     ]
@@ -300,7 +302,7 @@ def test_script_reports_bad_input(ckpts, pair, tmp_path, caplog):
         with caplog.at_level(logging.ERROR):
             assert inpaint_script.main(base + extra) == 2
         assert message in caplog.text
-    caplog.clear()  # a mask of another size is resized (nearest neighbour) with a warning, not refused
+    caplog.clear()  # a mask of another size, same aspect ratio, is resized (nearest neighbour) with a warning
     with caplog.at_level(logging.WARNING):
         assert inpaint_script.main([*base, "--image", str(img), "--mask", str(small), "--prompt", "x",
                                     "--no-grid"]) == 0
