@@ -226,9 +226,13 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine(device: torch.device) -> str:
-    """One line: CPU (logical cores), GPU, OS, and the versions that change the numbers."""
-    threads = torch.get_num_threads()
+def machine(device: torch.device, threads: int | None = None) -> str:
+    """One line: CPU (logical cores), GPU, OS, and the versions that change the numbers.
+
+    ``threads``: the torch thread count the timed work ran with, where that was another process's (default:
+    this process's).
+    """
+    threads = threads or torch.get_num_threads()
     parts = [f"{_cpu_name()}, {os.cpu_count()} logical cores, {threads} torch thread{'s' * (threads != 1)}"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -239,11 +243,11 @@ def machine(device: torch.device) -> str:
     return "; ".join(parts) + "; " + ", ".join(f"{k} {v}" for k, v in versions.items())
 
 
-def run_header(device: torch.device) -> str:
-    """Markdown lines naming the date, the exact command and the machine."""
+def run_header(device: torch.device, threads: int | None = None) -> str:
+    """Markdown lines naming the date, the exact command and the machine (``threads``: see ``machine``)."""
     command = " ".join(["python", *(a if " " not in a else repr(a) for a in sys.argv)])
     return (f"#### Run of {dt.date.today().isoformat()}\n\nCommand: `{command}`\n"
-            f"Machine: {machine(device)}.\n")
+            f"Machine: {machine(device, threads)}.\n")
 
 
 def load_average() -> str:

@@ -26,7 +26,9 @@ generator per key), so they hold identical weights without a file; the parity ch
 every parameter's gradient norm and fails (exit 1) beyond ``--parity-tol`` (relative, 1e-5).
 
 Also reported per implementation: the peak of live tensor storages during a step plus the parameters
-(``tensor_memory.TensorMemoryTracker``), and a ``torch.profiler`` split of the step's time into
+(``tensor_memory.TensorMemoryTracker``); the step's floating-point operations (``step_flops``) divided by the
+core's best fp32 GEMM rate (``gemm_rate``), a floor no exact implementation goes below, so a target under it
+is out of reach by removing overhead; and a ``torch.profiler`` split of the step's time into
 convolution / GEMM / attention kernels and everything else (norms, copies and layout changes, element-wise
 ops, softmax, and what no operator accounts for: Python and dispatch overhead).
 """
@@ -53,8 +55,9 @@ INTRO = """Script: `REF=<checkout of Stability-AI/stablediffusion> python benchm
 (see its docstring). Our UNet's training step (forward, MSE, backward) against the official code's, in two
 worker processes alternated step by step, on SD2's inpainting UNet at model_channels 128, latent 32 x 32,
 batch 2, context 77 x 1024, fp32 on a CPU. Reports the median of per-round time ratios, the step's peak
-memory, a parity check (output and per-parameter gradient norms, relative 1e-5) and a torch.profiler split
-of the step into convolution / GEMM / attention kernels and everything else.
+memory, a parity check (output and per-parameter gradient norms, relative 1e-5), the step's arithmetic
+against the core's best GEMM rate (the least time any exact implementation can take) and a torch.profiler
+split of the step into convolution / GEMM / attention kernels and everything else.
 
 Targets: ours <= 0.8x the reference's step time at 1 thread, <= 1.0x at 2 threads."""
 
@@ -179,13 +182,16 @@ def _worker(root: str, spec: dict[str, Any]) -> None:
             step()
         return {"step_peak": tracker.peak, "params": sum(p.numel() * p.element_size() for p in weights)}
 
+    def arithmetic() -> dict[str, Any]:
+        return {"flops": step_flops(step), "gemm_flops_per_s": gemm_rate()}
+
     def timed_step() -> dict[str, Any]:
         t0 = time.perf_counter()
         step()
         return {"seconds": time.perf_counter() - t0}
 
     handlers: dict[str, Callable[..., dict[str, Any]]] = {
-        "step": timed_step, "profile": profile, "parity": parity, "memory": memory,
+        "step": timed_step, "profile": profile, "parity": parity, "memory": memory, "arithmetic": arithmetic,
     }
     reply({"ready": True, "params": sum(p.numel() for p in weights), "keys": len(unet.state_dict())}, protocol)
     for line in sys.stdin:
@@ -193,6 +199,48 @@ def _worker(root: str, spec: dict[str, Any]) -> None:
         if request["op"] == "quit":
             break
         reply(handlers[request["op"]](**request.get("args", {})), protocol)
+
+
+def step_flops(step: Callable[[], None]) -> int:
+    """Floating-point operations of one ``step()``, attention counted at its plain (math) formula.
+
+    ``FlopCounterMode`` knows convolutions and matrix products but not the CPU's fused attention. Those are
+    charged what einsum + softmax would cost: two products forward, and four backward (the gradients of
+    both), so a fused and a plain implementation are charged the same arithmetic. (The fused backward also
+    recomputes the attention weights; that is the price of its memory saving, not arithmetic the step
+    needs, so it is not charged.)
+    """
+    import torch
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_args, **_kwargs: flop_counter.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda _grad, q, k, v, *_args, **_kwargs: 2 * flop_counter.sdpa_flop_count(q, k, v),
+    }
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def gemm_rate(size: int = 2048, repeats: int = 5) -> float:
+    """This process's best fp32 matrix-product rate (FLOP/s): a square GEMM, best of ``repeats``.
+
+    The GEMM is the fastest thing the core does (no layout or memory traffic to speak of), so arithmetic
+    divided by this rate is about the least time any exact implementation of the step can take.
+    """
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: the first call pays for the library's setup
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
 
 
 def reply(obj: dict[str, Any], stream: Any) -> None:
@@ -315,6 +363,7 @@ def run(args: argparse.Namespace) -> str:
                 times[name].append(workers[name].call("step")["seconds"])
         loads.append(common.load_average())
         memory = {name: w.call("memory") for name, w in workers.items()}
+        arithmetic = {name: w.call("arithmetic") for name, w in workers.items()}
         profiles = {}
         for name, w in workers.items() if args.profile_repeats else ():
             raw = w.call("profile", repeats=args.profile_repeats)
@@ -326,11 +375,32 @@ def run(args: argparse.Namespace) -> str:
     finally:
         for w in workers.values():
             w.close()
-    return report(args, times, memory, profiles, parity, loads, common)
+    return report(args, times, memory, arithmetic, profiles, parity, loads, common)
+
+
+def floor_line(times: dict[str, list[float]], arithmetic: dict[str, dict[str, float]]) -> str:
+    """How close each step runs to the core's GEMM rate, and the least step time that rate allows.
+
+    The floor is the step's arithmetic at the best GEMM rate. Against the reference it says how low a step
+    ratio removing overhead could reach at all: a target below it needs fewer FLOPs or another precision.
+    """
+    # the implementations perform the same arithmetic (the parity check holds); take the largest count
+    flops = max(a["flops"] for a in arithmetic.values())
+    rate = max(a["gemm_flops_per_s"] for a in arithmetic.values())
+    floor_s = flops / rate
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    per_impl = "; ".join(f"{name} {flops / medians[name] / rate:.0%} of it" for name in medians)
+    text = (f"Arithmetic: {flops / 1e9:.1f} GFLOP per step (attention at its math count); this core's best "
+            f"fp32 GEMM rate: {rate / 1e9:.1f} GFLOP/s, so no step can take less than about {floor_s:.3f} s. "
+            f"Median steps run at {per_impl}")
+    if "reference" in medians:
+        text += f". **Floor / reference step: {floor_s / medians['reference']:.2f}x**"
+    return text + "."
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]], memory: dict[str, Any],
-           profiles: dict[str, dict[str, float]], parity: dict[str, tuple[float, float]], loads: list[str],
+           arithmetic: dict[str, dict[str, float]], profiles: dict[str, dict[str, float]],
+           parity: dict[str, tuple[float, float]], loads: list[str],
            common: Any) -> str:
     import torch
 
@@ -341,7 +411,7 @@ def report(args: argparse.Namespace, times: dict[str, list[float]], memory: dict
                      f"{(mem['step_peak'] + mem['params']) / 2**30:.2f}", f"{mem['step_peak'] / 2**30:.2f}"])
     table = common.markdown_table(["implementation", "s/step (median)", "min", "max", "peak GiB (params + step)",
                                    "step peak GiB"], rows)
-    parts = [common.run_header(torch.device("cpu")).rstrip(),
+    parts = [common.run_header(torch.device("cpu"), threads=args.threads).rstrip(),
              f"UNet model_channels {args.model_channels}, latent {args.latent} x {args.latent}, batch "
              f"{args.batch}, context 77 x 1024, fp32, {args.threads} thread(s); {args.rounds} alternating rounds "
              f"after {args.warmup} warm-up. Load average (1/5/15 min) before, after timing, at the end: "
@@ -360,6 +430,7 @@ def report(args: argparse.Namespace, times: dict[str, list[float]], memory: dict
                 f"{', '.join(f'{r:.2f}' for r in ratios)}); {verdict} the <= {target}x target at "
                 f"{args.threads} thread(s). Peak memory {name} / reference: {mem_ratio:.2f}x. Parity: output "
                 f"{out_diff:.1e}, gradient norms {grad_diff:.1e} (relative, tolerance {args.parity_tol:.0e}).")
+    parts.append(floor_line(times, arithmetic))
     if profiles:
         kinds = ["compute", "norms", "softmax", "copies and layout", "element-wise", "other ops",
                  "python and dispatch (unaccounted)"]

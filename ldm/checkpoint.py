@@ -84,11 +84,14 @@ def verify_file(path: str | Path) -> bool:
 def check_checkpoint_path(path: str | Path) -> Path:
     """``path`` if it is a file; else a :class:`CheckpointError` that says what the path is and what to pass.
 
-    Cheap (no reading), so scripts call it before building a model. A training run's folder names its
-    ``checkpoints/last.ckpt``; a diffusers pipeline folder is recognised by its ``model_index.json``.
+    Cheap (a few bytes and the zip directory at the end are read), so scripts call it before building a model
+    or reading any image. A training run's folder names its ``checkpoints/last.ckpt``; a diffusers pipeline
+    folder is recognised by its ``model_index.json``; an empty file, or one cut short (:func:`check_complete`),
+    is an error here rather than after minutes of other work.
     """
     path = Path(path)
     if path.is_file():
+        check_complete(path)
         return path
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -104,6 +107,44 @@ def check_checkpoint_path(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint {path} is a directory; pass a .ckpt or .safetensors file")
 
 
+def check_complete(path: Path) -> None:
+    """:class:`CheckpointError` when ``path`` is visibly incomplete, judged from its ends, not its contents.
+
+    * empty (0 bytes);
+    * a torch zip checkpoint (it starts with a zip record) without the zip directory a finished save writes
+      last: the save or the copy was cut short;
+    * a ``.safetensors`` file shorter than its header says.
+
+    The CRC check of every record (:func:`ldm.integrity.verify_zip`) runs when the file is loaded; this one
+    only catches the common case of a file that stops early, at the cost of reading its two ends.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or download? Replace it.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:4] == b"PK\x03\x04" and not zipfile.is_zipfile(f):
+            raise CheckpointError(f"{path} is truncated: it starts like a torch checkpoint but ends before the zip "
+                                  f"directory a finished save writes last ({size} bytes). Copy it again, or pick "
+                                  "an earlier checkpoint of the run.")
+        # safetensors: 8 bytes of header length, then the JSON header ("{..."), then the tensor data
+        if path.suffix == ".safetensors" and len(head) == 8 and f.read(1) == b"{":
+            import json
+
+            header_len = int.from_bytes(head, "little")
+            end = 8 + header_len
+            if end <= size:
+                f.seek(8)
+                try:
+                    header = json.loads(f.read(header_len))
+                    end += max((v["data_offsets"][1] for v in header.values() if "data_offsets" in v), default=0)
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    return  # a damaged header, not a short file: the loader names the file and its error
+            if end > size:
+                raise CheckpointError(f"{path} is truncated: its header describes {end} bytes, the file has {size}. "
+                                      "Copy it again.")
+
+
 def load_checkpoint_file(path: str | Path, mmap: bool = False, verify: bool | None = None) -> dict[str, Any]:
     """Read a checkpoint file into a dict without unpickling arbitrary objects.
 
@@ -117,8 +158,6 @@ def load_checkpoint_file(path: str | Path, mmap: bool = False, verify: bool | No
         CheckpointError: missing, empty, truncated, damaged or foreign file, or one holding pickled Python objects.
     """
     path = check_checkpoint_path(path)
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or download? Replace it.")
     if (not mmap if verify is None else verify) and path.suffix != ".safetensors":
         verify_file(path)
     if path.suffix == ".safetensors":

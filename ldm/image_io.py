@@ -85,12 +85,20 @@ def mask_from_image(img: Image.Image) -> np.ndarray:
 def load_mask(path: str | Path, size: tuple[int, int] | None = None, check: bool = True) -> np.ndarray:
     """A mask file as ``H x W`` float32 in [0, 1] (white = inpaint) by the module's mask rule.
 
-    ``size`` is the ``(width, height)`` of the image the mask belongs to; a mask of another size is resized to
-    it with nearest-neighbour interpolation (so the hole stays a hole) and a warning. ``check``: report what
-    binarisation makes of it (:func:`check_mask`); False for a file read a second time.
+    ``size`` is the ``(width, height)`` of the image the mask belongs to; a mask of another size but the same
+    aspect ratio (within 1%: rounding of scaled sizes) is resized to it with nearest-neighbour interpolation
+    (so the hole stays a hole) and a warning. Another aspect ratio is a ``ValueError``: stretching would move
+    the hole, and the usual cause is a mask drawn on the stored orientation of a photo that EXIF rotates on
+    reading. ``check``: report what binarisation makes of it (:func:`check_mask`); False for a file read a
+    second time.
     """
     mask = mask_from_image(_open(path, "mask"))
     if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        mask_aspect, image_aspect = mask.shape[1] / mask.shape[0], size[0] / size[1]
+        if abs(mask_aspect / image_aspect - 1) > 0.01:
+            raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]} "
+                             "(as displayed, after any EXIF rotation): another aspect ratio, so resizing would "
+                             "stretch the hole. Make the mask on the image as displayed, at its size")
         if check:
             log.warning("mask %s is %dx%d but its image is %dx%d; resizing the mask (nearest neighbour)", path,
                         mask.shape[1], mask.shape[0], size[0], size[1])

@@ -21,6 +21,7 @@ Left out: SD2's invisible watermark and safety checker, and non-inpainting (text
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -342,6 +343,21 @@ class SamplingOptions:
             raise ValueError(f"precision {self.precision!r}: expected one of {sorted(PRECISIONS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not math.isfinite(self.scale) or self.scale < 0:  # nan/inf would decode to an all-black image
+            raise ValueError(f"guidance scale (--scale) {self.scale:g}: must be finite and >= 0 "
+                             "(1 = no guidance, 0 = unconditional)")
+
+
+class NonFiniteSamples(ValueError):
+    """Sampling produced NaN or inf values: the image would be written black by the uint8 clamp."""
+
+
+def check_seeds(seeds: Sequence[int], flag: str = "--seed") -> None:
+    """Seeds are integers >= 0 (they seed numpy ``SeedSequence`` and torch generators); ValueError naming
+    ``flag`` otherwise, so a script refuses them before it loads a model."""
+    bad = [s for s in seeds if s < 0]
+    if bad:
+        raise ValueError(f"{flag} {' '.join(map(str, bad))}: seeds must be integers >= 0")
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -390,6 +406,11 @@ def inpaint(
         samples = sample_latents(model, cond, x_T, sampler=options.sampler, steps=options.steps,
                                  scale=options.scale, uncond=uncond, eta=options.eta, generator=noise_gen)
         decoded = model.decode_first_stage(samples)
+    finite = torch.isfinite(decoded).flatten(1).all(1)
+    if not bool(finite.all()):  # would be written as black pixels by the clamp below
+        raise NonFiniteSamples(f"sampling produced NaN/inf in {int((~finite).sum())} of {num_samples} sample(s) "
+                               f"(precision {options.precision}); with fp16 try --precision bf16 or fp32, otherwise "
+                               "check the checkpoint's weights for NaN")
     outputs = [restore_size(img, geometry) for img in _to_uint8(decoded)]
     if options.paste_back:
         known = ~masks.is_hole(np.asarray(mask))[..., None]

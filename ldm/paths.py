@@ -12,7 +12,7 @@ model, and a wrong path costs the user one line (``ValueError``) instead of a tr
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ldm.checkpoint import CheckpointError
@@ -23,11 +23,23 @@ EXPORT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 __all__ = ["EXPORT_SUFFIXES", "export_file", "export_folder", "output_folder", "refuse_existing"]
 
 
-def output_folder(path: str | Path, flag: str = "--out") -> Path:
+def output_folder(path: str | Path, flag: str = "--out",
+                  input_folders: Mapping[str, str | Path | None] | None = None) -> Path:
     """``path`` as a folder to write into (created later by the writer); ``ValueError`` when it, or a folder on
     the way to it, is an existing file, or when the nearest existing folder cannot be written (read-only file
-    system, permissions): said here, before a model is loaded, not as a traceback at the first image."""
+    system, permissions): said here, before a model is loaded, not as a traceback at the first image.
+
+    ``input_folders`` (flag -> folder; ``None`` values are skipped): folders the run reads as a whole. The
+    output may not be one of them or lie inside one, since the next run would read the outputs as inputs.
+    """
     path = Path(path)
+    for in_flag, folder in (input_folders or {}).items():
+        if folder is None or not Path(folder).is_dir():
+            continue
+        inside = Path(folder).resolve()
+        if path.resolve() == inside or inside in path.resolve().parents:
+            raise ValueError(f"{flag} {path} is inside {in_flag} {folder}: the outputs would be read as inputs by "
+                             f"the next run; choose a folder outside {folder}")
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             where = "" if part == path else f" ({part} is a file)"
@@ -98,10 +110,11 @@ def export_folder(out: str | Path, source: str | Path, overwrite: bool, flag: st
     if out.is_dir():
         if source.exists() and out.resolve() in source.resolve().parents:
             raise ValueError(f"{flag} {out} holds the input checkpoint {source}; choose another folder")
-        if any(out.iterdir()) and not overwrite:
-            raise ValueError(f"{flag} {out} exists and is not empty; pass --overwrite to replace its contents, or "
-                             "choose another folder")
+        # a folder --overwrite may not replace is named as such first, so no message suggests a flag that fails
         if any(out.iterdir()) and not (out / "model_index.json").is_file():
             raise ValueError(f"{flag} {out} exists and is not a diffusers pipeline (no model_index.json); an export "
                              "replaces its folder whole, so choose a new or empty folder")
+        if any(out.iterdir()) and not overwrite:
+            raise ValueError(f"{flag} {out} holds an earlier diffusers export; pass --overwrite to replace it, or "
+                             "choose another folder")
     return out

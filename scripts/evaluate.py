@@ -106,7 +106,7 @@ from ldm.eval.feature_metrics import (  # noqa: E402
 from ldm.eval.report import write_curves, write_grids, write_json, write_tables  # noqa: E402
 from ldm.eval.run import CheckpointSpec, Evaluation, FeatureMetrics, Protocol  # noqa: E402
 from ldm.eval.shard import Shard, close_shard, init_shard  # noqa: E402
-from ldm.inference import resolve_device, schedule_length  # noqa: E402
+from ldm.inference import check_seeds, resolve_device, schedule_length  # noqa: E402
 from ldm.models.diffusion.sampling import check_steps  # noqa: E402
 from ldm.paths import output_folder  # noqa: E402
 
@@ -161,8 +161,9 @@ def check_args(args: argparse.Namespace) -> list[CheckpointSpec]:
     """Validate the whole protocol before any image is read, any checkpoint hashed or any network loaded:
     sizes, counts, scales, sampler settings at every scale, DDIM steps against every model config, mask
     presets, and that every file named exists. Returns the checkpoint specs."""
-    output_folder(args.out, "--out")
+    output_folder(args.out, "--out", {"--images": args.images})
     resolve_device(args.device)  # a device this machine lacks fails here, not after loading a model
+    check_seeds([args.seed])
     if args.size < 64 or args.size % 64:
         raise ValueError(f"--size {args.size}: must be a positive multiple of 64")
     if args.steps < 1 or args.grid_images < 0:

@@ -3,7 +3,8 @@
 
 Mask convention: white = inpaint; RGBA/LA masks follow the rule of ``ldm.image_io`` (what the mask shows on
 black, or its alpha channel when all visible pixels share one colour); a mask of another size than its image
-is resized (nearest neighbour) with a warning; a mask with no hole after binarisation at 0.5, or with many grey
+but the same aspect ratio is resized (nearest neighbour) with a warning, one of another aspect ratio is refused
+(stretching would move the hole); a mask with no hole after binarisation at 0.5, or with many grey
 pixels below it, is warned about. Inputs are padded (edge, default) or resized to multiples of 64 and the outputs
 are brought back to the input size.
 
@@ -75,7 +76,14 @@ from tqdm import tqdm  # noqa: E402
 from ldm.checkpoint import CheckpointError, check_checkpoint_path  # noqa: E402
 from ldm.data.masks import is_hole  # noqa: E402
 from ldm.image_io import find_pairs, load_mask, load_rgb, make_grid, read_prompts, save_png  # noqa: E402
-from ldm.inference import SamplingOptions, inpaint, load_model, resolve_device, schedule_length  # noqa: E402
+from ldm.inference import (  # noqa: E402
+    SamplingOptions,
+    check_seeds,
+    inpaint,
+    load_model,
+    resolve_device,
+    schedule_length,
+)
 from ldm.models.diffusion.sampling import check_steps  # noqa: E402
 from ldm.paths import output_folder, refuse_existing  # noqa: E402
 from ldm.util import ConfigError, load_config  # noqa: E402
@@ -139,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         options = SamplingOptions(args.sampler, args.steps, args.scale, args.eta, args.precision, args.paste_back)
         if args.num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        check_seeds(args.seed)
         if len(set(args.seed)) != len(args.seed):
             raise ValueError(f"--seed {' '.join(map(str, args.seed))}: a seed is repeated")
-        out = output_folder(args.out, "--out")
+        out = output_folder(args.out, "--out", {"--input-dir": args.input_dir})
         device = resolve_device(args.device)
         check_checkpoint_path(args.ckpt)
         cfg = load_config([args.config])

@@ -141,6 +141,37 @@ def test_parity_check_fails_beyond_the_tolerance():
         rs.check_parity(ours, {**close, "grad_norms": {"a": 3.0, "c": 1.0}}, 1e-5)
 
 
+def test_step_flops_charges_fused_and_plain_attention_alike():
+    # The floor compares implementations by their arithmetic, so the CPU's fused attention must be counted
+    # like the einsum + softmax it replaces, forward and backward (and a GEMM as 2 m n k).
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=g, requires_grad=True) for _ in range(3))
+
+    def fused():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    def plain():
+        weights = torch.einsum("bhid,bhjd->bhij", q, k).mul(32**-0.5).softmax(-1)
+        torch.einsum("bhij,bhjd->bhid", weights, v).sum().backward()
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        flops = rs.step_flops(fused)
+    assert flops == rs.step_flops(plain) == 3 * 2 * (2 * 2 * 4 * 64 * 64 * 32)  # forward + backward of 2 GEMMs
+    linear = torch.nn.Linear(16, 8, bias=False)
+    assert rs.step_flops(lambda: linear(torch.randn(4, 16))) == 2 * 4 * 16 * 8
+
+
+def test_floor_line_divides_the_arithmetic_by_the_gemm_rate():
+    times = {"ours": [2.0, 2.2, 2.1], "reference": [2.5, 2.4, 2.6]}
+    arithmetic = {"ours": {"flops": 170e9, "gemm_flops_per_s": 90e9},
+                  "reference": {"flops": 170e9, "gemm_flops_per_s": 100e9}}
+    line = rs.floor_line(times, arithmetic)
+    # the best rate of either worker: 170 GFLOP at 100 GFLOP/s = 1.7 s, 0.68 of the reference's 2.5 s median
+    assert "170.0 GFLOP per step" in line and "100.0 GFLOP/s" in line and "about 1.700 s" in line
+    assert "ours 81% of it; reference 68% of it" in line and "**Floor / reference step: 0.68x**" in line
+    assert rs.gemm_rate(size=64, repeats=1) > 0
+
+
 @pytest.mark.slow
 def test_reference_step_alternates_two_workers_and_checks_parity(capsys):
     # This repository stands in for the official checkout: the same code must agree exactly with itself.
@@ -152,6 +183,8 @@ def test_reference_step_alternates_two_workers_and_checks_parity(capsys):
     ratio = re.search(r"\*\*ours / reference step time: ([\d.]+)x\*\* .*per round: ([\d., ]+)\)", out)
     assert ratio and len(ratio.group(2).split(",")) == 1
     assert "Parity: output 0.0e+00, gradient norms 0.0e+00" in out
+    assert "1 torch thread;" in out  # the workers' count, whatever the test process runs with
+    assert re.search(r"\*\*Floor / reference step: [\d.]+x\*\*", out)
     split = rows["**everything but compute**"]
     assert all(re.fullmatch(r"\*\*\d+ \(\d+%\)\*\*", cell) for cell in split[1:])
 

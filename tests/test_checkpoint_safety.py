@@ -154,6 +154,26 @@ def test_broken_files_of_every_format_give_one_line(tmp_path):
         assert ("empty (0 bytes)" in msg) == name.startswith("empty"), (name, msg)
 
 
+def test_files_cut_short_are_found_from_their_ends_before_anything_is_loaded(tmp_path, monkeypatch):
+    # check_checkpoint_path is what every script runs before building a model or reading images; it reads the
+    # ends of a file only, so a truncated copy is one line there instead of an error minutes later.
+    from ldm.checkpoint import check_checkpoint_path
+
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the file was loaded"))
+    files = _broken_files(tmp_path)
+    for name in ("truncated.ckpt", "truncated.safetensors", "empty.ckpt"):
+        with pytest.raises(CheckpointError, match="is truncated|is empty") as info:
+            check_checkpoint_path(files[name])
+        assert str(files[name]) in str(info.value), name
+    good = tmp_path / "good.safetensors"
+    cut_data = tmp_path / "cut_data.safetensors"  # the header is whole, the tensor data stops early
+    cut_data.write_bytes(good.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=r"its header describes \d+ bytes, the file has"):
+        check_checkpoint_path(cut_data)
+    for whole in ("good.ckpt", "good.safetensors", "text.ckpt", "text.safetensors", "legacy_cut.pt"):
+        assert check_checkpoint_path(tmp_path / whole) == tmp_path / whole  # others are the loader's to judge
+
+
 @pytest.mark.parametrize("name", ["empty.ckpt", "truncated.safetensors"])
 def test_main_and_export_with_a_broken_init_file(tmp_path, caplog, name):
     path = _broken_files(tmp_path)[name]

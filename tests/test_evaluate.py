@@ -327,9 +327,52 @@ class _Batches(torch.utils.data.Dataset):
         return synthetic_batch(2, seed=i)
 
 
+def _validation_shard(image_dir: Path, tmp_path: Path) -> str:
+    """The held-out images as one validation shard (what the callback builds its default set from)."""
+    import webdataset as wds
+
+    path = tmp_path / "val-00000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for im in load_folder(image_dir, 64):
+            sink.write({"__key__": im.key, "png": Image.fromarray(im.image), "txt": im.caption or "a photo"})
+    return str(path)
+
+
+def test_heldout_evaluation_logs_non_finite_weights_as_an_error_and_goes_on(image_dir, tmp_path, caplog):
+    # Only rank 0 evaluates: raising would leave the other ranks of a multi-node run waiting, and clamping would
+    # log black images. The weights that sample NaN get an error line and a metric; the others are evaluated.
+    import logging
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from ldm.eval.callback import HeldOutEvaluation
+
+    cb = HeldOutEvaluation(str(tmp_path / "heldout"), every_n_steps=1, shards=_validation_shard(image_dir, tmp_path),
+                           num_images=2, size=64, steps=2, scale=3.0, logdir=str(tmp_path / "run"))
+    model = build_tiny("inpaint")
+    with torch.no_grad():  # the raw UNet overflows; its EMA copy is untouched
+        model.model.diffusion_model.out[-1].bias.fill_(float("inf"))
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=CSVLogger(tmp_path / "run", name="csv"),
+                         enable_progress_bar=False, enable_model_summary=False)
+    cb.setup(trainer, model, "fit")
+    with caplog.at_level(logging.ERROR, logger="ldm.eval.callback"):
+        metrics = cb.evaluate(trainer, model)
+    assert metrics["heldout/raw/nonfinite"] == 1.0 and "heldout/raw/psnr_hole" not in metrics
+    assert math.isfinite(metrics["heldout/ema/psnr_hole"]) and "heldout/ema/nonfinite" not in metrics
+    assert "step 0, raw weights: sampling produced NaN/inf in 1 of 1 sample(s)" in caplog.text
+    line = json.loads((tmp_path / "run" / "heldout" / "metrics.jsonl").read_text())
+    assert line["heldout/raw/nonfinite"] == 1.0
+    grid = _rgb(tmp_path / "run" / "heldout" / "step_000000000.png")  # input | mask | masked | EMA: no raw column
+    assert model.training  # put back in training mode after the failure
+    model.eval()
+    with model.ema_scope():
+        ema = cb.inpaint_set(model)
+    assert grid.shape == cb.grid({"ema": ema}).shape and np.array_equal(_cell(grid, 2, 4, 1, 3), ema[1])
+
+
 def test_heldout_evaluation_during_training(image_dir, tmp_path, caplog):
     import pytorch_lightning as pl
-    import webdataset as wds
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -337,12 +380,9 @@ def test_heldout_evaluation_during_training(image_dir, tmp_path, caplog):
     from ldm.eval.fixed_set import load_fixed_set
     from ldm.eval.metrics import region_metrics as metrics_of
 
-    with wds.TarWriter(str(tmp_path / "val-00000.tar")) as sink:  # validation shards -> the default set
-        for im in load_folder(image_dir, 64):
-            sink.write({"__key__": im.key, "png": Image.fromarray(im.image), "txt": im.caption or "a photo"})
     set_dir = tmp_path / "heldout"
-    cb = HeldOutEvaluation(str(set_dir), every_n_steps=1, shards=str(tmp_path / "val-00000.tar"), num_images=2,
-                           size=64, steps=2, scale=3.0, logdir=str(tmp_path / "run"))
+    cb = HeldOutEvaluation(str(set_dir), every_n_steps=1, shards=_validation_shard(image_dir, tmp_path),
+                           num_images=2, size=64, steps=2, scale=3.0, logdir=str(tmp_path / "run"))
     model = build_tiny("inpaint")
     with torch.no_grad():  # raw weights away from the EMA copy, so the two columns differ
         for p in model.model.parameters():
@@ -395,3 +435,28 @@ def test_image_logger_overview_labels_every_column():
     cell = logger.to_grid(images["samples_cfg_scale_5.00"][1:2])  # 20 x 20: the image and make_grid's padding
     assert np.array_equal(_cell(grid, 2, 5, 1, 4, size=cell.shape[0]), cell)
     assert (grid[: grid.shape[0] - 2 * (20 + 2) - 2] < 128).any()  # header text above the two rows
+
+
+def test_image_logger_draws_non_finite_pixels_magenta_and_logs_their_count(tmp_path, caplog):
+    # A cast to uint8 turns NaN into black pixels: a plausible image. The grid must show them and the log count them.
+    import logging
+
+    import pytorch_lightning as pl
+
+    from ldm.callbacks import ImageLogger
+
+    logger = ImageLogger(batch_frequency=1, max_images=2, nrow=2, logdir=str(tmp_path))
+    samples = torch.zeros(2, 3, 8, 8)
+    samples[1, 0, 2, 5] = float("nan")
+    samples[1, 2, 7, 0] = float("inf")
+    grid = logger.to_grid(samples)  # two 8 x 8 images side by side, 2 px padding
+    cell = grid[2:10, 12:20]
+    assert tuple(cell[2, 5]) == tuple(cell[7, 0]) == ImageLogger.NON_FINITE_RGB
+    assert (cell == 128).all(axis=-1).sum() == 64 - 2 and (grid[2:10, 2:10] == 128).all()  # the rest: 0 -> mid-grey
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         default_root_dir=str(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="ldm.callbacks.images"):
+        logger.save(trainer, {"inputs": torch.zeros(2, 3, 8, 8), "samples": samples}, "train", 0)
+    assert "NaN/inf values in samples (2 values)" in caplog.text and "inputs" not in caplog.text
+    saved = np.asarray(Image.open(next((tmp_path / "images" / "train").glob("samples_*.png"))))
+    assert np.array_equal(saved, grid)

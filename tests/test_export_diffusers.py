@@ -204,8 +204,10 @@ def test_an_export_of_the_ema_says_so_when_loaded(exported, caplog):
         load_model(CONFIG, d / "ema.safetensors", use_ema=False, device="cpu")
     raw = load_model(CONFIG, d / "raw.ckpt", device="cpu")
     assert raw.used_ema is False and raw.global_step == 5
-    with pytest.raises(CheckpointError, match="holds only the raw"):
+    with pytest.raises(CheckpointError, match="holds only the raw") as err:
         load_model(CONFIG, d / "raw.ckpt", use_ema=True, device="cpu")
+    assert "export the EMA from the training checkpoint" not in str(err.value)  # it may be that checkpoint
+    assert "use_ema: false" in str(err.value) and "exported with --no-ema" in str(err.value)
     from safetensors import safe_open
 
     with safe_open(str(d / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
@@ -243,6 +245,7 @@ def test_export_never_overwrites_its_input_or_a_training_state(exported, tmp_pat
         (["--diffusers", str(tmp_path / "a_file")], "not a folder"),
         (["--diffusers", str(folder)], "--overwrite"),
         (["--diffusers", str(other), "--overwrite"], "is not a diffusers pipeline"),
+        (["--diffusers", str(other)], "is not a diffusers pipeline"),  # not "pass --overwrite": it would not help
         (["--out", str(tmp_path / "x.ckpt"), "--ckpt", str(tmp_path)], "is a directory"),
         (["--out", str(folder / "inner.safetensors"), "--diffusers", str(folder), "--overwrite"],
          "lies inside --diffusers"),

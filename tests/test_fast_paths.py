@@ -132,7 +132,7 @@ def test_fused_and_foreach_adamw_match_the_per_tensor_loop(kernel):
 
 
 def test_configure_optimizers_picks_the_fused_adamw_kernel_where_torch_has_one(monkeypatch):
-    import ldm.models.diffusion.latent_diffusion as ld
+    from ldm.models.diffusion import optimizers
 
     model = _twin()
     opt = model.configure_optimizers()
@@ -140,7 +140,7 @@ def test_configure_optimizers_picks_the_fused_adamw_kernel_where_torch_has_one(m
     # torch >= 2.4 has a fused CPU AdamW (the fastest kernel here, benchmarks/train_step.py); foreach on CPU
     # would be the slowest of the three
     assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
-    assert ld.adamw_kernel([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]) == {"fused": True}
+    assert optimizers.adamw_kernel([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]) == {"fused": True}
     # where torch refuses the fused kernel (a device or dtype it has none for), torch's own default is used
     real = torch.optim.AdamW
 
@@ -149,8 +149,8 @@ def test_configure_optimizers_picks_the_fused_adamw_kernel_where_torch_has_one(m
             raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
         return real(params, **kwargs)
 
-    monkeypatch.setattr(ld.torch.optim, "AdamW", no_fused)
-    assert ld.adamw_kernel(list(model.model.parameters())) == {}
+    monkeypatch.setattr(optimizers.torch.optim, "AdamW", no_fused)
+    assert optimizers.adamw_kernel(list(model.model.parameters())) == {}
     opt = model.configure_optimizers()
     opt = opt[0][0] if isinstance(opt, tuple | list) else opt
     assert not opt.defaults["fused"] and not opt.defaults["foreach"]  # torch's default on CPU: the loop

@@ -291,6 +291,10 @@ def test_a_mask_of_another_size_is_resized_nearest_with_a_warning(tmp_path, capl
     caplog.clear()
     load_mask(path, size=(40, 32))
     assert not caplog.records
+    load_mask(path, size=(121, 97))  # 3x, with a pixel of rounding: the same aspect ratio
+    for other in ((32, 40), (40, 40), (80, 32)):  # rotated, square, twice as wide: the hole would move
+        with pytest.raises(ValueError, match=f"m.png is 40x32 but its image is {other[0]}x{other[1]}"):
+            load_mask(path, size=other)
 
 
 def test_sixteen_bit_masks_follow_the_image_rule(tmp_path):

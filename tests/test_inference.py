@@ -232,6 +232,20 @@ def test_dpm_sampler_runs_and_rejects_eta(raw_model):
         SamplingOptions(sampler="dpm", eta=1.0)
 
 
+def test_non_finite_samples_are_an_error_not_black_images(ckpts, pair, tmp_path, caplog):
+    """NaN/inf in the decoded sample (fp16 overflow, broken weights) used to be clamped to black PNGs, rc 0."""
+    sd = torch.load(ckpts["raw"], weights_only=False)["state_dict"]
+    sd[UNET_KEY] = torch.full_like(sd[UNET_KEY], float("inf"))
+    broken = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": sd}, broken)
+    out = tmp_path / "o"
+    caplog.clear()
+    assert _run(broken, pair, out) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "NaN/inf in 1 of 1 sample(s)" in errors[0], errors
+    assert not out.exists() or not any(out.iterdir())
+
+
 # ------------------------------------------------------------------------------------------- scripts/inpaint.py
 def _run(ckpt: Path, pair: tuple[Path, Path], out: Path, *extra: str) -> int:
     img, mask = pair
@@ -273,11 +287,13 @@ def test_script_folder_mode_resize_and_num_samples(ckpts, pair, tmp_path):
 
 def test_script_reports_bad_input(ckpts, pair, tmp_path, caplog):
     img, mask = pair
-    small = tmp_path / "small_mask.png"
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(small)
+    small, square = tmp_path / "small_mask.png", tmp_path / "square_mask.png"
+    Image.fromarray(np.zeros((20, 26), np.uint8)).save(small)  # half the 52 x 40 image
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(square)
     base = ["--config", CONFIG, "--ckpt", str(ckpts["raw"]), "--outdir", str(tmp_path / "o"), "--steps", "2"]
     cases = [
         (["--image", str(img), "--mask", str(tmp_path / "nope.png"), "--prompt", "x"], "mask file not found"),
+        (["--image", str(img), "--mask", str(square), "--prompt", "x"], "another aspect ratio"),
         (["--image", str(img), "--mask", str(mask)], "no prompt"),
         (["--image", str(img), "--prompt", "x"], "needs --mask"),
     ]
@@ -286,7 +302,7 @@ def test_script_reports_bad_input(ckpts, pair, tmp_path, caplog):
         with caplog.at_level(logging.ERROR):
             assert inpaint_script.main(base + extra) == 2
         assert message in caplog.text
-    caplog.clear()  # a mask of another size is resized (nearest neighbour) with a warning, not refused
+    caplog.clear()  # a mask of another size, same aspect ratio, is resized (nearest neighbour) with a warning
     with caplog.at_level(logging.WARNING):
         assert inpaint_script.main([*base, "--image", str(img), "--mask", str(small), "--prompt", "x",
                                     "--no-grid"]) == 0
@@ -454,13 +470,20 @@ def test_sampling_scripts_share_the_checks_made_before_loading(script, ckpts, pa
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    cut = tmp_path / "cut.ckpt"  # a copy that stopped halfway
+    cut.write_bytes(ckpts["raw"].read_bytes()[: ckpts["raw"].stat().st_size // 2])
     base = {"inpaint": ["--image", str(img), "--mask", str(mask), "--prompt", "x"],
             "evaluate": ["--images", str(img.parent), "--size", "64"]}[script]
     main = {"inpaint": inpaint_script.main, "evaluate": evaluate_script.main}[script]
     cases = [(["--steps", "9"], "--steps 9 does not work with the DDIM sampler"),
              (["--ckpt", str(run_dir)], "is a directory (a training run's?)"),
+             (["--ckpt", str(cut)], "is truncated: it starts like a torch checkpoint"),
              (["--device", "gpu"], "not a device name"),
-             (["--out", str(tmp_path / "a_file")], "is not a folder")]
+             (["--out", str(tmp_path / "a_file")], "is not a folder"),
+             (["--seed", "-1"], "--seed -1: seeds must be integers >= 0"),
+             (["--scale", "nan"], "must be finite and >= 0"),
+             (["--scale", "inf"], "must be finite and >= 0"),
+             (["--scale", "-3"], "must be finite and >= 0")]
     for extra, expected in cases:
         argv = {"--ckpt": str(ckpts["raw"]), "--out": str(tmp_path / "o"), "--steps": "2"}
         for flag in extra[::2]:
@@ -469,3 +492,26 @@ def test_sampling_scripts_share_the_checks_made_before_loading(script, ckpts, pa
         assert main(["--config", CONFIG, *base, *(x for kv in argv.items() for x in kv), *extra]) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and expected in errors[0], (extra, errors)
+
+
+@pytest.mark.parametrize("script", ["inpaint", "evaluate"])
+@pytest.mark.parametrize("where", [".", "results", "results/deeper"])
+def test_the_output_folder_may_not_be_inside_the_input_folder(script, where, ckpts, pair, tmp_path, caplog,
+                                                              monkeypatch):
+    # The next run would read the samples as inputs (unpaired images, held-out images that are model outputs).
+    img, _ = pair
+    monkeypatch.setattr(inpaint_script, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    flag = {"inpaint": "--input-dir", "evaluate": "--images"}[script]
+    argv = ["--config", CONFIG, "--ckpt", str(ckpts["raw"]), flag, str(img.parent), "--steps", "2",
+            "--out", str(img.parent / where)]
+    if script == "inpaint":
+        argv += ["--prompt", "x"]
+        main = inpaint_script.main
+    else:
+        argv += ["--size", "64"]
+        main = load_script("evaluate").main
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"is inside {flag} {img.parent}" in errors[0], errors
+    assert sorted(p.name for p in img.parent.iterdir()) == sorted(p.name for p in img.parent.iterdir()
+                                                                  if p.is_file())  # no folder was created

@@ -83,14 +83,29 @@ class ImageLogger(pl.Callback):
             return self.log_first_step
         return step % self.batch_freq == 0 or step in self.log_steps
 
+    #: colour of pixels with a NaN or inf in any channel: a cast to uint8 would draw them black, which reads as
+    #: a plausible dark image; magenta cannot be mistaken for one (``save`` also logs their count as an error)
+    NON_FINITE_RGB = (255, 0, 255)
+
     def to_grid(self, images: torch.Tensor) -> np.ndarray:
         images = images[: self.max_images].detach().float().cpu()
+        bad = (~torch.isfinite(images)).any(dim=1, keepdim=True).float()  # B x 1 x H x W
+        images = images.nan_to_num(0.0, 0.0, 0.0)
         if self.clamp:
             images = images.clamp(-1.0, 1.0)
         if self.rescale:
             images = (images + 1.0) / 2.0
         grid = torchvision.utils.make_grid(images, nrow=self.nrow)  # 3 x H' x W'
-        return (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        out = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        if bad.any():
+            out[torchvision.utils.make_grid(bad, nrow=self.nrow)[0].numpy() > 0] = self.NON_FINITE_RGB
+        return out
+
+    @staticmethod
+    def non_finite(images: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Per key, how many values are NaN or inf (keys without any are left out)."""
+        counts = {k: int((~torch.isfinite(v)).sum()) for k, v in images.items() if v.is_floating_point()}
+        return {k: n for k, n in counts.items() if n}
 
     def overview(self, images: dict[str, torch.Tensor]) -> np.ndarray:
         """All keys side by side with column headers (sampled columns name their seed and guidance scale)."""
@@ -108,6 +123,10 @@ class ImageLogger(pl.Callback):
         folder = Path(self.logdir or trainer.default_root_dir) / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
         gs, ep = trainer.global_step, trainer.current_epoch
+        bad = self.non_finite({k: v[: self.max_images] for k, v in images.items()})
+        if bad:  # the run goes on (its loss checks judge the weights); the grid shows the pixels in magenta
+            log.error("image log (%s, step %d): NaN/inf values in %s; drawn magenta in the grids", split, gs,
+                      ", ".join(f"{k} ({n} values)" for k, n in bad.items()))
         grids = {key: self.to_grid(batch) for key, batch in images.items()}
         grids["overview"] = self.overview(images)
         for key, grid in grids.items():

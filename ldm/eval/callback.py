@@ -16,6 +16,7 @@ which is the cost docs/EVALUATION.md gives per evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from ldm.eval.fixed_set import FixedSet, build_fixed_set, load_fixed_set
 from ldm.eval.metrics import region_metrics
 from ldm.grids import labelled_grid
 from ldm.image_io import save_png
-from ldm.inference import SamplingOptions, inpaint
+from ldm.inference import NonFiniteSamples, SamplingOptions, inpaint
 from ldm.util import REPO_ROOT, ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,20 +138,28 @@ class HeldOutEvaluation(pl.Callback):
         start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()
+        outputs: dict[str, list[np.ndarray]] = {}
+        metrics: dict[str, float] = {}
         try:
-            outputs: dict[str, list[np.ndarray]] = {}
-            if getattr(pl_module, "use_ema", False):
-                with pl_module.ema_scope("held-out evaluation"):
-                    outputs["ema"] = self.inpaint_set(pl_module)
-            outputs["raw"] = self.inpaint_set(pl_module)
+            for weights in ("ema", "raw") if getattr(pl_module, "use_ema", False) else ("raw",):
+                scope = pl_module.ema_scope("held-out evaluation") if weights == "ema" else contextlib.nullcontext()
+                try:
+                    with scope:
+                        outputs[weights] = self.inpaint_set(pl_module)
+                except NonFiniteSamples as e:
+                    # Only rank 0 evaluates, so raising here would leave the other ranks waiting at their next
+                    # collective; the run goes on (its loss and gradient checks judge the weights) and the
+                    # failure is logged as an error and as a metric, never as black images.
+                    log.error("held-out evaluation at step %d, %s weights: %s; no metrics or grid column for them",
+                              trainer.global_step, weights, e)
+                    metrics[f"heldout/{weights}/nonfinite"] = 1.0
         finally:
             pl_module.train(was_training)
-        metrics = {}
         for weights, outs in outputs.items():
             scores = [region_metrics(out, it.image, it.mask) for out, it in zip(outs, self.fixed.items)]
             metrics.update({f"heldout/{weights}/{k}": float(np.nanmean([s[k] for s in scores])) for k in scores[0]})
         metrics["heldout/seconds"] = time.perf_counter() - start
-        self.publish(trainer, metrics, self.grid(outputs))
+        self.publish(trainer, metrics, self.grid(outputs) if outputs else None)
         return metrics
 
     def grid(self, outputs: dict[str, list[np.ndarray]]) -> np.ndarray:
@@ -163,20 +172,25 @@ class HeldOutEvaluation(pl.Callback):
         row_labels = [f"{it.key} (seed {it.seed})" for it in self.fixed.items]
         return labelled_grid(rows, headers=headers, row_labels=row_labels)
 
-    def publish(self, trainer: pl.Trainer, metrics: dict[str, float], grid: np.ndarray) -> None:
+    def publish(self, trainer: pl.Trainer, metrics: dict[str, float], grid: np.ndarray | None) -> None:
         step = trainer.global_step
         folder = Path(self.logdir or trainer.default_root_dir) / "heldout"
-        save_png(grid, folder / f"step_{step:09d}.png")
+        folder.mkdir(parents=True, exist_ok=True)
+        if grid is not None:
+            save_png(grid, folder / f"step_{step:09d}.png")
         with open(folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "set": str(self.set_dir), "fingerprint": self.fixed.fingerprint,
                                 **metrics}) + "\n")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             name = type(logger).__name__
+            if grid is None:
+                continue
             if name == "TensorBoardLogger":
                 logger.experiment.add_image("heldout/grid", grid, step, dataformats="HWC")
             elif name == "WandbLogger":
                 logger.log_image(key="heldout/grid", images=[grid], step=step)
-        log.info("held-out evaluation at step %d: EMA psnr_hole %s, raw psnr_hole %.2f (%.1f s)", step,
-                 f"{metrics['heldout/ema/psnr_hole']:.2f}" if "heldout/ema/psnr_hole" in metrics else "-",
-                 metrics["heldout/raw/psnr_hole"], metrics["heldout/seconds"])
+        psnr = {w: f"{metrics[f'heldout/{w}/psnr_hole']:.2f}" if f"heldout/{w}/psnr_hole" in metrics else "-"
+                for w in ("ema", "raw")}
+        log.info("held-out evaluation at step %d: EMA psnr_hole %s, raw psnr_hole %s (%.1f s)", step, psnr["ema"],
+                 psnr["raw"], metrics["heldout/seconds"])

@@ -111,8 +111,12 @@ def _stored_weights(use_ema: bool | None, source: str, stored: str | None) -> bo
         return True
     if stored == "raw":
         if use_ema:
-            raise CheckpointError(f"{source} holds only the raw (non-EMA) UNet weights (it records unet_weights: raw);"
-                                  " export the EMA from the training checkpoint, or drop --ema.")
+            # either a training checkpoint of a run without EMA (use_ema: false) or an export made with --no-ema:
+            # the message must not send the user to a training checkpoint that has no EMA either
+            raise CheckpointError(f"{source} holds only the raw (non-EMA) UNet weights (it records unet_weights: raw)"
+                                  " and no model_ema.* copy: its run trained without EMA (use_ema: false) or it was "
+                                  "exported with --no-ema. Drop --ema, or pass a training checkpoint of a run with "
+                                  "EMA (or an export of its EMA).")
         log.info("%s: using its raw (non-EMA) UNet weights (it has no EMA copy)", source)
         return False
     if use_ema:

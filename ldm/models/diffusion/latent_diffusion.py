@@ -8,7 +8,8 @@ This file owns the *training wiring* only. The math lives in pure modules called
 ``schedule`` (betas and every derived buffer), ``parameterization`` (q_sample, eps/x0/v, training targets, the
 per-mode loss weights), ``losses`` (the loss object) and ``conditioning`` (caption dropout); samplers are reached
 through ``sampling``. Checkpoint reading and the 4 -> 9 channel surgery live in :mod:`ldm.checkpoint`, the
-module's checkpoint hooks (init, EMA timing, save/resume) in :mod:`ldm.models.diffusion.checkpointing`; legacy
+module's checkpoint hooks (init, EMA timing, save/resume) in :mod:`ldm.models.diffusion.checkpointing`, AdamW
+and the LR schedule in :mod:`ldm.models.diffusion.optimizers`; legacy
 quirks and ldm's helper methods in :mod:`ldm.compat`; image logging in :mod:`ldm.models.diffusion.visualize`.
 
 Deliberate differences from the reference (docs/DECISIONS.md):
@@ -32,7 +33,7 @@ from einops import rearrange
 
 from ldm import compat
 from ldm.config_schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Range
-from ldm.models.diffusion import losses, parameterization, wiring
+from ldm.models.diffusion import losses, optimizers, parameterization, wiring
 from ldm.models.diffusion.checkpointing import CheckpointMixin
 from ldm.models.diffusion.conditioning import CaptionDropout, check_caption_dropout, drop_captions
 from ldm.models.diffusion.schedule import NoiseSchedule, make_beta_schedule
@@ -452,25 +453,9 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         return params
 
     def configure_optimizers(self):
-        params = self.trainable_parameters()
-        hyper = dict(lr=self.learning_rate, betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay,
-                     **adamw_kernel(params))
-        dist = torch.distributed
-        if self.shard_optimizer_state and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-
-            # ZeRO-1: each rank holds the AdamW moments of 1/world of the parameters (~7 GB of fp32 state for
-            # the SD2 UNet, divided by the world size); Lightning consolidates it on rank 0 for checkpoints.
-            opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **hyper)
-        else:
-            opt = torch.optim.AdamW(params, **hyper)
-        if self.scheduler_config is None:
-            return opt
-        multiplier = instantiate_from_config(self.scheduler_config)
-        log.info("LR schedule: %s (multiplier on lr %.3e, stepped every optimizer step)",
-                 self.scheduler_config["target"], self.learning_rate)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=multiplier.schedule)
-        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+        return optimizers.build(self.trainable_parameters(), lr=self.learning_rate, betas=self.adam_betas,
+                                eps=self.adam_eps, weight_decay=self.weight_decay,
+                                shard_state=self.shard_optimizer_state, scheduler_config=self.scheduler_config)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -488,12 +473,3 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         """What the model regresses on at ``t`` for the configured parameterization (eps, x0 or v)."""
         return parameterization.training_target(self.parameterization, x_start, noise, *self._ab(t, x_start.ndim))
 
-
-def adamw_kernel(params: list[torch.nn.Parameter]) -> dict[str, bool]:
-    """``{"fused": True}`` where torch has a fused AdamW for these parameters (CUDA; CPU since torch 2.4, there
-    1.9x the per-tensor loop: docs/BENCHMARKS.md), else ``{}``, torch's default (foreach is slowest on CPUs)."""
-    try:
-        torch.optim.AdamW(params, fused=True)  # the constructor checks the devices and dtypes
-    except (RuntimeError, ValueError):
-        return {}
-    return {"fused": True}
