@@ -76,6 +76,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 from demo_data import DEMO_MANIFEST, demo_records, load_manifest  # noqa: E402 - sibling module in scripts/
 from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from ldm.data.rgb import open_rgb  # noqa: E402
 from ldm.data.shard_writer import PARTIAL_SUFFIX, Record, brace_pattern, check_storable, write_shards  # noqa: E402
@@ -293,8 +294,9 @@ def write_split(args: argparse.Namespace, name: str, chosen: list[Any], skips: S
         records, total = folder_records(chosen, args.images, skips, args.size, args.resize_mode), len(chosen)
     out = args.out / name if name else args.out
     counted = Counted(records)
-    paths = write_shards(tqdm(counted, total=total, desc=f"shards {name or 'all'}", unit="img"), out,
-                         args.samples_per_shard, args.size, args.resize_mode, args.quality)
+    with logging_redirect_tqdm():  # skip warnings on lines of their own, not glued to the progress bar
+        paths = write_shards(tqdm(counted, total=total, desc=f"shards {name or 'all'}", unit="img"), out,
+                             args.samples_per_shard, args.size, args.resize_mode, args.quality)
     n = counted.n
     if not paths:
         log.warning("%s: no samples written (every input of this split was skipped)", name or "all")

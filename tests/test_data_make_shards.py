@@ -254,3 +254,16 @@ def test_table_paths_outside_the_folder_and_jpeg_sized_strips_are_handled(tmp_pa
     assert make_shards.main(["--images", str(d), "--captions", str(table), "--out", str(tmp_path / "c"),
                              "--resize-mode", "center_crop", "--size", "32"]) == 0
     assert len(_members(tmp_path / "c" / "00000.tar")) == 3 and "skipped" not in caplog.text
+
+
+def test_skip_warnings_are_not_glued_to_the_progress_bar(tmp_path):
+    """Each skip is a line of its own in the CLI's stderr (tqdm's bar is redrawn around it)."""
+    d = _folder(tmp_path, n=3)
+    for i in range(3):
+        (d / f"img{i}.txt").write_text(f"picture {i}")
+    (d / "img1.png").write_bytes(b"not a png")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--images", str(d), "--out", str(tmp_path / "o"), "--size", "16"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    pieces = [p for p in r.stderr.replace("\r", "\n").splitlines() if "skipped" in p]
+    assert len(pieces) == 2 and all(p.startswith("WARNING make_shards: ") for p in pieces), pieces
