@@ -94,6 +94,19 @@ def test_sigterm_then_resume_is_exact(tmp_path, caplog):
             assert torch.equal(opt_a[idx][name], opt_b[idx][name]), (idx, name)
 
 
+def test_a_held_out_set_without_its_source_shards_fails_before_the_model_is_built(tmp_path, caplog):
+    """configs/inpaint.yaml's heldout_eval builds its set from LAION validation shards; on one's own photos a
+    missing source is one line naming the callback key and how to drop it, and no run directory is written."""
+    pattern = str(tmp_path / "val" / "{00000..00003}.tar")
+    cb = ("lightning.callbacks.heldout_eval={target: ldm.eval.callback.HeldOutEvaluation, params: {set_dir: "
+          f"{tmp_path / 'set'}, shards: '{pattern}', size: 64, num_images: 2}}}}")
+    rc = main.main(["--base", TINY, "--train", "-l", str(tmp_path / "logs"), cb])
+    assert rc == 2
+    assert ("lightning.callbacks.heldout_eval.params.shards: none of the 4 local shard files of" in caplog.text
+            and "drop it with ~lightning.callbacks.heldout_eval" in caplog.text)
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
 def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "main.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
