@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="model yaml used for every checkpoint without --ckpt-config")
     p.add_argument("--ckpt-config", action="append", default=[], metavar="NAME=YAML",
                    help="a different yaml for one checkpoint (e.g. an eps model next to a v model)")
+    p.add_argument("--ckpt-weights", action="append", default=[], metavar="NAME=ema|raw",
+                   help="the weights of one checkpoint, over --ema: name one file twice to compare its EMA and raw "
+                        "weights in one run (--ckpt e=F --ckpt r=F --ckpt-weights e=ema --ckpt-weights r=raw)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of held-out images (+ NAME.txt captions)")
     src.add_argument("--shards", help="WebDataset shard pattern, e.g. 'val/{00000..00009}.tar'")
@@ -134,7 +137,15 @@ def checkpoint_specs(args: argparse.Namespace) -> list[CheckpointSpec]:
     unknown = set(configs) - set(names)
     if unknown:
         raise ValueError(f"--ckpt-config names {sorted(unknown)} match no --ckpt name ({names})")
-    return [CheckpointSpec(n, configs.get(n, args.config), path, args.ema) for n, path in ckpts]
+    weights: dict[str, bool] = {}
+    for item in args.ckpt_weights:
+        name, _, choice = item.partition("=")
+        if choice not in ("ema", "raw"):
+            raise ValueError(f"--ckpt-weights {item!r}: expected NAME=ema or NAME=raw")
+        if name not in names:
+            raise ValueError(f"--ckpt-weights {item!r}: {name!r} matches no --ckpt name ({names})")
+        weights[name] = choice == "ema"
+    return [CheckpointSpec(n, configs.get(n, args.config), path, weights.get(n, args.ema)) for n, path in ckpts]
 
 
 def feature_metrics(args: argparse.Namespace, shard: Shard) -> FeatureMetrics:

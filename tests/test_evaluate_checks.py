@@ -194,3 +194,24 @@ def test_relative_set_dir_is_under_the_repository_root(tmp_path, monkeypatch, ca
     assert "in the working directory is not used" in caplog.text
 
 
+
+
+def test_one_checkpoint_can_be_compared_with_its_own_raw_weights(tmp_path):
+    # --ckpt-weights picks the weights per name, over --ema; the two names key their samples apart
+    from ldm.eval.run import Protocol, run_identity
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    base = ["--config", CONFIG, "--images", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--ckpt", f"e={ckpt}", "--ckpt", f"r={ckpt}", "--ckpt", f"auto={ckpt}", "--ckpt-weights", "r=raw"]
+    specs = evaluate_script.checkpoint_specs(evaluate_script.parse_args([*base, "--ckpt-weights", "e=ema"]))
+    assert [(s.name, s.ckpt, s.use_ema) for s in specs] == [("e", str(ckpt), True), ("r", str(ckpt), False),
+                                                            ("auto", str(ckpt), None)]
+    specs = evaluate_script.checkpoint_specs(evaluate_script.parse_args([*base, "--ema"]))
+    assert [s.use_ema for s in specs] == [True, False, True]  # --ema for every name without its own choice
+    protocol = Protocol((3.0,), "ddim", 2, 0.0, "fp32", False, 0)
+    assert run_identity(specs[0], protocol, "0" * 64)[0] != run_identity(specs[1], protocol, "0" * 64)[0]
+    for bad, message in ((["--ckpt-weights", "e=EMA"], "expected NAME=ema or NAME=raw"),
+                         (["--ckpt-weights", "x=raw"], "'x' matches no --ckpt name")):
+        with pytest.raises(ValueError, match=message):
+            evaluate_script.checkpoint_specs(evaluate_script.parse_args([*base, *bad]))
