@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--captions goes with --images")
     if args.images is not None and not args.images.is_dir():
         p.error(f"--images {args.images}: not a folder")
+    if args.images is not None and args.images.resolve() in (args.out.resolve(), *args.out.resolve().parents):
+        # make_shards reads --images recursively: the next run would train on this run's masks and samples
+        p.error(f"--out {args.out} is inside --images {args.images}; choose a folder outside it")
     return args
 
 

@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--size, --samples-per-shard and --repeat must be positive")
         if not 1 <= args.quality <= 100:
             raise InputError(f"--quality must be in 1..100 (JPEG quality), got {args.quality}")
+        if args.images is not None and args.images.resolve() in (args.out.resolve(), *args.out.resolve().parents):
+            # --images is read recursively: a later run would also read whatever lands next to the shards
+            raise InputError(f"--out {args.out} is inside --images {args.images}; choose a folder outside it")
         prepare_output(args.out, args.overwrite)
         if args.demo:
             sources = load_manifest(args.manifest or DEMO_MANIFEST)

@@ -267,3 +267,18 @@ def test_skip_warnings_are_not_glued_to_the_progress_bar(tmp_path):
     assert r.returncode == 0, r.stderr
     pieces = [p for p in r.stderr.replace("\r", "\n").splitlines() if "skipped" in p]
     assert len(pieces) == 2 and all(p.startswith("WARNING make_shards: ") for p in pieces), pieces
+
+
+@pytest.mark.parametrize("inside", [".", "shards", "shards/v1"])
+def test_out_inside_the_images_folder_is_refused_by_make_shards_and_the_demo(tmp_path, caplog, inside):
+    # --images is read recursively: whatever a run writes under it (the demo's NAME.png / NAME_mask.png folders,
+    # a later run's files) would be read as training photos the next time
+    d = _folder(tmp_path, n=2)
+    before = sorted(p.name for p in d.rglob("*"))
+    out = d / inside
+    assert make_shards.main(["--images", str(d), "--out", str(out), "--size", "16"]) == 2
+    assert _errors(caplog) == [f"--out {out} is inside --images {d}; choose a folder outside it"]
+    demo = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--images", str(d), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 2 and f"--out {out} is inside --images {d}" in demo.stderr
+    assert sorted(p.name for p in d.rglob("*")) == before  # nothing written
