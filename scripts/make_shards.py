@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-col", help="caption column of the caption table")
     p.add_argument("--out", "--outdir", type=Path, required=True, help="output folder")
     p.add_argument("--size", type=int, default=512, help="target size in pixels (see --resize-mode)")
+    p.add_argument("--min-size", type=int, default=0,
+                   help="skip images whose short side is below this many pixels (default 0: keep all; smaller "
+                        "than --size are enlarged, counted and reported)")
     p.add_argument("--resize-mode", choices=("keep_ratio", "center_crop", "no"), default="keep_ratio",
                    help="keep_ratio: short side to --size; center_crop: square --size crop; no: keep pixels")
     p.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per tar file (default 10000)")
@@ -113,6 +116,29 @@ class Skips:
         if not total:
             return "no input skipped"
         return f"{total} input(s) skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(self.counts.items()))
+
+
+class Upscales:
+    """Inputs with a short side below ``--size``, which the resize enlarges (blur the model then learns from):
+    counted, with the largest factor, and reported at the end; ``--min-size`` skips the smallest instead."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.worst: tuple[float, Path, int, int] | None = None  # (factor, file, width, height)
+
+    def note(self, path: Path, width: int, height: int, size: int) -> None:
+        factor = size / min(width, height)
+        if factor > 1:
+            self.n += 1
+            if self.worst is None or factor > self.worst[0]:
+                self.worst = (factor, path, width, height)
+
+    def report(self, size: int) -> None:
+        if self.worst is not None:
+            factor, path, w, h = self.worst
+            log.warning("%d image(s) had a short side below --size %d and were enlarged to it (the most: %s, %dx%d, "
+                        "%.1fx); pass --min-size to skip small photos (the shards keep original_width/height, so "
+                        "a training filter can also drop them)", self.n, size, path, w, h, factor)
 
 
 def read_caption(path: Path, skips: Skips) -> str | None:
@@ -226,13 +252,19 @@ def folder_items(images: Path, captions: Path | None, image_col: str | None, cap
 
 
 def folder_records(items: list[tuple[Path, str, dict[str, Any]]], root: Path, skips: Skips,
-                   size: int | None = None, resize_mode: str = "keep_ratio") -> Iterator[Record]:
+                   size: int | None = None, resize_mode: str = "keep_ratio", min_size: int = 0,
+                   upscales: Upscales | None = None) -> Iterator[Record]:
     for path, caption, meta in items:
         try:
             image = open_rgb(path)  # the project's one image rule: EXIF orientation, any mode -> 8-bit RGB
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
             skips.skip("corrupt_image", path, f"{type(e).__name__}: {e}")
             continue
+        if min(image.size) < min_size:
+            skips.skip("too_small", path, f"{image.width}x{image.height}: short side below --min-size {min_size}")
+            continue
+        if upscales is not None and size is not None and resize_mode != "no":
+            upscales.note(path, image.width, image.height, size)
         try:  # a strip scaled to --size can outgrow what a JPEG holds: skipped here, not a crash in the writer
             check_storable(image.width, image.height, size, resize_mode)
         except ValueError as e:
@@ -257,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     skips = Skips(args.strict)
     try:
-        if args.size < 1 or args.samples_per_shard < 1 or args.repeat < 1:
-            raise InputError("--size, --samples-per-shard and --repeat must be positive")
+        if args.size < 1 or args.samples_per_shard < 1 or args.repeat < 1 or args.min_size < 0:
+            raise InputError("--size, --samples-per-shard and --repeat must be positive, --min-size >= 0")
         if not 1 <= args.quality <= 100:
             raise InputError(f"--quality must be in 1..100 (JPEG quality), got {args.quality}")
         if args.images is not None and args.images.resolve() in (args.out.resolve(), *args.out.resolve().parents):
@@ -273,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"no usable inputs under {args.images} ({skips.summary()}; each is named above)")
         train_idx, val_idx = split_holdout(len(sources), args.val_fraction, args.seed)
         splits = [("train", train_idx), ("val", val_idx)] if val_idx else [("", train_idx)]
-        written = 0
+        written, upscales = 0, Upscales()
         for name, idx in splits:
-            written += write_split(args, name, [sources[i] for i in idx], skips)
+            written += write_split(args, name, [sources[i] for i in idx], skips, upscales)
+        upscales.report(args.size)
     except InputError as e:
         if args.strict:
             remove_own_files(args.out)  # --strict: no partial data set is left behind
@@ -289,12 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_split(args: argparse.Namespace, name: str, chosen: list[Any], skips: Skips) -> int:
+def write_split(args: argparse.Namespace, name: str, chosen: list[Any], skips: Skips,
+                upscales: Upscales | None = None) -> int:
     """Write one split's shards under ``args.out[/name]``, log its brace pattern; return the samples written."""
     if args.demo:
         records, total = demo_records(chosen, args.repeat, args.augment, args.seed), len(chosen) * args.repeat
     else:
-        records, total = folder_records(chosen, args.images, skips, args.size, args.resize_mode), len(chosen)
+        records = folder_records(chosen, args.images, skips, args.size, args.resize_mode, args.min_size, upscales)
+        total = len(chosen)
     out = args.out / name if name else args.out
     counted = Counted(records)
     with logging_redirect_tqdm():  # skip warnings on lines of their own, not glued to the progress bar

@@ -282,3 +282,23 @@ def test_out_inside_the_images_folder_is_refused_by_make_shards_and_the_demo(tmp
                           capture_output=True, text=True, timeout=120)
     assert demo.returncode == 2 and f"--out {out} is inside --images {d}" in demo.stderr
     assert sorted(p.name for p in d.rglob("*")) == before  # nothing written
+
+
+def test_small_photos_enlarged_to_size_are_counted_and_min_size_skips_them(tmp_path, caplog):
+    d = _folder(tmp_path, n=2)  # 60 x 40
+    Image.fromarray(np.full((8, 12, 3), 200, np.uint8)).save(d / "tiny.png")
+    for name in ("img0", "img1", "tiny"):
+        (d / f"{name}.txt").write_text("a photo")
+    with caplog.at_level(logging.WARNING):
+        assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "a"), "--size", "32"]) == 0
+    warning = [m for m in caplog.messages if "enlarged" in m]  # only tiny.png (8 px) is below 32: 4x
+    assert len(warning) == 1 and warning[0].startswith("1 image(s) had a short side below --size 32")
+    assert f"{d / 'tiny.png'}, 12x8, 4.0x" in warning[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert make_shards.main(["--images", str(d), "--out", str(tmp_path / "b"), "--size", "64",
+                                 "--min-size", "20"]) == 0
+    assert any(f"skipped {d / 'tiny.png'}: too_small: 12x8: short side below --min-size 20" in m
+               for m in caplog.messages)
+    assert any(m.startswith("2 image(s) had a short side below --size 64") for m in caplog.messages)
+    assert any("1 input(s) skipped: 1 too_small" in m for m in caplog.messages)
