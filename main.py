@@ -88,6 +88,7 @@ from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
 )
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
+from ldm.data_checks import check_data  # noqa: E402
 from ldm.modules.random_weights import deferred_report  # noqa: E402
 from ldm.quiet import explain_eval_modules, silence_known_noise, silence_resume_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
@@ -95,7 +96,6 @@ from ldm.run import (  # noqa: E402
     build_trainer,
     check_overrides,
     check_sections,
-    check_shard_paths,
     count_devices,
     effective_lr,
     preflight,
@@ -168,7 +168,7 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     else:
         cfg.model.params.ckpt_path = None  # the resume checkpoint supersedes the init checkpoint
     if opt.train:  # a wrong shard path is one line before the model is built or the run directory written
-        check_shard_paths(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
+        check_data(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     pl.seed_everything(DEFAULT_SEED if opt.seed is None else opt.seed, workers=True)
 
     trainer = build_trainer(dirs, now, cfg, lightning_cfg, opt.seed, resume=dirs.resume_ckpt is not None,

@@ -36,7 +36,8 @@ IGNORED_PARAMS: dict[str, str] = {
     "exist. For best-k checkpoints set lightning.modelcheckpoint.params.monitor",
     "LatentDiffusion.image_size": "ldm used it as the latent size of the samples drawn for image logs; here "
     "sample shapes follow the batch or the conditioning latent. Only the diffusers export reads it from the "
-    "config, as the UNet's sample_size (the default size diffusers pipelines generate)",
+    "config, as the UNet's sample_size (the default size diffusers pipelines generate); a training run warns when "
+    "it disagrees with the training crop (ldm.data_checks)",
     "UNetModel.image_size": "the UNet is fully convolutional; the input latent decides the size",
     "AutoencoderKL.monitor": "see LatentDiffusion.monitor",
     "FrozenOpenCLIPEmbedder.device": "tokens follow the module's own device; moving the module moves it",

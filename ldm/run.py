@@ -225,53 +225,6 @@ def preflight(cfg: DictConfig) -> None:
         )
 
 
-def check_shard_paths(cfg: DictConfig) -> None:
-    """Fail before the model is built and the run directory written when shards the run reads do not exist.
-
-    The WebDataset module checks again when it builds each loader; this earlier check spares a user with a wrong
-    shard path the minutes a full-size model takes to build and load, and an empty run directory. The
-    validation split counts only when ``lightning.trainer.limit_val_batches`` is not 0 (Lightning's default is
-    to validate). A held-out evaluation callback's ``shards`` count while its set is not built yet.
-    """
-    from ldm.data.shards import check_local_shards, expand_shards
-
-    _check_heldout_source(cfg)
-    if not str(OmegaConf.select(cfg, "data.target", default="")).endswith(".WebDataModuleFromConfig"):
-        return
-    splits = ["train"]
-    if OmegaConf.select(cfg, "lightning.trainer.limit_val_batches", default=1.0) != 0:
-        splits.append("validation")
-    tar_base = OmegaConf.select(cfg, "data.params.tar_base", default=None)
-    for split in splits:
-        shards = OmegaConf.select(cfg, f"data.params.{split}.shards", default=None)
-        if shards is None:
-            continue  # no such split (or a required value left unset, reported where it is read)
-        shards = OmegaConf.to_container(shards, resolve=True) if OmegaConf.is_config(shards) else shards
-        key = f"data.params.{split}.shards"
-        check_local_shards(expand_shards(shards, tar_base, where=key), shards, key)
-
-
-def _check_heldout_source(cfg: DictConfig) -> None:
-    """A held-out evaluation callback whose set is not built yet needs its ``shards`` (built at the run's start)."""
-    from ldm.data.shards import check_local_shards, expand_shards
-    from ldm.eval.callback import resolve_set_dir
-
-    for name, spec in (OmegaConf.select(cfg, "lightning.callbacks", default=None) or {}).items():
-        if not isinstance(spec, DictConfig) or not str(spec.get("target", "")).endswith(".HeldOutEvaluation"):
-            continue
-        params = spec.get("params") or {}
-        shards, key = params.get("shards"), f"lightning.callbacks.{name}.params.shards"
-        if shards is None or "set_dir" not in params or (resolve_set_dir(params.set_dir) / "set.json").exists():
-            continue  # the set exists (or cannot be built, which the callback reports)
-        shards = OmegaConf.to_container(shards, resolve=True) if OmegaConf.is_config(shards) else shards
-        try:
-            check_local_shards(expand_shards(shards, where=key), shards, key)
-        except ConfigError as e:
-            raise ConfigError(f"{e} (the held-out set {resolve_set_dir(params.set_dir)} is built from them at the "
-                              f"start; point it at validation shards of yours, or drop it with ~lightning.callbacks."
-                              f"{name})") from None
-
-
 def build_strategy(lightning_cfg: DictConfig, world: int) -> Any:
     """DDP with bucketing/overlap for multi-process runs; a target config or a name overrides it."""
     spec = lightning_cfg.get("strategy")

@@ -147,3 +147,24 @@ def test_missing_shards_name_the_pattern(tmp_path, caplog):
     # found before the model is built: no run directory is left behind by the mistake
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
     assert "building" not in caplog.text and "run directory" not in caplog.text
+
+
+def test_a_training_crop_that_disagrees_with_image_size_is_warned_about(caplog):
+    # image_size is ignored by training, but an export writes it as the diffusers UNet's sample_size
+    from omegaconf import OmegaConf
+
+    from ldm.data_checks import check_image_size
+
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "inpaint_shards.yaml")
+    with caplog.at_level(logging.WARNING, logger="ldm.data_checks"):
+        check_image_size(cfg)  # 64 px crop, image_size 8, VAE factor 8: consistent
+        assert not caplog.records
+        cfg.data.params.train.image_transforms[-1].params.size = 128
+        check_image_size(cfg)
+    assert len(caplog.records) == 1
+    assert ("model.params.image_size is 8 (64 px), but the training crop is 128 px" in caplog.text
+            and "Set model.params.image_size=16" in caplog.text)
+    for name in ("inpaint.yaml", "demo/inpaint.yaml", "demo/base.yaml"):  # the shipped configs agree
+        caplog.clear()
+        check_image_size(OmegaConf.load(REPO / "configs" / name))
+        assert not caplog.records, name
