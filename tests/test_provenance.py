@@ -78,13 +78,15 @@ def test_scripts_refuse_a_config_that_contradicts_the_checkpoint(v_ckpt, tmp_pat
     eps_cfg = write_config(tmp_path / "eps.yaml", parameterization="eps")
     from PIL import Image
 
-    Image.new("RGB", (64, 64), (20, 200, 20)).save(tmp_path / "a.png")
-    Image.new("L", (64, 64), 255).save(tmp_path / "a_mask.png")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (20, 200, 20)).save(images / "a.png")
+    Image.new("L", (64, 64), 255).save(images / "a_mask.png")
     argv = {
         "export": ["--out", str(tmp_path / "x.safetensors")],
-        "inpaint": ["--image", str(tmp_path / "a.png"), "--mask", str(tmp_path / "a_mask.png"), "--prompt", "",
+        "inpaint": ["--image", str(images / "a.png"), "--mask", str(images / "a_mask.png"), "--prompt", "",
                     "--outdir", str(tmp_path / "out"), "--steps", "2"],
-        "evaluate": ["--images", str(tmp_path), "--size", "64", "--out", str(tmp_path / "eval"), "--steps", "2"],
+        "evaluate": ["--images", str(images), "--size", "64", "--out", str(tmp_path / "eval"), "--steps", "2"],
     }[script]
     module = {"export": export_script, "inpaint": inpaint_script, "evaluate": evaluate_script}[script]
     rc = module.main(["--config", eps_cfg, "--ckpt", str(v_ckpt), *argv])
