@@ -89,6 +89,7 @@ from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
 from ldm.data_checks import check_data  # noqa: E402
+from ldm.launch import check_launch  # noqa: E402
 from ldm.modules.random_weights import deferred_report  # noqa: E402
 from ldm.quiet import explain_eval_modules, silence_known_noise, silence_resume_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
@@ -161,6 +162,9 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
         raise ConfigError("--train needs a 'data' section (a data module target, e.g. "
                           "ldm.data.laion.WebDataModuleFromConfig); see configs/tiny/inpaint_shards.yaml")
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
+    tcfg = lightning_cfg.get("trainer", {}) or {}
+    devices, num_nodes = count_devices(tcfg.get("devices", "auto")), int(tcfg.get("num_nodes", 1))
+    check_launch(devices, num_nodes)  # before anything is written: a mismatch trains copies or hangs
     if opt.train and not resume_has_steps_left(dirs, lightning_cfg):
         return 0
     if dirs.resume_ckpt is None:
@@ -183,13 +187,14 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     # every checkpoint records the resolved config it was trained with (ldm.provenance)
     model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)
     data = instantiate_from_config(cfg.data, where="data") if cfg.get("data") is not None else None
-    tcfg = lightning_cfg.get("trainer", {}) or {}
     bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
+    accumulate = int(tcfg.get("accumulate_grad_batches", 1))
     model.learning_rate, formula = effective_lr(
-        float(cfg.model.get("base_learning_rate", 1e-4)), bs, count_devices(tcfg.get("devices", "auto")),
-        int(tcfg.get("num_nodes", 1)), int(tcfg.get("accumulate_grad_batches", 1)), opt.scale_lr)
+        float(cfg.model.get("base_learning_rate", 1e-4)), bs, devices, num_nodes, accumulate, opt.scale_lr)
     log.info("run directory: %s", dirs.logdir)
     log.info("%s", formula)
+    log.info("global batch %d = %d (batch size) * %d (devices) * %d (nodes) * %d (accumulate_grad_batches) samples "
+             "per optimizer step", bs * devices * num_nodes * accumulate, bs, devices, num_nodes, accumulate)
     if opt.train:
         if owner and dirs.lock is None:  # a new run: its directory is locked before anything is written there
             dirs.lock = RunLock(dirs.logdir, opt.break_lock)
