@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.run import count_devices
 from ldm.util import ConfigError
 
 #: variables torchrun sets in every process it starts
@@ -107,3 +110,13 @@ def check_launch(devices: int, num_nodes: int) -> Launch | None:
             f" = {configured}, so {OUTCOME[configured == 1]}; set lightning.trainer.devices={per_node} "
             f"lightning.trainer.num_nodes={nodes}")
     return launch
+
+
+def global_batch(cfg: DictConfig) -> tuple[int, str]:
+    """Samples per optimizer step of a full config (``data``, ``lightning``) and its factors, for the log."""
+    tcfg = OmegaConf.select(cfg, "lightning.trainer") or {}
+    bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
+    devices, nodes = count_devices(tcfg.get("devices", "auto")), int(tcfg.get("num_nodes", 1) or 1)
+    accumulate = int(tcfg.get("accumulate_grad_batches", 1) or 1)
+    return bs * devices * nodes * accumulate, (f"{bs} (batch size) * {devices} (devices) * {nodes} (nodes) * "
+                                               f"{accumulate} (accumulate_grad_batches)")

@@ -99,3 +99,32 @@ def test_torchrun_two_processes_with_devices_1_stop_instead_of_training_two_copi
     assert len(errors) == 2 and all("torchrun started 2 process(es)" in e for e in errors), out[-3000:]
     # (torchrun itself then prints its ChildFailedError summary; our processes print one line each)
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_global_batch_counts_every_factor():
+    from omegaconf import OmegaConf
+
+    from ldm.launch import global_batch
+    cfg = OmegaConf.create({"data": {"params": {"batch_size": 8}}, "lightning": {"trainer": {
+        "devices": 8, "num_nodes": 32, "accumulate_grad_batches": 1}}})
+    assert global_batch(cfg)[0] == 2048  # configs/inpaint.yaml's run
+    cfg.lightning.trainer.num_nodes, cfg.lightning.trainer.accumulate_grad_batches = 16, 2
+    assert global_batch(cfg) == (2048, "8 (batch size) * 8 (devices) * 16 (nodes) * 2 (accumulate_grad_batches)")
+
+
+def test_resume_with_another_global_batch_says_so(env, tmp_path, caplog):
+    """Fewer nodes after a preemption (or another batch size / accumulation) halves the samples per step while
+    the learning rate stays: before, the change was only written to configs/resumes/*-overrides.yaml."""
+    logs = tmp_path / "logs"
+    assert main.main(["--base", TINY, "--train", "-l", str(logs), "lightning.trainer.max_steps=1"]) == 0
+    caplog.clear()
+    run = next(logs.iterdir())
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=2", "data.params.batch_size=2"]) == 0
+    warning = [r.getMessage() for r in caplog.records if "global batch changes" in r.getMessage()]
+    assert warning == ["resume: the global batch changes from 4 (4 (batch size) * 1 (devices) * 1 (nodes) * 1 "
+                       "(accumulate_grad_batches)) to 2 samples per optimizer step; the learning rate is not "
+                       "rescaled (--scale_lr off). Keep the run's batch with the batch size or "
+                       "lightning.trainer.accumulate_grad_batches"], warning
+    caplog.clear()
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3"]) == 0  # inherits batch 2: no news
+    assert "global batch changes" not in caplog.text
