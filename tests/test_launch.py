@@ -1,4 +1,4 @@
-"""The launcher's process count must match lightning.trainer.devices x num_nodes (ldm.launch), for real with torchrun."""
+"""The launcher's process count must match lightning.trainer.devices x num_nodes (ldm.launch), also with torchrun."""
 
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ def test_main_refuses_half_set_slurm_before_writing_anything(env, tmp_path, capl
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.*"))
 
 
+@pytest.mark.slow  # two torchrun workers: process start-up and imports dominate
 def test_torchrun_two_processes_with_devices_1_stop_instead_of_training_two_copies(tmp_path):
     """Real torchrun: before the check both processes trained and both wrote last.ckpt into one run directory."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
