@@ -89,6 +89,7 @@ from ldm.callbacks import (  # noqa: E402, F401 - ldm configs target main.<Name>
 from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
 from ldm.data_checks import check_data  # noqa: E402
+from ldm.launch import check_launch, global_batch  # noqa: E402
 from ldm.modules.random_weights import deferred_report  # noqa: E402
 from ldm.quiet import explain_eval_modules, silence_known_noise, silence_resume_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
@@ -161,6 +162,9 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
         raise ConfigError("--train needs a 'data' section (a data module target, e.g. "
                           "ldm.data.laion.WebDataModuleFromConfig); see configs/tiny/inpaint_shards.yaml")
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
+    tcfg = lightning_cfg.get("trainer", {}) or {}
+    devices, num_nodes = count_devices(tcfg.get("devices", "auto")), int(tcfg.get("num_nodes", 1))
+    check_launch(devices, num_nodes)  # before anything is written: a mismatch trains copies or hangs
     if opt.train and not resume_has_steps_left(dirs, lightning_cfg):
         return 0
     if dirs.resume_ckpt is None:
@@ -183,13 +187,19 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     # every checkpoint records the resolved config it was trained with (ldm.provenance)
     model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)
     data = instantiate_from_config(cfg.data, where="data") if cfg.get("data") is not None else None
-    tcfg = lightning_cfg.get("trainer", {}) or {}
     bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
     model.learning_rate, formula = effective_lr(
-        float(cfg.model.get("base_learning_rate", 1e-4)), bs, count_devices(tcfg.get("devices", "auto")),
-        int(tcfg.get("num_nodes", 1)), int(tcfg.get("accumulate_grad_batches", 1)), opt.scale_lr)
+        float(cfg.model.get("base_learning_rate", 1e-4)), bs, devices, num_nodes,
+        int(tcfg.get("accumulate_grad_batches", 1)), opt.scale_lr)
     log.info("run directory: %s", dirs.logdir)
     log.info("%s", formula)
+    batch, factors = global_batch(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
+    log.info("global batch %d = %s samples per optimizer step", batch, factors)
+    if dirs.resume_ckpt is not None and (was := global_batch(load_config(dirs.resume_configs)))[0] != batch:
+        log.warning("resume: the global batch changes from %d (%s) to %d samples per optimizer step; the learning "
+                    "rate is %s. Keep the run's batch with the batch size or lightning.trainer."
+                    "accumulate_grad_batches", was[0], was[1], batch,
+                    "rescaled by --scale_lr" if opt.scale_lr else "not rescaled (--scale_lr off)")
     if opt.train:
         if owner and dirs.lock is None:  # a new run: its directory is locked before anything is written there
             dirs.lock = RunLock(dirs.logdir, opt.break_lock)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,7 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
             spec["params"].setdefault("name", dirs.nowname)
             spec["params"].setdefault("id", dirs.nowname)  # same id on resume: the wandb run continues
             spec["params"].setdefault("resume", "allow")
+            check_wandb_dir(Path(spec["params"]["save_dir"]))
         specs[name] = spec
     loggers = []
     for name, spec in specs.items():
@@ -343,6 +345,19 @@ def build_loggers(dirs: RunDirs, lightning_cfg: DictConfig) -> list[Any]:
         check_tree(spec, f"lightning.loggers.{name}")
         loggers.append(instantiate_from_config(spec, where=f"lightning.loggers.{name}"))
     return loggers
+
+
+def check_wandb_dir(save_dir: Path) -> None:
+    """wandb falls back to the node-local /tmp when its folder cannot take files (with a warning among its banner);
+    an offline run's data then disappears with the node's /tmp. One line instead, before anything is built."""
+    folder = next((p for p in (save_dir, *save_dir.parents) if p.exists()), save_dir)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"lightning.loggers.wandb.params.save_dir={save_dir}: cannot write to {folder} "
+                          f"({e.strerror}); wandb would put the run in /tmp instead. Point save_dir at a writable "
+                          "folder (default: the run directory)") from None
 
 
 def _with_logdir(spec: dict[str, Any], logdir: Path) -> dict[str, Any]:
