@@ -268,7 +268,16 @@ def check_shapes(sd: Mapping[str, torch.Tensor], target_shapes: Mapping[str, tor
         more = f" (and {len(bad) - 8} more)" if len(bad) > 8 else ""
         raise CheckpointError(
             f"{path} does not fit this model's architecture; shape mismatches: " + "; ".join(bad[:8]) + more
+            + mismatch_hint(sd, target_shapes)
         )
+
+
+def mismatch_hint(sd: Mapping[str, torch.Tensor], target_shapes: Mapping[str, Sequence[int]]) -> str:
+    """" " + what the checkpoint looks like and what to do (:mod:`ldm.interop.layout`), or "" when unknown."""
+    from ldm.interop.layout import explain_mismatch
+
+    found = explain_mismatch({k: tuple(v.shape) for k, v in sd.items()}, target_shapes)
+    return f". {found}" if found else ""
 
 
 def _first_keys(keys: Sequence[str], n: int = 5) -> str:
@@ -305,9 +314,10 @@ def load_into(
             parts.append(f"{len(refused)} model tensors missing from the checkpoint ({_first_keys(refused)})")
         if unexpected:
             parts.append(f"{len(unexpected)} checkpoint tensors the model does not have ({_first_keys(unexpected)})")
+        why = mismatch_hint(sd, {k: tuple(v.shape) for k, v in target.items()})
         raise CheckpointError(
-            f"{source} does not match the model: {'; '.join(parts)}. Is it the checkpoint for this config?"
-            + (f" {hint}" if hint else "")
+            f"{source} does not match the model: {'; '.join(parts)}"
+            + (why or ". Is it the checkpoint for this config?" + (f" {hint}" if hint else ""))
         )
     module.load_state_dict(sd, strict=False)
     if missing:

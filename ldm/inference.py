@@ -34,7 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldm import provenance
-from ldm.checkpoint import CheckpointError, check_checkpoint_path, check_shapes, load_checkpoint_file, state_dict_of
+from ldm.checkpoint import (
+    CheckpointError,
+    check_checkpoint_path,
+    check_shapes,
+    load_checkpoint_file,
+    mismatch_hint,
+    state_dict_of,
+)
 from ldm.data import masks
 from ldm.defaults import GUIDANCE_SCALE
 from ldm.interop.ldm_format import UNET_WEIGHTS_KEY, select_weights
@@ -214,10 +221,11 @@ def load_model(
     if recorded_scale is not None and not params.get("scale_by_std", False):
         if "scale_factor" not in params:
             params["scale_factor"] = recorded_scale
-        elif float(params["scale_factor"]) != float(recorded_scale):
+        elif not provenance.same_scale(params["scale_factor"], recorded_scale):
             raise CheckpointError(
-                f"{path} was trained with scale_factor {recorded_scale} but the config says {params['scale_factor']};"
-                f" latents would be mis-scaled. Use model.params.scale_factor: {recorded_scale}"
+                f"{path} was trained with scale_factor {recorded_scale} but the config says "
+                f"{params['scale_factor']}; latents would be mis-scaled. Use model.params.scale_factor: "
+                f"{recorded_scale}"
             )
     sd, used_ema = select_weights(sd, use_ema, source=str(path), stored=_stored_unet_weights(recorded))
     model = build_model(OmegaConf.create({"model": model_cfg}))
@@ -232,6 +240,7 @@ def load_model(
         raise CheckpointError(
             f"{path} does not match the config's architecture: {len(missing)} missing tensors "
             f"{missing[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}"
+            + mismatch_hint(sd, {k: tuple(v.shape) for k, v in own.items()})
         )
     model.eval().requires_grad_(False).to(resolve_device(str(device)))
     mark_loaded(model, sd)

@@ -146,3 +146,14 @@ def resolve_parameterization(configured: str | None, recorded: str | None, sourc
     log.warning("%s records no parameterization and the config sets none: assuming '%s'", source,
                 DEFAULT_PARAMETERIZATION)
     return DEFAULT_PARAMETERIZATION
+
+
+def same_scale(a: float | Any, b: float | Any) -> bool:
+    """Whether two latent scale factors are the same at float32 precision.
+
+    A ``scale_by_std`` run stores its factor as a float32 tensor (0.18215 reads back as 0.1821500062942505), so an
+    exact comparison with a config's decimal would refuse the very value the config states.
+    """
+    import math
+
+    return math.isclose(float(a), float(b), rel_tol=1e-6)

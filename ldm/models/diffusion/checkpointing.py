@@ -32,9 +32,10 @@ from ldm import compat, provenance
 from ldm.checkpoint import (
     CheckpointError,
     drop_prefixes,
+    load_checkpoint_file,
     load_into,
-    load_state_dict_file,
     non_finite_tensors,
+    state_dict_of,
     widen_input_channels,
 )
 from ldm.models.diffusion import resume_layout
@@ -72,7 +73,9 @@ class CheckpointMixin:
         Raises:
             CheckpointError: unreadable file, impossible shapes, or missing/unexpected tensors (count, first keys).
         """
-        sd = drop_prefixes(load_state_dict_file(path), ignore_keys)
+        obj = load_checkpoint_file(path)
+        sd = drop_prefixes(state_dict_of(obj, path), ignore_keys)
+        self._check_recorded(path, provenance.read(path, obj), sd)
         if only_model:
             sd = {k: v for k, v in sd.items() if k.startswith(("model.", "model_ema."))}
         has_ema = any(k.startswith("model_ema.") and k not in EMA_SCALARS for k in sd)
@@ -80,6 +83,7 @@ class CheckpointMixin:
             log.info("%s: its model_ema.* tensors are not loaded (model.params.use_ema is false)", path)
             sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
         shapes = {k: v.shape for k, v in self.state_dict().items()}
+        self._check_finetune_widths(path, sd, shapes)
         sd = widen_input_channels(sd, shapes, self.finetune_keys, self.keep_finetune_dims)
         allowed = [*allow_missing_prefixes, *NoiseSchedule.buffer_names(), "scale_factor"]  # from the config
         if only_model:
@@ -108,6 +112,51 @@ class CheckpointMixin:
                 log.info("EMA: continuing the num_updates=%d of %s (model.params.reset_num_ema_updates=false): this "
                          "run's checkpoint of step N holds %d + N EMA updates", carried, path, carried)
         return missing, unexpected
+
+    def _check_recorded(self, path: str, recorded: dict[str, Any], sd: dict[str, torch.Tensor]) -> None:
+        """Say which objective the run starts from, and refuse latents scaled unlike the checkpoint's training.
+
+        A new run may change the objective (DECISIONS D1: the eps base 512-base-ema.ckpt fine-tuned with v), so a
+        recorded parameterization that differs is a warning, never silent. A different fixed ``scale_factor``
+        would feed the UNet latents of another scale than it was trained on: an error, as for sampling. A
+        ``scale_factor`` tensor (a ``scale_by_std`` run's learned value) counts as recorded, and is dropped when
+        this config's factor is fixed.
+        """
+        theirs = recorded.get("parameterization")
+        if theirs is None:
+            log.info("%s records no parameterization; this run trains it as '%s'", path, self.parameterization)
+        elif theirs != self.parameterization:
+            log.warning("%s was trained with parameterization '%s'; this run trains '%s' from its weights (the "
+                        "objective changes: intended for the eps base -> v fine-tune, DECISIONS D1)", path, theirs,
+                        self.parameterization)
+        if self.scale_by_std:
+            return
+        scale = recorded.get("scale_factor")
+        if "scale_factor" in sd:
+            learned = float(sd.pop("scale_factor"))
+            scale = learned if scale is None else scale
+        if scale is not None and not provenance.same_scale(scale, self.scale_factor):
+            raise CheckpointError(
+                f"{path} was trained with scale_factor {scale} but the config says "
+                f"{float(self.scale_factor)}; its UNet would see latents of another scale. Set "
+                f"model.params.scale_factor: {scale}."
+            )
+
+    def _check_finetune_widths(self, path: str, sd: dict[str, torch.Tensor], shapes: dict[str, Any]) -> None:
+        """The widening of ``finetune_keys`` runs once: say when a file is already widened, refuse half of it."""
+        present = [k for k in self.finetune_keys if k in sd and k in shapes]
+        wide = [k for k in present if tuple(sd[k].shape) == tuple(shapes[k])]
+        if wide and len(wide) < len(present):
+            narrow = [k for k in present if k not in wide]
+            raise CheckpointError(
+                f"{path}: '{wide[0]}' already has the model's {tuple(shapes[wide[0]])} but '{narrow[0]}' has "
+                f"{tuple(sd[narrow[0]].shape)}; a file whose raw and EMA input convs differ in width is damaged or "
+                "was edited by hand. Use the released base (512-base-ema.ckpt) or an unedited checkpoint."
+            )
+        if wide and any(tuple(shapes[k])[1:2] != (self.keep_finetune_dims,) for k in wide):
+            log.warning("%s: its UNet input conv already has %d input channels: loaded as it is, no channel is "
+                        "zero-initialised. This run continues a model that was already fine-tuned for inpainting, "
+                        "not the text-to-image base (512-base-ema.ckpt)", path, int(shapes[wide[0]][1]))
 
     @torch.no_grad()
     def copy_weights_to_ema(self) -> None:

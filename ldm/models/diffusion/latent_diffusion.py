@@ -82,8 +82,11 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         ckpt_path: checkpoint to initialise from (``.ckpt`` or ``.safetensors``). Loading is strict: every model
             tensor must be in the file and every file tensor in the model, except (a) ``model_ema.*`` when the file
             has no EMA at all (the EMA then starts from the loaded weights), (b) the widened ``finetune_keys``,
-            (c) the noise-schedule buffers and ``scale_factor`` (recomputed from this config), (d) prefixes listed
-            in ``allow_missing_prefixes``. Anything else stops with one line giving the count and first keys.
+            (c) the noise-schedule buffers and ``scale_factor`` (recomputed from this config; a factor the file
+            records must equal a fixed one), (d) prefixes listed in ``allow_missing_prefixes``. Anything else stops
+            with one line giving the count, the first keys and, when recognisable, what the file is (a diffusers
+            component, an SD 1.x checkpoint, a key prefix added or missing: :mod:`ldm.interop.layout`). A file whose
+            input conv is already 9 wide is loaded as it is (logged), never widened twice.
         ignore_keys: checkpoint key prefixes to drop before loading.
         allow_missing_prefixes: model key prefixes that ``ckpt_path`` may lack (a deliberate partial load, e.g.
             ``[first_stage_model.]`` when the VAE comes from ``first_stage_config.params.ckpt_path``); those
