@@ -4,7 +4,8 @@
 The ldm command line (docs/DECISIONS.md R8): ``--base`` yamls merged in order, then ``a.b.c=value`` overrides
 (``~a.b`` deletes a key or a whole section first, e.g. ``~data data.target=...`` replaces the data section);
 ``-t/--train``, ``-r/--resume`` (a run dir or a checkpoint), ``-n/--name``, ``-l/--logdir``, ``-s/--seed``,
-``--scale_lr`` (off by default here; the formula is logged). Trainer settings live in ``lightning.trainer``
+``--scale_lr`` (off by default here; the formula is logged; a resume keeps the run's choice unless given).
+Trainer settings live in ``lightning.trainer``
 (e.g. ``lightning.trainer.num_nodes=32``). Everything else is in ``ldm.run``, ``ldm.resume`` and
 ``ldm.callbacks``; the callback names are re-exported so ldm configs' ``main.ImageLogger`` & co. resolve.
 
@@ -65,8 +66,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="global seed (default: ldm's 23 for a new run, the run's own seed on resume)")
     p.add_argument("-f", "--postfix", default="", help="suffix appended to the run name")
     p.add_argument("-l", "--logdir", default="logs", help="root directory of runs")
-    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
-                   help="scale base_learning_rate by accumulate * devices * nodes * batch size (default off)")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=None,
+                   help="scale base_learning_rate by accumulate * devices * nodes * batch size (default off; a "
+                        "resume keeps the run's choice unless given)")
     p.add_argument("--break-lock", action="store_true",
                    help="take over the run directory's run.lock although its holder may be alive; only when you "
                         "know that job is dead (its node crashed): two jobs on one run directory lose steps")
@@ -187,10 +189,13 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     # every checkpoint records the resolved config it was trained with (ldm.provenance)
     model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)
     data = instantiate_from_config(cfg.data, where="data") if cfg.get("data") is not None else None
-    bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
-    model.learning_rate, formula = effective_lr(
-        float(cfg.model.get("base_learning_rate", 1e-4)), bs, devices, num_nodes,
-        int(tcfg.get("accumulate_grad_batches", 1)), opt.scale_lr)
+    bs, accumulate = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1), \
+        int(tcfg.get("accumulate_grad_batches", 1))
+    base_lr = float(cfg.model.get("base_learning_rate", 1e-4))
+    model.learning_rate, formula = effective_lr(base_lr, bs, devices, num_nodes, accumulate, bool(opt.scale_lr))
+    # recorded in every checkpoint: a resume without --scale_lr keeps the run's choice (checkpointing.py)
+    model.lr_record = {"base_learning_rate": base_lr, "scale_lr": bool(opt.scale_lr),
+                       "scale_lr_given": opt.scale_lr is not None, "factor": bs * devices * num_nodes * accumulate}
     log.info("run directory: %s", dirs.logdir)
     log.info("%s", formula)
     batch, factors = global_batch(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
@@ -199,7 +204,8 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
         log.warning("resume: the global batch changes from %d (%s) to %d samples per optimizer step; the learning "
                     "rate is %s. Keep the run's batch with the batch size or lightning.trainer."
                     "accumulate_grad_batches", was[0], was[1], batch,
-                    "rescaled by --scale_lr" if opt.scale_lr else "not rescaled (--scale_lr off)")
+                    "rescaled by --scale_lr" if opt.scale_lr else "not rescaled (--scale_lr off)"
+                    if opt.scale_lr is not None else "rescaled if the run was started with --scale_lr")
     if opt.train:
         if owner and dirs.lock is None:  # a new run: its directory is locked before anything is written there
             dirs.lock = RunLock(dirs.logdir, opt.break_lock)

@@ -169,3 +169,29 @@ def test_a_resume_does_not_repeat_lightnings_checkpoint_directory_warning(run):
         warnings.simplefilter("always")
         assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3", *QUIET]) == 0
     assert not [w for w in seen if "exists and is not empty" in str(w.message)]
+
+
+def test_a_resume_keeps_scale_lr_unless_the_command_line_says_otherwise(tmp_path, caplog):
+    # The requeue and SIGTERM commands are "-r RUN --train": without the run's --scale_lr the learning rate
+    # would drop by the global batch (4 here, 2048 on 32 x 8 GPUs at batch 8), said only as a config change.
+    root = tmp_path / "logs"
+    assert main.main(["--base", TINY, "--train", "--scale_lr", "-l", str(root), "lightning.trainer.max_steps=2",
+                      *QUIET]) == 0
+    run = next(root.iterdir())
+
+    def base_lr(ckpt: Path) -> float:
+        return load_checkpoint_file(ckpt)["optimizer_states"][0]["param_groups"][0]["initial_lr"]
+
+    assert base_lr(run / "checkpoints" / "last.ckpt") == pytest.approx(4 * 1e-3)  # batch 4 * 1e-3
+    caplog.set_level(logging.INFO)
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3"]) == 0
+    assert base_lr(run / "checkpoints" / "last.ckpt") == pytest.approx(4 * 1e-3)
+    assert "the run was started with --scale_lr, which is kept: learning rate 4.00e-03" in caplog.text
+    assert "base learning rate" not in caplog.text  # no change to warn about
+    caplog.clear()
+    assert main.main(["-r", str(run), "--train", "--scale_lr", "false", "lightning.trainer.max_steps=4"]) == 0
+    assert base_lr(run / "checkpoints" / "last.ckpt") == pytest.approx(1e-3)  # given: the command line wins
+    assert "resume: base learning rate 0.004 (checkpoint) -> 0.001 (config)" in caplog.text
+    caplog.clear()  # the choice just made is what the next plain resume keeps
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=5"]) == 0
+    assert base_lr(run / "checkpoints" / "last.ckpt") == pytest.approx(1e-3) and "is kept" not in caplog.text

@@ -44,6 +44,9 @@ from ldm.modules.random_weights import mark_loaded
 
 log = logging.getLogger(__name__)
 
+#: checkpoint key of how the run chose its learning rate (base, --scale_lr, global batch factor)
+LR_CHOICE_KEY = "learning_rate_choice"
+
 EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
 
 
@@ -199,10 +202,13 @@ class CheckpointMixin:
                                                                   self.run_config)
         # model.diffusion_model.* of a training checkpoint are the trained weights; an EMA copy is model_ema.*
         checkpoint[provenance.PROVENANCE_KEY]["unet_weights"] = "raw"
+        if self.lr_record is not None:
+            checkpoint[LR_CHOICE_KEY] = {k: v for k, v in self.lr_record.items() if k != "scale_lr_given"}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume: check that the checkpoint was trained like this config says, and let the config's EMA decay win."""
         self._resumed = True
+        self._keep_scale_lr(checkpoint.get(LR_CHOICE_KEY))
         sd = checkpoint["state_dict"]
         recorded = provenance.from_checkpoint(checkpoint)
         if recorded["parameterization"] not in (None, self.parameterization):
@@ -227,6 +233,19 @@ class CheckpointMixin:
     def on_train_start(self) -> None:
         if self._resumed:
             self.apply_config_to_restored_optimizers()
+
+    def _keep_scale_lr(self, saved: dict[str, Any] | None) -> None:
+        """A resume without ``--scale_lr`` keeps the run's choice: the requeue and SIGTERM commands (``-r RUN
+        --train``) do not repeat the flag, and dropping it would divide the learning rate by the global batch.
+        Given on the command line, the flag wins (the LR change is then logged as a config change)."""
+        now = self.lr_record
+        if now is None or saved is None or now["scale_lr_given"] or not saved.get("scale_lr") or now["scale_lr"]:
+            return
+        self.learning_rate = now["base_learning_rate"] * now["factor"]
+        now["scale_lr"] = True
+        log.info("resume: the run was started with --scale_lr, which is kept: learning rate %.2e = %d (global batch) "
+                 "* %.2e (base_learning_rate); pass --scale_lr false to turn it off", self.learning_rate,
+                 now["factor"], now["base_learning_rate"])
 
     def apply_config_to_restored_optimizers(self) -> None:
         """Make the restored optimizer follow the config: learning rate (and the schedule's current value), weight

@@ -219,6 +219,7 @@ class LatentDiffusion(CheckpointMixin, compat.LdmScheduleHelpers, pl.LightningMo
         self.ucg_training = check_caption_dropout(ucg_training, cond_stage_key)
         self.ucg_seed = ucg_seed
         self.learning_rate = 1.0e-4  # set by main.py from base_learning_rate (and --scale_lr)
+        self.lr_record: dict[str, Any] | None = None  # main.py: how learning_rate was chosen (checkpointing.py)
 
         wiring.check_channels(unet_config, first_stage_config, channels, conditioning_key,
                               self.concat_channels(channels))  # before the (large) UNet is built
