@@ -70,3 +70,15 @@ def test_run_directory_without_checkpoint_starts_over_and_logdir_is_honoured(tmp
 def test_explicit_resume_wins(tmp_path):
     argv, _ = submit(tmp_path, RESUME="logs/other")
     assert argv[1:3] == ["-r", "logs/other"]
+
+
+def test_a_job_submitted_with_ntasks_instead_of_ntasks_per_node_says_what_to_do(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/bash\ntouch ran\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node001", "SLURM_NNODES": "1", "SLURM_NTASKS": "8"}
+    r = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and not (tmp_path / "ran").exists()
+    assert "submit with --ntasks-per-node=<GPUs per node> (one task per GPU), not --ntasks" in r.stderr
