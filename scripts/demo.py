@@ -81,8 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.images is not None and not args.images.is_dir():
         p.error(f"--images {args.images}: not a folder")
     if args.images is not None and args.images.resolve() in (args.out.resolve(), *args.out.resolve().parents):
-        # make_shards reads --images recursively: the next run would train on this run's masks and samples
-        p.error(f"--out {args.out} is inside --images {args.images}; choose a folder outside it")
+        p.error(f"--out {args.out} is inside --images {args.images} (read recursively); choose a folder outside it")
     return args
 
 
@@ -180,10 +179,6 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_text(path: str | Path) -> str:
-    return (REPO / path).read_text(encoding="utf-8")
-
-
 @dataclass(frozen=True)
 class Stage:
     """One stage: ``run()`` returns a JSON-able record (paths it wrote under ``out``); ``inputs`` is what its
@@ -217,18 +212,19 @@ class Demo:
     # ------------------------------------------------------------------------------------------ stages
     def stages(self) -> list[Stage]:
         p, sec = self.profile, SECONDS
+        config_text = {name: (REPO / path).read_text(encoding="utf-8") for name, path in CONFIGS.items()}
         samples = 3 * len(self.masks) * (min(p.train_photos or 8, EVAL_IMAGES) + len(HELDOUT))  # evaluate.py
         return [
             Stage("data", "build shards of the training photos and the held-in / held-out folders", self.make_data,
                   [self.data_identity(), SIZE, EVAL_MASKS[0], EVAL_IMAGES], 2.0),
             Stage("autoencoder", "train the autoencoder", self.train_autoencoder,
-                  [read_text(CONFIGS["autoencoder"]), p.autoencoder_steps, p.autoencoder_batch_size,
+                  [config_text["autoencoder"], p.autoencoder_steps, p.autoencoder_batch_size,
                    p.fixed_batch_every], p.autoencoder_steps * sec["autoencoder_step"] + sec["stage_overhead"]),
             Stage("base", "train the text-to-image base", self.train_base,
-                  [read_text(CONFIGS["base"]), p.base_steps, p.fixed_batch_every],
+                  [config_text["base"], p.base_steps, p.fixed_batch_every],
                   p.base_steps * sec["base_step"] + sec["stage_overhead"]),
             Stage("inpaint", "fine-tune the 9-channel inpainting model from the base", self.finetune_inpaint,
-                  [read_text(CONFIGS["inpaint"]), p.inpaint_steps, p.fixed_batch_every],
+                  [config_text["inpaint"], p.inpaint_steps, p.fixed_batch_every],
                   p.inpaint_steps * sec["inpaint_step"] + 2 * sec["stage_overhead"]),
             Stage("evaluate", "evaluate held-in and held-out photos against the baselines", self.evaluate,
                   [p.sampler_steps, p.guidance_scale, self.masks, report.OPENCV_RADIUS],

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.eval_fixtures import checkpoints, image_dir, weights  # noqa: F401 (session fixtures of the eval tests)
+from tests.inference_fixtures import ckpts, pair, raw_model  # noqa: F401 (session fixtures of the inference tests)
 
 # Tiny tensors gain nothing from intra-op threads, and on a 2-core CI box threads fight each other (measured:
 # a tiny training step takes 0.13 s with 1 thread, 0.5 s with 2 under load). Every test runs torch with one
