@@ -86,7 +86,7 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, check: bool
     """A mask file as ``H x W`` float32 in [0, 1] (white = inpaint) by the module's mask rule.
 
     ``size`` is the ``(width, height)`` of the image the mask belongs to; a mask of another size but the same
-    aspect ratio (within 1%: rounding of scaled sizes) is resized to it with nearest-neighbour interpolation
+    aspect ratio (up to a pixel of rounding in the mask's size) is resized to it with nearest-neighbour interpolation
     (so the hole stays a hole) and a warning. Another aspect ratio is a ``ValueError``: stretching would move
     the hole, and the usual cause is a mask drawn on the stored orientation of a photo that EXIF rotates on
     reading. ``check``: report what binarisation makes of it (:func:`check_mask`); False for a file read a
@@ -94,8 +94,8 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, check: bool
     """
     mask = mask_from_image(_open(path, "mask"))
     if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
-        mask_aspect, image_aspect = mask.shape[1] / mask.shape[0], size[0] / size[1]
-        if abs(mask_aspect / image_aspect - 1) > 0.01:
+        (mh, mw), (w, h) = mask.shape[:2], size
+        if abs(mw * h / w - mh) > 1 and abs(mh * w / h - mw) > 1:  # a scaled copy is off by rounding only
             raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {size[0]}x{size[1]} "
                              "(as displayed, after any EXIF rotation): another aspect ratio, so resizing would "
                              "stretch the hole. Make the mask on the image as displayed, at its size")

@@ -292,6 +292,7 @@ def test_a_mask_of_another_size_is_resized_nearest_with_a_warning(tmp_path, capl
     load_mask(path, size=(40, 32))
     assert not caplog.records
     load_mask(path, size=(121, 97))  # 3x, with a pixel of rounding: the same aspect ratio
+    load_mask(path, size=(4000, 3300))  # drawn on a 1/100 copy of a 4000 x 3300 photo: 40 x 33, off by one
     for other in ((32, 40), (40, 40), (80, 32)):  # rotated, square, twice as wide: the hole would move
         with pytest.raises(ValueError, match=f"m.png is 40x32 but its image is {other[0]}x{other[1]}"):
             load_mask(path, size=other)
