@@ -62,8 +62,12 @@ def _slurm_batch_only() -> bool:
     return os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive")
 
 
-def detect_launch() -> Launch | None:
+def detect_launch(one_process: bool = False) -> Launch | None:
     """The launch Lightning will see (torchrun first, as Lightning does, then srun); None for a plain process.
+
+    ``one_process``: the config trains on one device. Then SLURM allocation variables without srun's per-task
+    ones (``salloc -n1 python main.py``, whose job name is "python", or a shell other than bash) are a plain
+    process: Lightning's single-device strategy never reads the SLURM ranks, and the run trains as anywhere else.
 
     Raises :class:`ConfigError` for a half-set launcher environment, naming the missing variables.
     """
@@ -77,6 +81,8 @@ def detect_launch() -> Launch | None:
         return Launch("torchrun", world or 1, per_node, nodes)
     if "SLURM_NTASKS" in os.environ and not _slurm_batch_only():
         missing = [v for v in SRUN_VARIABLES if os.environ.get(v) is None]
+        if missing and one_process and len(missing) == len(SRUN_VARIABLES):
+            return None
         if missing:
             raise ConfigError(f"SLURM environment incomplete: SLURM_NTASKS is set but {', '.join(missing)} not "
                               "(main.py was not started by srun); start it with srun (scripts/slurm/train.sbatch), "
@@ -97,7 +103,7 @@ def check_launch(devices: int, num_nodes: int) -> Launch | None:
 
     Returns the launch found (None for a plain process, where Lightning starts the local processes itself).
     """
-    launch = detect_launch()
+    launch = detect_launch(one_process=devices * num_nodes == 1)
     if launch is None:
         return None
     configured = devices * num_nodes
