@@ -92,6 +92,7 @@ from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.data.stats import BadDataError  # noqa: E402
 from ldm.data_checks import check_data  # noqa: E402
 from ldm.launch import check_launch, global_batch  # noqa: E402
+from ldm.models.diffusion.checkpointing import recorded_scale_lr  # noqa: E402
 from ldm.modules.random_weights import deferred_report  # noqa: E402
 from ldm.quiet import explain_eval_modules, silence_known_noise, silence_resume_noise  # noqa: E402
 from ldm.run import (  # noqa: E402
@@ -201,11 +202,14 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
     batch, factors = global_batch(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     log.info("global batch %d = %s samples per optimizer step", batch, factors)
     if dirs.resume_ckpt is not None and (was := global_batch(load_config(dirs.resume_configs)))[0] != batch:
+        # without the flag, the run's recorded choice applies (checkpointing.py, _keep_scale_lr)
+        scaled = opt.scale_lr if opt.scale_lr is not None else recorded_scale_lr(str(dirs.resume_ckpt))
         log.warning("resume: the global batch changes from %d (%s) to %d samples per optimizer step; the learning "
                     "rate is %s. Keep the run's batch with the batch size or lightning.trainer."
                     "accumulate_grad_batches", was[0], was[1], batch,
-                    "rescaled by --scale_lr" if opt.scale_lr else "not rescaled (--scale_lr off)"
-                    if opt.scale_lr is not None else "rescaled if the run was started with --scale_lr")
+                    {True: "rescaled by --scale_lr", False: "not rescaled (--scale_lr off)",
+                     None: "not rescaled (the checkpoint predates the record of --scale_lr: pass --scale_lr if "
+                           "the run was started with it)"}[scaled])
     if opt.train:
         if owner and dirs.lock is None:  # a new run: its directory is locked before anything is written there
             dirs.lock = RunLock(dirs.logdir, opt.break_lock)

@@ -61,16 +61,28 @@ def test_process_count_mismatch_is_one_line_saying_what_to_set(env, launch, devi
         check_launch(devices, nodes)
 
 
-@pytest.mark.parametrize("values, names", [
-    ({"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NAME": "sd2"}, "SLURM_PROCID"),
-    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "0"}, "LOCAL_RANK, WORLD_SIZE"),
-    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "RANK=1 is set but"),
-    ({"SLURM_NTASKS": "eight", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}, "SLURM_NTASKS="),
+@pytest.mark.parametrize("values, devices, names", [
+    ({"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NAME": "sd2"}, 8, "SLURM_PROCID"),
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "sd2"}, 1, "SLURM_LOCALID, SLURM_NODEID"),
+    ({"TORCHELASTIC_RUN_ID": "x", "RANK": "0"}, 1, "LOCAL_RANK, WORLD_SIZE"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, 1, "RANK=1 is set but"),
+    ({"SLURM_NTASKS": "eight", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}, 1, "SLURM_NTASKS="),
 ])
-def test_half_set_launcher_environment_is_refused(env, values, names):
+def test_half_set_launcher_environment_is_refused(env, values, devices, names):
     env(**values)
     with pytest.raises(ConfigError, match=names):
-        check_launch(1, 1)
+        check_launch(devices, 1)
+
+
+@pytest.mark.parametrize("ntasks", ["1", "8"])
+def test_single_device_run_in_a_slurm_allocation_outside_srun_passes(env, ntasks):
+    """``salloc -n1 python main.py`` (job name "python") or a zsh salloc shell: SLURM_NTASKS without srun's task
+    variables. One device means Lightning's single-device strategy, which never reads the SLURM ranks: the run
+    trains as a plain process, so refusing it would block a working launch."""
+    env(SLURM_NTASKS=ntasks, SLURM_NNODES="1", SLURM_JOB_NAME="python")
+    assert check_launch(1, 1) is None
+    with pytest.raises(ConfigError, match="SLURM_PROCID"):  # two devices would wait for ranks srun never started
+        check_launch(2, 1)
 
 
 def test_interactive_slurm_job_name_is_left_to_lightning(env):
@@ -129,3 +141,25 @@ def test_resume_with_another_global_batch_says_so(env, tmp_path, caplog):
     caplog.clear()
     assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3"]) == 0  # inherits batch 2: no news
     assert "global batch changes" not in caplog.text
+
+
+def test_resume_batch_warning_names_the_runs_recorded_scale_lr_choice(env, tmp_path, caplog):
+    """Without --scale_lr on the resume command, the run's choice recorded in the checkpoint decides (it is kept),
+    so the warning says which; a checkpoint from before that record is named as such."""
+    import torch
+
+    logs = tmp_path / "logs"
+    assert main.main(["--base", TINY, "--train", "--scale_lr", "-l", str(logs), "lightning.trainer.max_steps=1"]) == 0
+    run = next(logs.iterdir())
+    caplog.clear()
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=2", "data.params.batch_size=2"]) == 0
+    warning = [r.getMessage() for r in caplog.records if "global batch changes" in r.getMessage()]
+    assert len(warning) == 1 and "the learning rate is rescaled by --scale_lr." in warning[0], warning
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt.pop("learning_rate_choice")["scale_lr"] is True
+    torch.save(ckpt, last)  # as written before the record existed
+    caplog.clear()
+    assert main.main(["-r", str(run), "--train", "lightning.trainer.max_steps=3", "data.params.batch_size=1"]) == 0
+    warning = [r.getMessage() for r in caplog.records if "global batch changes" in r.getMessage()]
+    assert len(warning) == 1 and "predates the record of --scale_lr" in warning[0], warning

@@ -50,6 +50,15 @@ LR_CHOICE_KEY = "learning_rate_choice"
 EMA_SCALARS = ("model_ema.decay", "model_ema.num_updates")
 
 
+def recorded_scale_lr(path: str) -> bool | None:
+    """The ``--scale_lr`` choice a training checkpoint records (None: written before the record existed).
+
+    Read with mmap (no tensor is loaded), so ``main.py`` can say before training whether a resume rescales.
+    """
+    choice = load_checkpoint_file(path, mmap=True).get(LR_CHOICE_KEY)
+    return None if not isinstance(choice, dict) else bool(choice.get("scale_lr"))
+
+
 class CheckpointMixin:
     """Checkpoint behaviour shared by :class:`~ldm.models.diffusion.latent_diffusion.LatentDiffusion` and its
     subclasses (mixed in before ``pl.LightningModule``)."""
