@@ -29,17 +29,18 @@ def output_folder(path: str | Path, flag: str = "--out",
     the way to it, is an existing file, or when the nearest existing folder cannot be written (read-only file
     system, permissions): said here, before a model is loaded, not as a traceback at the first image.
 
-    ``input_folders`` (flag -> folder; ``None`` values are skipped): folders the run reads as a whole. The
-    output may not be one of them or lie inside one, since the next run would read the outputs as inputs.
+    ``input_folders`` (flag -> folder; ``None`` values are skipped): folders whose files (not subfolders: both
+    readers, ``find_pairs`` and ``ldm.eval.data.load_folder``, list a folder's own files) the run reads. The
+    output may not be one of them, since the next run would read the outputs as inputs; a subfolder such as
+    ``photos/out`` is never read, so it is allowed. Compared after resolving symlinks and relative paths.
     """
     path = Path(path)
     for in_flag, folder in (input_folders or {}).items():
         if folder is None or not Path(folder).is_dir():
             continue
-        inside = Path(folder).resolve()
-        if path.resolve() == inside or inside in path.resolve().parents:
-            raise ValueError(f"{flag} {path} is inside {in_flag} {folder}: the outputs would be read as inputs by "
-                             f"the next run; choose a folder outside {folder}")
+        if path.resolve() == Path(folder).resolve():
+            raise ValueError(f"{flag} {path} is {in_flag} {folder}: the outputs would be read as inputs by the next "
+                             f"run; choose another folder (a subfolder of {folder} is fine)")
     for part in (path, *path.parents):
         if part.exists() and not part.is_dir():
             where = "" if part == path else f" ({part} is a file)"
