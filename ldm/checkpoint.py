@@ -22,10 +22,13 @@ save match :data:`TEMP_GLOB` and are removed when a run is resumed.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pickle
 import re
+import struct
+import sys
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -60,8 +63,24 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
 
 
 def _unsafe_global(message: str) -> str | None:
+    """The global a refused pickle names, or None when there is none or it names nothing that exists.
+
+    A file cut short or damaged inside its pickle can spell a global that no module has ("collections.OrderedDic"):
+    that is damage, not a refused object, and is reported as such. Nothing is imported to decide: a module not
+    loaded yet only has to be findable.
+    """
     match = re.search(r"GLOBAL ([\w.]+)", message)
-    return match.group(1) if match else None
+    if not match:
+        return None
+    module, _, attr = match.group(1).rpartition(".")
+    if not module or not all(part.isidentifier() for part in match.group(1).split(".")):
+        return None
+    if module in sys.modules:
+        return match.group(1) if hasattr(sys.modules[module], attr) else None
+    try:
+        return match.group(1) if importlib.util.find_spec(module.split(".")[0]) is not None else None
+    except (ImportError, ValueError):
+        return None
 
 
 def verify_file(path: str | Path) -> bool:
@@ -180,7 +199,7 @@ def load_checkpoint_file(path: str | Path, mmap: bool = False, verify: bool | No
             f"{path} contains a pickled Python object ({name}) besides tensors and was not loaded: unpickling it "
             "could run arbitrary code. Use a checkpoint written by this project or a .safetensors file."
         ) from None
-    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, OSError, AttributeError) as e:
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError, OSError, AttributeError, struct.error) as e:
         # junk, truncation and foreign formats fail with many low-level errors; all mean "not a checkpoint"
         raise CheckpointError(
             f"{path} is truncated or not a loadable checkpoint ({first_line(e)}). Expected a Lightning/ldm .ckpt, "

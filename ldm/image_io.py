@@ -50,7 +50,7 @@ def _open(path: str | Path, what: str) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{what} file {path} is not a readable image ({e})") from e
     return apply_orientation(img)  # as displayed, like the image it belongs to (ldm.data.rgb)
 
@@ -62,7 +62,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
         raise ValueError(f"image file not found: {path}")
     try:
         return np.asarray(open_rgb(path))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"image file {path} is not a readable image ({e})") from e
 
 

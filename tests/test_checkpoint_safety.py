@@ -183,3 +183,27 @@ def test_main_and_export_with_a_broken_init_file(tmp_path, caplog, name):
     assert rc == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 2 and all(str(path) in e and "\n" not in e for e in errors), errors
+
+
+def test_a_legacy_file_cut_inside_its_pickle_is_damage_not_a_refused_object(tmp_path):
+    # Cut at the wrong byte, a legacy pickle spells a global no module has ("collections.OrderedDic"); calling
+    # that a refused object would send the user hunting for code they never pickled.
+    from collections import OrderedDict
+
+    whole = tmp_path / "legacy.pt"
+    torch.save({"state_dict": OrderedDict(w=torch.ones(3))}, whole, _use_new_zipfile_serialization=False)
+    data = whole.read_bytes()
+    said = set()
+    for cut in range(20, len(data) - 1, 3):
+        path = tmp_path / f"cut{cut}.pt"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint_file(path)
+        said.add("pickled Python object" in str(info.value))
+    assert said == {False}
+    import argparse
+
+    foreign = tmp_path / "foreign.pt"  # a real global that is not allowed is still refused as such
+    torch.save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(a=1)}, foreign)
+    with pytest.raises(CheckpointError, match=r"contains a pickled Python object \(argparse.Namespace\)"):
+        load_checkpoint_file(foreign)

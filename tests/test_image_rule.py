@@ -302,3 +302,17 @@ def test_sixteen_bit_masks_follow_the_image_rule(tmp_path):
     path = tmp_path / "m16.png"
     Image.fromarray(np.where(_hole(), 65535, 0).astype(np.uint16)).save(path)
     assert np.array_equal(load_mask(path) >= 0.5, _hole())
+
+
+def test_an_image_over_pils_pixel_limit_is_a_value_error_not_a_traceback(tmp_path, monkeypatch):
+    # PIL refuses a file over twice MAX_IMAGE_PIXELS (a decompression bomb) with its own exception class, which
+    # is not an OSError; the readers must turn it into their one-line ValueError like any unreadable file
+    from ldm.image_io import load_mask, load_rgb
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "m.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "i.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 pixels: over twice the limit
+    with pytest.raises(ValueError, match=r"mask file .*m.png is not a readable image \(Image size"):
+        load_mask(tmp_path / "m.png")
+    with pytest.raises(ValueError, match=r"image file .*i.png is not a readable image \(Image size"):
+        load_rgb(tmp_path / "i.png")
