@@ -166,7 +166,8 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
                           "ldm.data.laion.WebDataModuleFromConfig); see configs/tiny/inpaint_shards.yaml")
     lightning_cfg = cfg.pop("lightning", OmegaConf.create())
     tcfg = lightning_cfg.get("trainer", {}) or {}
-    devices, num_nodes = count_devices(tcfg.get("devices", "auto")), int(tcfg.get("num_nodes", 1))
+    devices = count_devices(tcfg.get("devices", "auto"), tcfg.get("accelerator", "auto"))
+    num_nodes = int(tcfg.get("num_nodes", 1))
     check_launch(devices, num_nodes)  # before anything is written: a mismatch trains copies or hangs
     if opt.train and not resume_has_steps_left(dirs, lightning_cfg):
         return 0

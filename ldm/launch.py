@@ -122,7 +122,8 @@ def global_batch(cfg: DictConfig) -> tuple[int, str]:
     """Samples per optimizer step of a full config (``data``, ``lightning``) and its factors, for the log."""
     tcfg = OmegaConf.select(cfg, "lightning.trainer") or {}
     bs = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1)
-    devices, nodes = count_devices(tcfg.get("devices", "auto")), int(tcfg.get("num_nodes", 1) or 1)
+    devices = count_devices(tcfg.get("devices", "auto"), tcfg.get("accelerator", "auto"))
+    nodes = int(tcfg.get("num_nodes", 1) or 1)
     accumulate = int(tcfg.get("accumulate_grad_batches", 1) or 1)
     return bs * devices * nodes * accumulate, (f"{bs} (batch size) * {devices} (devices) * {nodes} (nodes) * "
                                                f"{accumulate} (accumulate_grad_batches)")

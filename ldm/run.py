@@ -177,10 +177,11 @@ def effective_lr(base_lr: float, batch_size: int, devices: int, num_nodes: int, 
                 f"{num_nodes} (nodes) * {batch_size} (batch size) * {base_lr:.2e} (base_learning_rate)")
 
 
-def count_devices(devices: Any) -> int:
-    """Devices per node from a Trainer ``devices`` value (int, "0,1,2", list, "auto", -1)."""
+def count_devices(devices: Any, accelerator: Any = "auto") -> int:
+    """Devices per node from a Trainer ``devices`` value (int, "0,1,2", list, "auto", -1) and its ``accelerator``
+    ("auto" or "cpu" with devices "auto" is what Lightning does: one CPU process; every GPU otherwise)."""
     if devices in (None, "auto", -1, "-1"):
-        return max(torch.cuda.device_count(), 1)
+        return 1 if accelerator == "cpu" else max(torch.cuda.device_count(), 1)
     if isinstance(devices, str):
         return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
     if isinstance(devices, (list, tuple)):
@@ -380,7 +381,7 @@ def _plain(spec: Any) -> Any:
 def build_trainer(dirs: RunDirs, now: str, cfg: DictConfig, lightning_cfg: DictConfig, seed: int | None,
                   resume: bool, resume_record: dict[str, Any] | None = None) -> pl.Trainer:
     trainer_kwargs = OmegaConf.to_container(lightning_cfg.get("trainer", {}) or {}, resolve=True)
-    devices = count_devices(trainer_kwargs.get("devices", "auto"))
+    devices = count_devices(trainer_kwargs.get("devices", "auto"), trainer_kwargs.get("accelerator", "auto"))
     world = devices * int(trainer_kwargs.get("num_nodes", 1))
     callbacks_cfg = default_callbacks(dirs, now, cfg, lightning_cfg, seed, resume,
                                       lightning_cfg.get("flops_per_sample"), resume_record)

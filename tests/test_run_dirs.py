@@ -149,6 +149,9 @@ def test_effective_lr_formula():
     lr, text = effective_lr(1e-4, 8, 8, 32, 2, scale_lr=True)
     assert lr == pytest.approx(2 * 8 * 32 * 8 * 1e-4) and "32 (nodes)" in text
     assert count_devices("0,1,2") == 3 and count_devices([0, 1]) == 2 and count_devices(4) == 4
+    # "auto" is every GPU of the node, but one process with the CPU accelerator (what Lightning runs)
+    assert count_devices("auto", "cpu") == count_devices(-1, "cpu") == 1
+    assert count_devices("auto") == max(torch.cuda.device_count(), 1)
 
 
 def test_unknown_sections_and_overrides_are_errors():
