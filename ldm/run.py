@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.callbacks import full_state_checkpoint, weight_snapshot_checkpoint
 from ldm.checkpoint import atomic_checkpoint_io
 from ldm.config_schema import PositiveFloat, PositiveInt, check_params, check_tree, check_value, suggest
-from ldm.run_dirs import RunDirs
+from ldm.run_dirs import RunDirs, probe_write
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -353,8 +352,7 @@ def check_wandb_dir(save_dir: Path) -> None:
     an offline run's data then disappears with the node's /tmp. One line instead, before anything is built."""
     folder = next((p for p in (save_dir, *save_dir.parents) if p.exists()), save_dir)
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
-            pass
+        probe_write(folder)
     except OSError as e:
         raise ConfigError(f"lightning.loggers.wandb.params.save_dir={save_dir}: cannot write to {folder} "
                           f"({e.strerror}); wandb would put the run in /tmp instead. Point save_dir at a writable "

@@ -161,6 +161,13 @@ def resume_has_steps_left(dirs: RunDirs, lightning_cfg: DictConfig) -> bool:
     return True
 
 
+def probe_write(folder: Path) -> None:
+    """Create and delete a temp file in ``folder``; the ``OSError`` of a folder that refuses new files (read-only
+    file system, permissions, full disk). ``os.access`` would miss a full disk and some read-only mounts."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+        pass
+
+
 def check_writable(logdir: Path) -> None:
     """Fail in one line, before anything is built, when the run directory cannot take new files.
 
@@ -178,8 +185,7 @@ def check_writable(logdir: Path) -> None:
         folders = [next(p for p in logdir.parents if p.exists())]
     for folder in folders:
         try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
-                pass
+            probe_write(folder)
         except OSError as e:
             what = "the run directory" if logdir.exists() else f"the folder that would hold the run {logdir.name}"
             raise ConfigError(f"cannot write to {folder} ({e.strerror}): {what} must be writable (checkpoints, "
