@@ -6,6 +6,7 @@ building and loading a full-size model.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -55,8 +56,6 @@ def check_shard_paths(cfg: DictConfig) -> None:
     validation split counts only when ``lightning.trainer.limit_val_batches`` is not 0 (Lightning's default is
     to validate). A held-out evaluation callback's ``shards`` count while its set is not built yet.
     """
-    from ldm.data.shards import check_local_shards, expand_shards
-
     _check_heldout_source(cfg)
     if not str(OmegaConf.select(cfg, "data.target", default="")).endswith(".WebDataModuleFromConfig"):
         return
@@ -68,27 +67,33 @@ def check_shard_paths(cfg: DictConfig) -> None:
         shards = OmegaConf.select(cfg, f"data.params.{split}.shards", default=None)
         if shards is None:
             continue  # no such split (or a required value left unset, reported where it is read)
-        shards = OmegaConf.to_container(shards, resolve=True) if OmegaConf.is_config(shards) else shards
-        key = f"data.params.{split}.shards"
-        check_local_shards(expand_shards(shards, tar_base, where=key), shards, key)
+        _check_pattern(shards, f"data.params.{split}.shards", tar_base)
+
+
+def _check_pattern(shards: Any, key: str, tar_base: str | None = None) -> None:
+    """ConfigError naming ``key`` when none of the local shard files of the pattern (or list) ``shards`` exist."""
+    from ldm.data.shards import check_local_shards, expand_shards
+
+    shards = OmegaConf.to_container(shards, resolve=True) if OmegaConf.is_config(shards) else shards
+    check_local_shards(expand_shards(shards, tar_base, where=key), shards, key)
 
 
 def _check_heldout_source(cfg: DictConfig) -> None:
     """A held-out evaluation callback whose set is not built yet needs its ``shards`` (built at the run's start)."""
-    from ldm.data.shards import check_local_shards, expand_shards
     from ldm.eval.callback import resolve_set_dir
 
     for name, spec in (OmegaConf.select(cfg, "lightning.callbacks", default=None) or {}).items():
         if not isinstance(spec, DictConfig) or not str(spec.get("target", "")).endswith(".HeldOutEvaluation"):
             continue
         params = spec.get("params") or {}
-        shards, key = params.get("shards"), f"lightning.callbacks.{name}.params.shards"
-        if shards is None or "set_dir" not in params or (resolve_set_dir(params.set_dir) / "set.json").exists():
-            continue  # the set exists (or cannot be built, which the callback reports)
-        shards = OmegaConf.to_container(shards, resolve=True) if OmegaConf.is_config(shards) else shards
+        if params.get("shards") is None or "set_dir" not in params:
+            continue  # nothing to build the set from (the callback reports a set that cannot be built)
+        set_dir = resolve_set_dir(params.set_dir)
+        if (set_dir / "set.json").exists():
+            continue  # the set exists: its shards are no longer read
         try:
-            check_local_shards(expand_shards(shards, where=key), shards, key)
+            _check_pattern(params.shards, f"lightning.callbacks.{name}.params.shards")
         except ConfigError as e:
-            raise ConfigError(f"{e} (the held-out set {resolve_set_dir(params.set_dir)} is built from them at the "
+            raise ConfigError(f"{e} (the held-out set {set_dir} is built from them at the "
                               f"start; point it at validation shards of yours, or drop it with ~lightning.callbacks."
                               f"{name})") from None
