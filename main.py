@@ -188,19 +188,20 @@ def train(opt: argparse.Namespace, unknown: list[str], dirs: RunDirs, now: str, 
         if callable(getattr(callback, "check_model", None)):
             callback.check_model(model)
     explain_eval_modules(model)
+    full_cfg = OmegaConf.merge(cfg, {"lightning": lightning_cfg})
     # every checkpoint records the resolved config it was trained with (ldm.provenance)
-    model.run_config = OmegaConf.to_container(OmegaConf.merge(cfg, {"lightning": lightning_cfg}), resolve=True)
+    model.run_config = OmegaConf.to_container(full_cfg, resolve=True)
     data = instantiate_from_config(cfg.data, where="data") if cfg.get("data") is not None else None
     bs, accumulate = int(OmegaConf.select(cfg, "data.params.batch_size", default=1) or 1), \
         int(tcfg.get("accumulate_grad_batches", 1))
     base_lr = float(cfg.model.get("base_learning_rate", 1e-4))
     model.learning_rate, formula = effective_lr(base_lr, bs, devices, num_nodes, accumulate, bool(opt.scale_lr))
+    batch, factors = global_batch(full_cfg)
     # recorded in every checkpoint: a resume without --scale_lr keeps the run's choice (checkpointing.py)
     model.lr_record = {"base_learning_rate": base_lr, "scale_lr": bool(opt.scale_lr),
-                       "scale_lr_given": opt.scale_lr is not None, "factor": bs * devices * num_nodes * accumulate}
+                       "scale_lr_given": opt.scale_lr is not None, "factor": batch}
     log.info("run directory: %s", dirs.logdir)
     log.info("%s", formula)
-    batch, factors = global_batch(OmegaConf.merge(cfg, {"lightning": lightning_cfg}))
     log.info("global batch %d = %s samples per optimizer step", batch, factors)
     if dirs.resume_ckpt is not None and (was := global_batch(load_config(dirs.resume_configs)))[0] != batch:
         # without the flag, the run's recorded choice applies (checkpointing.py, _keep_scale_lr)
